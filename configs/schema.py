@@ -1,0 +1,110 @@
+"""Typed configuration schema. Values live in pose_service.yaml; any key can be overridden
+on the command line (`gateway.port=5123 "jobs.allowed_roots=[/data]"`)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+
+@dataclass
+class GatewayConfig:
+    host: str = "127.0.0.1"
+    port: int = 5000
+    # how long an HTTP handler waits for the supervisor before answering 503
+    supervisor_timeout_s: float = 0.8
+    max_upload_mb: int = 4096
+    # JSON/multipart bodies of /pose/hybrid carry whole images as base64
+    max_json_mb: int = 64
+    auth_token: Optional[str] = None
+    # /pose/hybrid and /process_video wait this long for the worker
+    sync_timeout_s: float = 115.0
+
+
+@dataclass
+class JobsConfig:
+    allowed_roots: list[str] = field(default_factory=list)
+    # a frame that kills the worker this many times is recorded as failed and skipped
+    poison_frame_deaths: int = 2
+    queue_max: int = 100
+    # a job whose worker died this many times in total ends in error
+    max_attempts: int = 20
+    map_windows_paths: bool = True
+
+
+@dataclass
+class SupervisorConfig:
+    heartbeat_s: float = 1.0
+    liveness_misses: int = 3
+    # after SIGABRT (faulthandler dump) wait this long before SIGKILL
+    abort_grace_s: float = 3.0
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    # more than `intensity` GPU-class deaths within `period_s` -> next rung of the ladder
+    intensity: int = 3
+    period_s: float = 60.0
+    # while fatal, try to revive every fatal_retry_s (0 = never)
+    fatal_retry_s: float = 300.0
+    # on a lower rung, probe the rung above every step_up_after_s (0 = never)
+    step_up_after_s: float = 600.0
+    stderr_tail_lines: int = 40
+    tick_s: float = 0.1
+    watchdog: bool = True
+
+
+@dataclass
+class DeadlinesConfig:
+    stage_default_s: float = 300.0
+    stages: dict[str, float] = field(default_factory=lambda: {"runtime": 120.0})
+    frame_s: float = 60.0
+    # from spawn to the worker's first message
+    hello_s: float = 60.0
+    probe_s: float = 600.0
+    image_s: float = 60.0
+
+
+@dataclass
+class RungConfig:
+    engine: str = "mediapipe"
+    device: str = "cpu"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class EngineConfig:
+    name: str = "mediapipe"
+    device: str = "auto"
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class FaultConfig:
+    kind: Optional[str] = None
+    # "frame:N", "stage:NAME" or "start"
+    at: Optional[str] = None
+    # null = every time; N = at most N firings across worker restarts
+    times: Optional[int] = None
+    # engine under the fault wrapper when engine.name=fault
+    base: str = "mediapipe"
+    hang_s: float = 3600.0
+
+
+@dataclass
+class ProbeConfig:
+    # run the engine's detector stage in a throw-away process before the worker commits to it
+    enabled: bool = True
+
+
+@dataclass
+class Config:
+    state_dir: str = "~/.local/state/pose-service"
+    runtime_dir: Optional[str] = None
+    log_level: str = "info"
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    supervisor: SupervisorConfig = field(default_factory=SupervisorConfig)
+    deadlines: DeadlinesConfig = field(default_factory=DeadlinesConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    # empty: a single rung made of `engine`; otherwise tried top to bottom
+    ladder: list[RungConfig] = field(default_factory=list)
+    fault: FaultConfig = field(default_factory=FaultConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)

@@ -1,0 +1,1 @@
+"""The HTTP gateway (aiohttp): validates, translates to protocol messages, never touches the GPU."""

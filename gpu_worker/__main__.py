@@ -1,0 +1,3 @@
+from gpu_worker.main import main
+
+main()

@@ -1,0 +1,32 @@
+"""Engine registry. Each engine is one module behind gpu_worker.engines.base.Engine."""
+from __future__ import annotations
+
+import importlib
+from typing import Any, Optional
+
+from gpu_worker.engines.base import Engine
+
+ENGINES = {
+    "mediapipe": ("gpu_worker.engines.mediapipe_engine", "MediaPipeEngine"),
+    "hmr2_phalp": ("gpu_worker.engines.hmr2_phalp", "HMR2PhalpEngine"),
+    "noop": ("gpu_worker.engines.noop", "NoopEngine"),
+}
+
+
+def build_engine(name: str, device: str, options: dict[str, Any], fault: Optional[dict] = None,
+                 counter_dir: str = ".") -> Engine:
+    """`name` may be "fault", which wraps fault["base"]; any engine is wrapped when a fault is set,
+    so a drill can arm one later."""
+    from gpu_worker.engines.fault import FaultEngine, FaultPlan
+
+    fault = fault or {}
+    base = fault.get("base") or "mediapipe" if name == "fault" else name
+    if base not in ENGINES:
+        raise ValueError(f"unknown engine {base!r}; one of {', '.join(sorted(ENGINES))}")
+    module, cls = ENGINES[base]
+    inner = getattr(importlib.import_module(module), cls)(device, options)
+    plan = None
+    if fault.get("kind"):
+        plan = FaultPlan(fault["kind"], fault.get("at") or "start", fault.get("times"), counter_dir,
+                         float(fault.get("hang_s") or 3600.0))
+    return FaultEngine(inner, plan)

@@ -1,0 +1,108 @@
+"""MediaPipe Pose (legacy solutions API) on the CPU: one person, 33 named landmarks, image pixels
+plus world coordinates in metres (hip-centred). mediapipe==0.10.21 ships only the full model
+(model_complexity=1); other complexities try to download and fail offline."""
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import numpy as np
+
+from gpu_worker.engines.base import Engine, FrameOut, LoadStage, Person
+from gpu_worker.errors import WeightsMissing
+
+LANDMARK_NAMES = [
+    "nose", "left_eye_inner", "left_eye", "left_eye_outer", "right_eye_inner", "right_eye",
+    "right_eye_outer", "left_ear", "right_ear", "mouth_left", "mouth_right", "left_shoulder",
+    "right_shoulder", "left_elbow", "right_elbow", "left_wrist", "right_wrist", "left_pinky",
+    "right_pinky", "left_index", "right_index", "left_thumb", "right_thumb", "left_hip", "right_hip",
+    "left_knee", "right_knee", "left_ankle", "right_ankle", "left_heel", "right_heel",
+    "left_foot_index", "right_foot_index",
+]
+BUNDLED_MODELS = ("modules/pose_detection/pose_detection.tflite",
+                  "modules/pose_landmark/pose_landmark_full.tflite")
+MIN_MODEL_BYTES = 1_000_000
+
+
+class MediaPipeEngine(Engine):
+    name = "mediapipe"
+    joint_names = LANDMARK_NAMES
+
+    def __init__(self, device: str, options: dict[str, Any]):
+        super().__init__("cpu", options)
+        self._mp = None
+        self._video_pose = None
+        self._image_pose = None
+        self._size = (0, 0)
+
+    @property
+    def version(self) -> str:
+        return getattr(self._mp, "__version__", "unloaded")
+
+    def stages(self) -> list[LoadStage]:
+        return [LoadStage("runtime", self._import), LoadStage("weights", self._check_weights),
+                LoadStage("model", self._build), LoadStage("detector", self._warm_up)]
+
+    def _import(self) -> None:
+        import mediapipe
+        self._mp = mediapipe
+
+    def _check_weights(self) -> None:
+        for rel in BUNDLED_MODELS:
+            path = os.path.join(os.path.dirname(self._mp.__file__), rel)
+            if not os.path.isfile(path) or os.path.getsize(path) < MIN_MODEL_BYTES:
+                raise WeightsMissing(f"{path} missing or truncated: reinstall mediapipe==0.10.21 "
+                                     "(the last release that bundles its pose models)")
+
+    def _new_pose(self, static: bool):
+        return self._mp.solutions.pose.Pose(
+            static_image_mode=static, model_complexity=1, smooth_landmarks=True,
+            min_detection_confidence=float(self.options.get("min_detection_confidence", 0.5)),
+            min_tracking_confidence=float(self.options.get("min_tracking_confidence", 0.5)))
+
+    def _build(self) -> None:
+        self._image_pose = self._new_pose(static=True)
+
+    def _warm_up(self) -> None:
+        # runs the pose detector graph once, so a broken runtime fails here and not on frame 0
+        self._image_pose.process(np.zeros((256, 256, 3), dtype=np.uint8))
+
+    def begin_video(self, width: int, height: int, fps: float) -> None:
+        if self._video_pose is not None:
+            self._video_pose.close()
+        self._video_pose = self._new_pose(static=False)
+
+    def push(self, index: int, pts_s: float, rgb: np.ndarray) -> list[FrameOut]:
+        result = self._video_pose.process(rgb)
+        return [FrameOut(index, _persons(result, rgb.shape[1], rgb.shape[0]))]
+
+    def end_video(self) -> list[FrameOut]:
+        if self._video_pose is not None:
+            self._video_pose.close()
+            self._video_pose = None
+        return []
+
+    def infer_image(self, rgb: np.ndarray) -> list[Person]:
+        return _persons(self._image_pose.process(rgb), rgb.shape[1], rgb.shape[0])
+
+    def close(self) -> None:
+        for pose in (self._video_pose, self._image_pose):
+            if pose is not None:
+                pose.close()
+
+
+def _persons(result, width: int, height: int) -> list[Person]:
+    if result.pose_landmarks is None:
+        return []
+    image = [(lm.x * width, lm.y * height, lm.visibility) for lm in result.pose_landmarks.landmark]
+    world = [(lm.x, lm.y, lm.z) for lm in result.pose_world_landmarks.landmark]
+    xs = [p[0] for p in image]
+    ys = [p[1] for p in image]
+    bbox = [max(0.0, min(xs)), max(0.0, min(ys)), min(float(width), max(xs)), min(float(height), max(ys))]
+    return [{
+        "track_id": 1,
+        "score": round(float(np.mean([p[2] for p in image])), 4),
+        "bbox_xyxy": [round(v, 2) for v in bbox],
+        "keypoints_2d": [[round(x, 2), round(y, 2), round(v, 4)] for x, y, v in image],
+        "keypoints_3d": [[round(x, 5), round(y, 5), round(z, 5)] for x, y, z in world],
+    }]

@@ -1,0 +1,28 @@
+"""An engine that decodes frames and finds nobody. It exists to measure the daemon's own overhead
+and to drive supervision tests fast; results say engine "noop", so nobody mistakes them for poses."""
+from __future__ import annotations
+
+import numpy as np
+
+from gpu_worker.engines.base import Engine, FrameOut, LoadStage
+
+
+class NoopEngine(Engine):
+    name = "noop"
+    joint_names: list[str] = []
+
+    @property
+    def version(self) -> str:
+        return "1"
+
+    def stages(self) -> list[LoadStage]:
+        return [LoadStage(n, lambda: None) for n in ("runtime", "weights", "model", "detector")]
+
+    def begin_video(self, width: int, height: int, fps: float) -> None:
+        pass
+
+    def push(self, index: int, pts_s: float, rgb: np.ndarray) -> list[FrameOut]:
+        return [FrameOut(index, [])]
+
+    def infer_image(self, rgb: np.ndarray) -> list:
+        return []

@@ -1,0 +1,325 @@
+"""Worker process: connect, load the engine stage by stage, then serve jobs and images until told
+to stop. Every way out is deliberate: a reported cause plus a meaningful exit code, or a real crash
+that the supervisor decodes from the signal, the breadcrumb file and the stderr tail."""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import faulthandler
+import json
+import math
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from typing import Any, Optional
+
+import numpy as np
+import psutil
+import zmq
+
+from configs import read_config
+from gpu_worker import exitcodes
+from gpu_worker.engines import build_engine
+from gpu_worker.engines.base import Engine, FrameOut
+from gpu_worker.engines.fault import FaultPlan
+from gpu_worker.errors import classify, free_cuda_cache, is_cuda_oom
+from gpu_worker.gpu import gpu_memory_used
+from gpu_worker.video import TruncatedVideo, VideoError, frames
+from pose_service import protocol as P
+from pose_service.logs import setup_logging
+
+PR_SET_PDEATHSIG = 1
+
+
+class Dying(Exception):
+    """Raised to leave the worker with a reported cause and a chosen exit code."""
+
+    def __init__(self, cause: str, code: int, detail: dict[str, Any]):
+        super().__init__(cause)
+        self.cause, self.code, self.detail = cause, code, detail
+
+
+class Breadcrumb:
+    """Where the worker is, in a file: it survives a death too sudden to report."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+
+    def drop(self, **where: Any) -> None:
+        data = json.dumps(where).encode()
+        os.pwrite(self.fd, data.ljust(256), 0)
+
+
+class Heartbeat(threading.Thread):
+    """Beats from its own thread and socket. It proves the process lives, not that it progresses:
+    the supervisor watches progress separately. It also ends the worker if the supervisor is gone."""
+
+    def __init__(self, ctx: zmq.Context, endpoint: str, generation: int, interval: float, parent_pid: int):
+        super().__init__(name="heartbeat", daemon=True)
+        self.sock = P.connect_dealer(ctx, endpoint, P.worker_identity(generation, "hb").decode())
+        self.generation, self.interval, self.parent_pid = generation, interval, parent_pid
+        self.status: dict[str, Any] = {"state": "starting"}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        proc = psutil.Process()
+        while not self.stop.wait(self.interval):
+            if os.getppid() != self.parent_pid:
+                os._exit(exitcodes.EX_ORPHANED)
+            body = {**self.status, "rss": proc.memory_info().rss}
+            try:
+                self.sock.send_multipart(P.pack(P.Envelope(P.T.HEARTBEAT, body, gen=self.generation)),
+                                         flags=zmq.NOBLOCK)
+            except zmq.Again:
+                pass
+
+
+class Worker:
+    def __init__(self, cfg, generation: int, rung: dict, parent_pid: int):
+        self.cfg, self.generation, self.rung = cfg, generation, rung
+        self.log = setup_logging("worker", cfg.log_level).bind(generation=generation)
+        self.ctx = zmq.Context()
+        self.endpoint = P.endpoints(cfg.runtime_dir).worker
+        self.sock = P.connect_dealer(self.ctx, self.endpoint, P.worker_identity(generation).decode())
+        self.heartbeat = Heartbeat(self.ctx, self.endpoint, generation, cfg.supervisor.heartbeat_s, parent_pid)
+        self.crumb = Breadcrumb(os.path.join(cfg.runtime_dir, f"worker-{generation}.crumb"))
+        self.engine: Optional[Engine] = None
+        self.stage = "start"
+        self.job: Optional[str] = None
+        self.frame: Optional[int] = None
+        self.process = psutil.Process()
+
+    # --- sending ----------------------------------------------------------------------------
+    def send(self, kind: str, job: Optional[str] = None, blobs: Optional[list] = None, **body: Any) -> None:
+        env = P.Envelope(kind, body, gen=self.generation, job=job, blobs=blobs or [])
+        self.sock.send_multipart(P.pack(env), copy=False)
+
+    def mark(self, stage: str, frame: Optional[int] = None) -> None:
+        self.stage, self.frame = stage, frame
+        self.crumb.drop(stage=stage, job=self.job, frame=frame, t=time.time())
+        self.heartbeat.status = {"state": stage, "job": self.job, "frame": frame}
+
+    # --- life ---------------------------------------------------------------------------------
+    def run(self) -> int:
+        self.heartbeat.start()
+        self.send(P.T.HELLO, pid=os.getpid(), rung=self.rung)
+        try:
+            self.engine = self.build_engine()
+            self.mark("start")
+            self.engine.check("start")
+            self.load()
+            self.send(P.T.READY, engine=self.engine.describe(), joint_names=self.engine.joint_names)
+            self.mark("ready")
+            return self.serve()
+        except Dying as dying:
+            return self.die(dying)
+        except Exception as exc:  # a bug of ours: still report it before going
+            return self.die(self.dying_from(exc, during_load=False))
+
+    def build_engine(self) -> Engine:
+        fault = dict(self.cfg.fault) if self.cfg.fault.kind else {}
+        name = self.rung["engine"]
+        if name == "fault":
+            fault.setdefault("base", self.cfg.fault.base)
+        try:
+            return build_engine(name, self.rung.get("device", "cpu"), self.rung.get("options") or {},
+                                fault=fault, counter_dir=self.cfg.runtime_dir)
+        except Exception as exc:
+            raise self.dying_from(exc, during_load=True) from None
+
+    def load(self) -> None:
+        for stage in self.engine.stages():
+            self.mark(stage.name)
+            before_rss, before_gpu, started = self.process.memory_info().rss, gpu_memory_used(), time.monotonic()
+            self.send(P.T.STAGE, name=stage.name, event="start")
+            try:
+                stage.run()
+            except Exception as exc:
+                raise self.dying_from(exc, during_load=True) from None
+            self.send(P.T.STAGE, name=stage.name, event="end",
+                      duration_s=round(time.monotonic() - started, 4),
+                      rss_delta=self.process.memory_info().rss - before_rss,
+                      gpu_delta=_delta(gpu_memory_used(), before_gpu))
+
+    def serve(self) -> int:
+        while True:
+            if not self.sock.poll(1000):
+                continue
+            env = self.receive()
+            if env is None:
+                continue
+            if env.type == P.T.SHUTDOWN:
+                self.engine.close()
+                return exitcodes.EX_OK
+            self.handle(env)
+
+    def receive(self) -> Optional[P.Envelope]:
+        try:
+            return P.unpack(self.sock.recv_multipart(copy=False))
+        except P.ProtocolError as exc:
+            self.log.warning("dropped_message", reason=str(exc))
+            return None
+
+    def handle(self, env: P.Envelope) -> None:
+        if env.type == P.T.RUN_JOB:
+            self.run_job(env)
+        elif env.type == P.T.RUN_IMAGE:
+            self.run_image(env)
+        elif env.type == P.T.ARM_FAULT:
+            self.engine.arm(FaultPlan(env.body["kind"], env.body.get("at") or "frame:0", env.body.get("times", 1),
+                                      self.cfg.runtime_dir, float(env.body.get("hang_s") or 3600.0)))
+
+    # --- jobs -----------------------------------------------------------------------------------
+    def run_job(self, env: P.Envelope) -> None:
+        body = env.body
+        self.job = env.job
+        log = self.log.bind(job_id=self.job)
+        poison = {int(k): v for k, v in (body.get("poison") or {}).items()}
+        start = int(body.get("start_frame") or 0)
+        log.info("job_start", path=body["path"], start_frame=start, poison=sorted(poison))
+        decoded = start
+        began = False
+        try:
+            for meta, index, pts, rgb in frames(body["path"], start):
+                if not began:
+                    self.send(P.T.VIDEO, job=self.job, meta=meta.as_dict())
+                    self.engine.begin_video(meta.width, meta.height, meta.fps)
+                    began = True
+                self.mark("frame", index)
+                if index in poison:
+                    self.send_frame(index, pts, [], error=poison[index])
+                else:
+                    self.emit(self.infer_frame(index, pts, rgb), pts_of={index: pts})
+                decoded = index + 1
+                self.serve_pending_images()
+            if began:
+                self.emit(self.engine.end_video(), {})
+            if not began:
+                raise VideoError(f"{body['path']}: no frame at or after {start}")
+            self.send(P.T.JOB_DONE, job=self.job, frames_decoded=decoded)
+        except TruncatedVideo as exc:
+            self.send(P.T.JOB_DONE, job=self.job, frames_decoded=decoded, warning=str(exc))
+        except VideoError as exc:
+            log.warning("job_failed", reason=str(exc))
+            self.send(P.T.JOB_FAILED, job=self.job, reason=str(exc))
+        finally:
+            self.job = None
+            self.mark("ready")
+
+    def infer_frame(self, index: int, pts: float, rgb: np.ndarray) -> list[FrameOut]:
+        try:
+            return self.engine.push(index, pts, rgb)
+        except Exception as exc:
+            if not is_cuda_oom(exc):
+                raise self.dying_from(exc, during_load=False) from None
+        # CUDA OOM is recoverable: flush the cache, say so, retry this frame once
+        self.send(P.T.INCIDENT, job=self.job, cause="cuda_oom", stage="frame", frame=index,
+                  outcome="cache flushed, frame retried", message="CUDA out of memory")
+        free_cuda_cache()
+        try:
+            return self.engine.push(index, pts, rgb)
+        except Exception as exc:
+            raise self.dying_from(exc, during_load=False) from None
+
+    def emit(self, outs: list[FrameOut], pts_of: dict[int, float]) -> None:
+        for out in outs:
+            self.send_frame(out.index, pts_of.get(out.index), out.persons)
+
+    def send_frame(self, index: int, pts: Optional[float], persons: list, error: Optional[str] = None) -> None:
+        self.send(P.T.FRAME, job=self.job, index=index, pts=pts, persons=finite(persons), error=error)
+
+    # --- images -----------------------------------------------------------------------------------
+    def serve_pending_images(self) -> None:
+        """Between two frames of a video, answer single-image requests (their own model state)."""
+        while self.sock.poll(0):
+            env = self.receive()
+            if env is not None and env.type == P.T.RUN_IMAGE:
+                self.run_image(env)
+            elif env is not None and env.type == P.T.ARM_FAULT:
+                self.handle(env)
+
+    def run_image(self, env: P.Envelope) -> None:
+        started = time.monotonic()
+        try:
+            rgb = _decode_image(P.blob_bytes(env.blobs[0]))
+        except ValueError as exc:
+            self.send(P.T.IMAGE_DONE, job=None, req=env.req, error=str(exc), code=400)
+            return
+        try:
+            persons = self.engine.infer_image(rgb)
+        except Exception as exc:
+            raise self.dying_from(exc, during_load=False) from None
+        body = {"persons": finite(persons), "width": rgb.shape[1], "height": rgb.shape[0],
+                "engine": self.engine.describe(), "joint_names": self.engine.joint_names,
+                "ms": round((time.monotonic() - started) * 1000, 2)}
+        env_out = P.Envelope(P.T.IMAGE_DONE, body, gen=self.generation, req=env.req)
+        self.sock.send_multipart(P.pack(env_out))
+
+    # --- dying ------------------------------------------------------------------------------------
+    def dying_from(self, exc: BaseException, during_load: bool) -> Dying:
+        cause, code = classify(exc, during_load)
+        detail = {"exc_type": type(exc).__name__, "message": str(exc)[:2000],
+                  "traceback": traceback.format_exc()[-4000:], "error_code": getattr(exc, "error_code", None)}
+        return Dying(cause, code, detail)
+
+    def die(self, dying: Dying) -> int:
+        self.log.error("worker_dying", cause=dying.cause, stage=self.stage, frame=self.frame,
+                       job_id=self.job, message=dying.detail.get("message"))
+        self.send(P.T.DYING, job=self.job, cause=dying.cause, stage=self.stage, frame=self.frame, **dying.detail)
+        self.sock.setsockopt(zmq.LINGER, 2000)  # let the report leave before we do
+        self.sock.close()
+        return dying.code
+
+
+def finite(value: Any) -> Any:
+    """NaN/inf become None: results are JSON, and JSON has no NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    return value
+
+
+def _decode_image(data: bytes) -> np.ndarray:
+    import cv2
+    array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if array is None:
+        raise ValueError("Failed to decode image: not a JPEG/PNG/BMP/WebP image")
+    return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
+
+
+def _delta(after: Optional[int], before: Optional[int]) -> Optional[int]:
+    return None if after is None or before is None else after - before
+
+
+def die_with_parent() -> None:
+    """Linux: SIGKILL us when the supervisor dies, so workers never outlive it."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    except OSError:
+        pass
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="gpu_worker")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--generation", type=int, required=True)
+    parser.add_argument("--rung", required=True, help="JSON {engine, device, options}")
+    parser.add_argument("--parent-pid", type=int, required=True)
+    args = parser.parse_args(argv)
+    die_with_parent()
+    if os.getppid() != args.parent_pid:
+        return exitcodes.EX_ORPHANED
+    faulthandler.enable(file=sys.stderr, all_threads=True)  # SIGSEGV/SIGABRT/SIGBUS dump stacks
+    signal.signal(signal.SIGTERM, lambda *_: os._exit(exitcodes.EX_OK))
+    cfg = read_config(args.config)
+    code = Worker(cfg, args.generation, json.loads(args.rung), args.parent_pid).run()
+    sys.stderr.flush()
+    os._exit(code)

@@ -1,0 +1,117 @@
+"""Frame-by-frame decoding with PyAV: any container ffmpeg reads, rotation applied, no frame cap,
+memory flat in video length (one frame alive at a time)."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from fractions import Fraction
+from typing import Iterator, Optional
+
+import av
+import numpy as np
+
+
+class VideoError(ValueError):
+    """The input is not a video we can decode; the message is meant for the user."""
+
+
+@dataclass
+class VideoMeta:
+    fps: float
+    frame_count: int          # from the container; the result's count is what was decoded
+    width: int                # display size, after rotation
+    height: int
+    duration_s: float
+    rotation: int
+    codec: str
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def probe(path: str) -> VideoMeta:
+    """Read the header and decode the first frame; raise VideoError with a readable reason."""
+    try:
+        with av.open(path) as container:
+            stream = _video_stream(container, path)
+            first = next(container.decode(stream), None)
+            if first is None:
+                raise VideoError(f"{path}: no decodable video frame")
+            return _meta(stream, first)
+    except VideoError:
+        raise
+    except (av.FFmpegError, OSError, StopIteration, ValueError) as exc:
+        raise VideoError(f"{path}: not a readable video ({_reason(exc)})") from None
+
+
+def frames(path: str, start: int = 0) -> Iterator[tuple[VideoMeta, int, float, np.ndarray]]:
+    """Yield (meta, index, pts_s, rgb) for every decoded frame with index >= start.
+
+    Frames before `start` are decoded and dropped so indices stay exact on resume."""
+    try:
+        container = av.open(path)
+    except (av.FFmpegError, OSError) as exc:
+        raise VideoError(f"{path}: not a readable video ({_reason(exc)})") from None
+    with container:
+        stream = _video_stream(container, path)
+        stream.thread_type = "AUTO"
+        meta: Optional[VideoMeta] = None
+        for index, frame in enumerate(_decode(container, stream, path)):
+            if meta is None:
+                meta = _meta(stream, frame)
+            if index < start:
+                continue
+            yield meta, index, _pts_seconds(frame, stream, index, meta.fps), _rgb(frame)
+
+
+def _decode(container, stream, path):
+    try:
+        yield from container.decode(stream)
+    except av.FFmpegError as exc:
+        # A truncated tail: everything before it has been yielded; say why it stopped.
+        raise TruncatedVideo(f"{path}: decoding stopped ({_reason(exc)})") from None
+
+
+class TruncatedVideo(VideoError):
+    pass
+
+
+def _video_stream(container, path):
+    if not container.streams.video:
+        raise VideoError(f"{path}: the file has no video stream")
+    return container.streams.video[0]
+
+
+def _meta(stream, first_frame) -> VideoMeta:
+    rate = stream.guessed_rate or stream.average_rate or Fraction(30)
+    fps = float(rate)
+    rotation = int(getattr(first_frame, "rotation", 0) or 0) % 360
+    width, height = first_frame.width, first_frame.height
+    if rotation in (90, 270):
+        width, height = height, width
+    duration = float(stream.duration * stream.time_base) if stream.duration else 0.0
+    count = int(stream.frames or 0)
+    if not duration and count:
+        duration = count / fps
+    return VideoMeta(fps=round(fps, 5), frame_count=count, width=width, height=height,
+                     duration_s=round(duration, 5), rotation=rotation, codec=stream.codec_context.name)
+
+
+def _pts_seconds(frame, stream, index: int, fps: float) -> float:
+    if frame.pts is not None and stream.time_base is not None:
+        start = stream.start_time or 0
+        return round(float((frame.pts - start) * stream.time_base), 6)
+    return round(index / fps, 6)
+
+
+def _rgb(frame) -> np.ndarray:
+    rgb = frame.to_ndarray(format="rgb24")
+    rotation = int(getattr(frame, "rotation", 0) or 0) % 360
+    # PyAV reports the display matrix angle counter-clockwise; show the frame upright.
+    if rotation:
+        rgb = np.ascontiguousarray(np.rot90(rgb, k=rotation // 90))
+    return rgb
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip() or type(exc).__name__
+    return text.split("\n")[0][:300]

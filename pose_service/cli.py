@@ -1,0 +1,92 @@
+"""`pose-service VERB [options] [hydra overrides...]`.
+
+Verbs: serve, run, drill, diagnose, models verify (and supervisor / gateway, which serve starts).
+Every verb takes Hydra overrides such as `gateway.port=5123 state_dir=/tmp/x engine.name=mediapipe`."""
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Optional
+
+
+def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
+    """Hydra overrides are the `key=value` words (also `+key=`/`~key`); the rest is argparse's."""
+    overrides = [a for a in argv if not a.startswith("-") and ("=" in a or a.startswith("~"))]
+    return [a for a in argv if a not in overrides], overrides
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="pose-service", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-name", default="pose_service", help="configs/<name>.yaml (e.g. gpu)")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+    verbs.add_parser("serve", help="run gateway + supervisor + worker (the daemon)")
+    verbs.add_parser("supervisor", help="run only the supervisor (serve starts it)")
+    verbs.add_parser("gateway", help="run only the HTTP gateway (serve starts it)")
+
+    run = verbs.add_parser("run", help="process one clip through a private supervisor and worker")
+    run.add_argument("video", nargs="?", help="path to a video (any container ffmpeg reads)")
+    run.add_argument("--out", default="result.json")
+    run.add_argument("--demo", action="store_true", help="generate a short clip with a real person and use it")
+    run.add_argument("--quiet", action="store_true")
+
+    drill = verbs.add_parser("drill", help="inject a fault into a running daemon and report what it concluded")
+    drill.add_argument("fault", help="segfault|abort|bus_error|kill|exit|hang|raise|cuda_oom|cuda_sticky|load_failure")
+    drill.add_argument("--at", default=None, help="frame:N, stage:NAME or start (default: frame:5 of a drill clip)")
+    drill.add_argument("--url", default=None, help="gateway URL (default from config)")
+    drill.add_argument("--timeout", type=float, default=120.0)
+
+    diagnose = verbs.add_parser("diagnose", help="load each engine stage in its own process and report")
+    diagnose.add_argument("--engine", default=None)
+    diagnose.add_argument("--device", default=None)
+    diagnose.add_argument("--json", action="store_true")
+
+    models = verbs.add_parser("models", help="model files")
+    models_verbs = models.add_subparsers(dest="models_verb", required=True)
+    verify = models_verbs.add_parser("verify", help="list every file the engine needs: present, missing, truncated")
+    verify.add_argument("--engine", default=None)
+    verify.add_argument("--detector", default="vitdet")
+    verify.add_argument("--json", action="store_true")
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    words, overrides = split_overrides(argv)
+    args = build_parser().parse_args(words)
+    from configs import load_config
+
+    if args.verb == "run" and not any(o.split("=")[0].lstrip("+") == "state_dir" for o in overrides):
+        overrides = [*overrides, f"state_dir={_temp_state_dir()}"]
+    cfg = load_config(overrides, config_name=args.config_name)
+    if args.verb == "serve":
+        from pose_service.service import ServiceManager
+        return ServiceManager(cfg, overrides, args.config_name).run()
+    if args.verb == "supervisor":
+        from supervisor.arbiter import main as supervisor_main
+        return supervisor_main(cfg)
+    if args.verb == "gateway":
+        from gateway.app import main as gateway_main
+        return gateway_main(cfg)
+    if args.verb == "run":
+        from pose_service.commands import run_clip
+        return run_clip(cfg, args, overrides)
+    if args.verb == "drill":
+        from pose_service.commands import drill
+        return drill(cfg, args)
+    if args.verb == "diagnose":
+        from pose_service.commands import diagnose
+        return diagnose(cfg, args)
+    if args.verb == "models":
+        from pose_service.commands import models_verify
+        return models_verify(cfg, args)
+    return 2
+
+
+def _temp_state_dir() -> str:
+    import tempfile
+    return tempfile.mkdtemp(prefix="pose-service-run-")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""The CLI verbs that do work: run, drill, diagnose, models verify."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from typing import Any, Optional
+
+from pose_service.client import SupervisorClient, Unavailable
+
+
+# --- run ------------------------------------------------------------------------------------------
+def run_clip(cfg, args, overrides: list[str]) -> int:
+    video = args.video
+    if args.demo:
+        from pose_service.democlip import make_demo_clip
+        video = make_demo_clip(os.path.join(cfg.state_dir, "demo.mp4"))
+        print(f"demo clip: {video}")
+    if not video:
+        print("error: give a VIDEO path or --demo", file=sys.stderr)
+        return 2
+    from gpu_worker.video import VideoError, probe
+    try:
+        meta = probe(video)
+    except VideoError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    log_path = os.path.join(cfg.state_dir, "supervisor.log")
+    os.makedirs(cfg.state_dir, exist_ok=True)
+    with open(log_path, "ab") as log:
+        sup = subprocess.Popen([sys.executable, "-m", "pose_service.cli", "supervisor", *overrides],
+                               stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+    try:
+        return asyncio.run(follow_job(cfg, os.path.realpath(video), args, meta.frame_count, sup, log_path))
+    finally:
+        sup.terminate()
+        try:
+            sup.wait(15)
+        except subprocess.TimeoutExpired:
+            sup.kill()
+
+
+async def follow_job(cfg, video: str, args, frame_hint: int, sup: subprocess.Popen, log_path: str) -> int:
+    from tqdm import tqdm
+
+    client = SupervisorClient(cfg.runtime_dir, timeout_s=5.0)
+    await client.start()
+    try:
+        status, body = await until_answered(client, "submit", sup, video_path=video, source="cli")
+        if status >= 400:
+            print(f"error: {body.get('error')}", file=sys.stderr)
+            return 1
+        job_id = body["job"]["job_id"]
+        bar = tqdm(total=frame_hint or None, unit="frame", disable=args.quiet, desc="pose")
+        while True:
+            _, body = await until_answered(client, "status", sup, job_id=job_id)
+            job = body["job"]
+            bar.total = job.get("frames_total") or bar.total
+            bar.update(job["frames_done"] - bar.n)
+            if job["state"] in ("done", "error"):
+                break
+            await asyncio.sleep(0.2)
+        bar.close()
+        if job["state"] == "error":
+            print(f"error: {job['error']} (supervisor log: {log_path})", file=sys.stderr)
+            return 1
+        shutil.copyfile(job["result_path"], args.out)
+        print_summary(args.out, job)
+        return 0
+    finally:
+        await client.close()
+
+
+async def until_answered(client: SupervisorClient, kind: str, sup: subprocess.Popen, patience_s: float = 120.0,
+                         **body: Any) -> tuple[int, dict]:
+    """The private supervisor may still be starting: retry until it answers or exits."""
+    give_up = time.monotonic() + patience_s
+    while True:
+        try:
+            return await client.request(kind, **body)
+        except Unavailable:
+            if sup.poll() is not None or time.monotonic() > give_up:
+                raise SystemExit(f"error: supervisor exited ({sup.poll()}); see its log")
+            await asyncio.sleep(0.2)
+
+
+def print_summary(path: str, job: dict) -> None:
+    with open(path) as fh:
+        result = json.load(fh)
+    frames = result["frames"]
+    with_person = sum(1 for f in frames if f["persons"])
+    engine = result["engine"]
+    print(f"{len(frames)} frames ({with_person} with a person) by {engine['name']} {engine['version']} on "
+          f"{engine['device']}, attempts {job['attempts']} -> {path}")
+
+
+# --- drill ----------------------------------------------------------------------------------------
+def drill(cfg, args) -> int:
+    import urllib.request
+
+    base = args.url or f"http://{cfg.gateway.host}:{cfg.gateway.port}"
+    at = args.at or "frame:5"
+
+    def call(method: str, path: str, body: Optional[dict] = None) -> tuple[int, dict]:
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(base + path, data=data, method=method,
+                                         headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(request, timeout=15) as response:
+                return response.status, json.loads(response.read())
+        except urllib.error.HTTPError as exc:
+            return exc.code, json.loads(exc.read() or b"{}")
+
+    _, before = call("GET", "/v1/diagnostics")
+    seen = {c["id"] for c in before.get("crashes", [])}
+    status, armed = call("POST", "/v1/drill", {"kind": args.fault, "at": at})
+    if status != 200:
+        print(f"drill refused ({status}): {armed.get('error')}", file=sys.stderr)
+        return 2
+    print(f"armed {args.fault} at {at}")
+    if at.startswith("frame:"):
+        from pose_service.democlip import make_demo_clip
+        clip = make_demo_clip(os.path.join(cfg.state_dir, "uploads", "drill.mp4"), frames=max(30, int(at[6:]) + 10))
+        status, job = call("POST", "/v1/jobs", {"video_path": clip, "idempotency_key": f"drill-{time.time()}"})
+        print(f"drill job: {job.get('job_id') or job}")
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        _, diag = call("GET", "/v1/diagnostics")
+        new = [c for c in diag.get("crashes", []) if c["id"] not in seen]
+        if new:
+            report = new[-1]
+            print(json.dumps({k: report.get(k) for k in ("process", "stage", "frame_index", "cause", "summary",
+                                                        "exit_code", "signal", "remedy")}, indent=2))
+            print(f"health now: {diag['health']['status']} ({diag['health']['worker']})")
+            return 0
+        time.sleep(0.5)
+    print("no crash report within the timeout", file=sys.stderr)
+    return 1
+
+
+# --- diagnose -------------------------------------------------------------------------------------
+def diagnose(cfg, args) -> int:
+    from configs import dump_config, rungs
+    from supervisor import diagnostics
+    from supervisor.causes import Death, decode_exit
+    from supervisor.process import read_json
+
+    rung = dict(rungs(cfg)[0])
+    if args.engine:
+        rung = {"engine": args.engine, "device": args.device or ("cuda" if args.engine == "hmr2_phalp" else "cpu"),
+                "options": {}}
+    os.makedirs(cfg.runtime_dir, exist_ok=True)
+    config_path = os.path.join(cfg.runtime_dir, "diagnose-config.yaml")
+    dump_config(cfg, config_path)
+    rows, failed = [], None
+    for count, name in enumerate(stage_names(rung), start=1):
+        report, code, stderr = run_stages_in_child(config_path, rung, cfg, count)
+        stage = (report.get("stages") or [{}])[-1]
+        row = {"stage": name, "result": stage.get("result", "failed"), "duration_s": stage.get("duration_s"),
+               "rss_delta_mb": _mb(stage.get("rss_delta")), "gpu_delta_mb": _mb(stage.get("gpu_delta"))}
+        if code != 0 or not report.get("ok"):
+            cause = decode_exit(Death(returncode=code, reported=report if report.get("cause") else None,
+                                      stage=report.get("stage"), stderr_tail=stderr,
+                                      killed_by_us="hang: stage deadline" if code == -9 and not report.get("cause") else None,
+                                      system_memory=diagnostics.system_memory()))
+            row.update(result="failed", cause=cause.kind, summary=cause.summary, remedy=cause.remedy)
+            failed = row
+        rows.append(row)
+        if failed:
+            break
+    out = {"engine": rung, "stages": rows, "ok": failed is None, "failed_stage": failed and failed["stage"],
+           "host": diagnostics.host_facts(), "gpu": diagnostics.gpu_facts(), "packages": diagnostics.package_versions()}
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+    else:
+        print_stage_table(out)
+    return 0 if failed is None else 1
+
+
+def stage_names(rung: dict) -> list[str]:
+    from gpu_worker.engines import build_engine
+    return [s.name for s in build_engine(rung["engine"], rung.get("device", "cpu"), rung.get("options") or {}).stages()]
+
+
+def run_stages_in_child(config_path: str, rung: dict, cfg, count: int) -> tuple[dict, int, str]:
+    """Stages 1..count in a fresh process, so a crash in stage `count` is that stage's alone."""
+    out = os.path.join(cfg.runtime_dir, f"diagnose-{count}.json")
+    argv = [sys.executable, "-m", "gpu_worker.probe", "--config", config_path, "--rung", json.dumps(rung),
+            "--out", out, "--all-stages", "--stop-after", str(count)]
+    deadline = cfg.deadlines.stage_default_s * count
+    try:
+        proc = subprocess.run(argv, capture_output=True, timeout=deadline)
+        code, stderr = proc.returncode, proc.stderr.decode("utf-8", "replace")[-4000:]
+    except subprocess.TimeoutExpired as exc:
+        code, stderr = -9, (exc.stderr or b"").decode("utf-8", "replace")[-4000:]
+    from supervisor.process import read_json
+    return read_json(out), code, stderr
+
+
+def print_stage_table(out: dict) -> None:
+    rung = out["engine"]
+    print(f"engine {rung['engine']} on {rung.get('device')}")
+    print(f"{'stage':<12} {'result':<8} {'time s':>8} {'RSS MB':>8} {'GPU MB':>8}")
+    for row in out["stages"]:
+        print(f"{row['stage']:<12} {row['result']:<8} {_fmt(row['duration_s']):>8} {_fmt(row['rss_delta_mb']):>8} "
+              f"{_fmt(row['gpu_delta_mb']):>8}")
+        if row.get("cause"):
+            print(f"  cause: {row['cause']}: {row['summary']}\n  remedy: {row['remedy']}")
+    gpu = out["gpu"]
+    print(f"GPU: {gpu.get('devices') or gpu.get('reason')}")
+    print("OK" if out["ok"] else f"FAILED at stage {out['failed_stage']}")
+
+
+def _mb(value: Optional[int]) -> Optional[float]:
+    return None if value is None else round(value / (1 << 20), 1)
+
+
+def _fmt(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+# --- models verify ----------------------------------------------------------------------------------
+def models_verify(cfg, args) -> int:
+    engine = args.engine or cfg.engine.name
+    if engine == "hmr2_phalp":
+        from gpu_worker.engines.hmr2_assets import required_assets, verify
+        rows = verify(required_assets(args.detector))
+    elif engine == "mediapipe":
+        rows = mediapipe_assets()
+    else:
+        rows = []
+    if args.json:
+        print(json.dumps({"engine": engine, "files": rows}, indent=2))
+    else:
+        print(f"engine {engine}: {len(rows)} files")
+        for row in rows:
+            size = "-" if row.get("size") is None else f"{row['size'] / (1 << 20):.1f} MB"
+            print(f"  [{row['status']:<9}] {row['name']:<28} {size:>10}  {row['path']}")
+            if row["status"] != "present":
+                print(f"               get it: {row['source']}")
+    return 0 if all(r["status"] == "present" for r in rows) else 1
+
+
+def mediapipe_assets() -> list[dict]:
+    from importlib.util import find_spec
+
+    from gpu_worker.engines.mediapipe_engine import BUNDLED_MODELS, MIN_MODEL_BYTES
+    spec = find_spec("mediapipe")
+    base = os.path.dirname(spec.origin) if spec and spec.origin else ""
+    rows = []
+    for rel in BUNDLED_MODELS:
+        path = os.path.join(base, rel)
+        size = os.path.getsize(path) if os.path.isfile(path) else None
+        status = "missing" if size is None else ("truncated" if size < MIN_MODEL_BYTES else "present")
+        rows.append({"name": os.path.basename(rel), "path": path, "status": status, "size": size,
+                     "min_size": MIN_MODEL_BYTES, "source": "pip install --no-deps mediapipe==0.10.21 (bundled)"})
+    return rows

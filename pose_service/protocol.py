@@ -1,0 +1,201 @@
+"""The wire protocol: the only module that defines messages between gateway, supervisor and worker.
+
+Every message is a ZeroMQ multipart: [msgpack header, *binary parts]. The header is an envelope
+{v, type, seq, gen, job, req, body}. Large binaries (images, frames) travel as their own parts so
+they are never copied into msgpack. Sockets: ROUTER on the supervisor, DEALER on the others.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import msgpack
+import zmq
+
+PROTOCOL_VERSION = 1
+
+# Limits on what a peer may make us allocate.
+MAX_HEADER_BYTES = 8 * 1024 * 1024
+MAX_BLOB_BYTES = 256 * 1024 * 1024
+MAX_PARTS = 8
+
+
+class T:
+    """Message types. Values are short strings so a capture stays readable."""
+
+    # gateway/CLI -> supervisor (requests, answered with REPLY carrying the same req id)
+    SUBMIT = "submit"
+    STATUS = "status"
+    RESULT = "result"
+    HEALTH = "health"
+    DIAGNOSTICS = "diagnostics"
+    IMAGE = "image"
+    DRILL = "drill"
+    RELOAD = "reload"
+    CANCEL = "cancel"
+    REPLY = "reply"
+    # worker -> supervisor
+    HELLO = "hello"
+    HEARTBEAT = "hb"
+    STAGE = "stage"
+    READY = "ready"
+    VIDEO = "video"
+    FRAME = "frame"
+    JOB_DONE = "job_done"
+    JOB_FAILED = "job_failed"
+    INCIDENT = "incident"
+    DYING = "dying"
+    IMAGE_DONE = "image_done"
+    # supervisor -> worker
+    RUN_JOB = "run_job"
+    RUN_IMAGE = "run_image"
+    ARM_FAULT = "arm_fault"
+    SHUTDOWN = "shutdown"
+
+
+class ProtocolError(ValueError):
+    """A message we refuse to interpret; receivers count it and carry on."""
+
+
+@dataclass
+class Envelope:
+    type: str
+    body: dict[str, Any] = field(default_factory=dict)
+    seq: int = 0
+    gen: Optional[int] = None
+    job: Optional[str] = None
+    req: Optional[str] = None
+    blobs: list[Any] = field(default_factory=list)
+
+
+_seq = itertools.count(1)
+
+
+def pack(env: Envelope) -> list[Any]:
+    header = {
+        "v": PROTOCOL_VERSION,
+        "type": env.type,
+        "seq": env.seq or next(_seq),
+        "gen": env.gen,
+        "job": env.job,
+        "req": env.req,
+        "body": env.body,
+    }
+    return [msgpack.packb(header, use_bin_type=True), *env.blobs]
+
+
+def unpack(parts: Sequence[Any]) -> Envelope:
+    """Decode [header, *blobs]; raise ProtocolError on anything malformed or oversized."""
+    if not parts or len(parts) > 1 + MAX_PARTS:
+        raise ProtocolError(f"bad part count {len(parts)}")
+    raw = _as_bytes(parts[0])
+    if len(raw) > MAX_HEADER_BYTES:
+        raise ProtocolError("header too large")
+    try:
+        header = msgpack.unpackb(raw, raw=False, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types on garbage
+        raise ProtocolError(f"undecodable header: {type(exc).__name__}") from None
+    if not isinstance(header, dict) or header.get("v") != PROTOCOL_VERSION:
+        raise ProtocolError("not a pose-service envelope")
+    kind, body = header.get("type"), header.get("body")
+    if not isinstance(kind, str) or not isinstance(body, dict):
+        raise ProtocolError("envelope without type/body")
+    blobs = list(parts[1:])
+    if any(len(_as_bytes(b)) > MAX_BLOB_BYTES for b in blobs):
+        raise ProtocolError("blob too large")
+    return Envelope(
+        type=kind,
+        body=body,
+        seq=_int_or_none(header.get("seq")) or 0,
+        gen=_int_or_none(header.get("gen")),
+        job=_str_or_none(header.get("job")),
+        req=_str_or_none(header.get("req")),
+        blobs=blobs,
+    )
+
+
+def reply(request: Envelope, status: int = 200, **body: Any) -> Envelope:
+    return Envelope(type=T.REPLY, req=request.req, job=request.job, body={"status": status, **body})
+
+
+def _as_bytes(part: Any) -> bytes | memoryview:
+    if isinstance(part, (bytes, bytearray, memoryview)):
+        return part
+    if isinstance(part, zmq.Frame):
+        return part.buffer
+    raise ProtocolError(f"unexpected part type {type(part).__name__}")
+
+
+def _int_or_none(value: Any) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _str_or_none(value: Any) -> Optional[str]:
+    return value if isinstance(value, str) else None
+
+
+def blob_bytes(part: Any) -> bytes:
+    return bytes(_as_bytes(part))
+
+
+# --- sockets ---------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Endpoints:
+    gateway: str
+    worker: str
+
+
+def endpoints(runtime_dir: str) -> Endpoints:
+    return Endpoints(gateway=f"ipc://{runtime_dir}/supervisor.sock", worker=f"ipc://{runtime_dir}/worker.sock")
+
+
+def prepare_runtime_dir(runtime_dir: str) -> None:
+    os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
+    os.chmod(runtime_dir, 0o700)
+
+
+def bind_router(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.ROUTER_MANDATORY, 1)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_BLOB_BYTES)
+    if endpoint.startswith("ipc://"):
+        path = endpoint[len("ipc://"):]
+        if os.path.exists(path):
+            os.unlink(path)  # a stale socket file from a dead supervisor
+    sock.bind(endpoint)
+    return sock
+
+
+def connect_dealer(ctx: zmq.Context, endpoint: str, identity: Optional[str] = None) -> zmq.Socket:
+    sock = ctx.socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    # don't queue messages for a supervisor that isn't there: sending fails at once instead
+    sock.setsockopt(zmq.IMMEDIATE, 1)
+    sock.setsockopt(zmq.MAXMSGSIZE, MAX_BLOB_BYTES)
+    if identity:
+        sock.setsockopt(zmq.IDENTITY, identity.encode())
+    sock.connect(endpoint)
+    return sock
+
+
+def worker_identity(generation: int, channel: str = "main") -> bytes:
+    return f"w{generation}:{channel}".encode()
+
+
+def generation_of(identity: bytes) -> Optional[int]:
+    try:
+        text = identity.decode()
+        if text.startswith("w") and ":" in text:
+            return int(text[1:text.index(":")])
+    except (UnicodeDecodeError, ValueError):
+        pass
+    return None
+
+
+def now() -> float:
+    return time.time()
