@@ -116,7 +116,7 @@ async def create_job(request: web.Request) -> web.Response:
     else:
         body = await read_json_body(request)
         job = await accept_video_path(request, body.get("video_path"), "path", key or body.get("idempotency_key"))
-    return web.json_response(job_public(job), status=202)
+    return web.json_response(job_public(job), status=202 if job.get("created", True) else 200)
 
 
 @routes.get("/v1/jobs/{job_id}")

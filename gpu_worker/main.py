@@ -9,6 +9,7 @@ import faulthandler
 import json
 import math
 import os
+import resource
 import signal
 import sys
 import threading
@@ -200,9 +201,9 @@ class Worker:
                 self.emit(self.engine.end_video(), {})
             if not began:
                 raise VideoError(f"{body['path']}: no frame at or after {start}")
-            self.send(P.T.JOB_DONE, job=self.job, frames_decoded=decoded)
+            self.send(P.T.JOB_DONE, job=self.job, frames_decoded=decoded, peak_rss=peak_rss())
         except TruncatedVideo as exc:
-            self.send(P.T.JOB_DONE, job=self.job, frames_decoded=decoded, warning=str(exc))
+            self.send(P.T.JOB_DONE, job=self.job, frames_decoded=decoded, warning=str(exc), peak_rss=peak_rss())
         except VideoError as exc:
             log.warning("job_failed", reason=str(exc))
             self.send(P.T.JOB_FAILED, job=self.job, reason=str(exc))
@@ -273,6 +274,10 @@ class Worker:
         self.sock.setsockopt(zmq.LINGER, 2000)  # let the report leave before we do
         self.sock.close()
         return dying.code
+
+
+def peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def finite(value: Any) -> Any:

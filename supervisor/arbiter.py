@@ -224,7 +224,8 @@ class Supervisor:
         self.last_progress = time.monotonic()
 
     def on_job_done(self, env: P.Envelope) -> None:
-        self.finalize_job(env.job, int(env.body["frames_decoded"]), env.body.get("warning"))
+        self.finalize_job(env.job, int(env.body["frames_decoded"]), env.body.get("warning"),
+                          {"worker_peak_rss": env.body.get("peak_rss"), "worker_generation": self.life.generation})
         self.job_done()
 
     def on_job_failed(self, env: P.Envelope) -> None:
@@ -277,7 +278,7 @@ class Supervisor:
         job, created = self.ledger.accept(str(body["video_path"]), body.get("source", "path"),
                                           body.get("idempotency_key"), body.get("kind", "video"))
         self.log.info("job_accepted", job_id=job.job_id, path=job.video_path, created=created)
-        self.reply(identity, env, 202 if created else 200, job=self.job_view(job.job_id), created=created)
+        self.reply(identity, env, 202 if created else 200, job={**self.job_view(job.job_id), "created": created})
 
     def request_status(self, identity: bytes, env: P.Envelope) -> None:
         view = self.job_view(str(env.body["job_id"]))
@@ -577,14 +578,14 @@ class Supervisor:
         self.log.info("job_dispatched", job_id=job.job_id, generation=self.life.generation, start_frame=start,
                       attempt=job.attempts + 1, poison=sorted(poison))
 
-    def finalize_job(self, job_id: str, frames_decoded: int, warning: Optional[str]) -> None:
+    def finalize_job(self, job_id: str, frames_decoded: int, warning: Optional[str], run_facts: dict) -> None:
         stored = self.ledger.frames_done(job_id)
         if stored != frames_decoded or self.ledger.next_frame(job_id) != frames_decoded:
             self.ledger.fail(job_id, f"internal: {stored} frames stored for {frames_decoded} decoded")
             return
         job = self.ledger.job(job_id)
         path = os.path.join(self.results_dir, f"{job_id}.json")
-        write_result(path, job, self.ledger, self.joint_names, warning)
+        write_result(path, job, self.ledger, self.joint_names, warning, {**run_facts, "attempts": job.attempts})
         self.ledger.finish(job_id, frames_decoded, path, warning)
         self.log.info("job_done", job_id=job_id, frames=frames_decoded, warning=warning)
 

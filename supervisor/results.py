@@ -25,7 +25,8 @@ def result_header(job: Job, frames_decoded: int, joint_names: list[str], warning
     return header
 
 
-def write_result(path: str, job: Job, ledger: Ledger, joint_names: list[str], warning: Optional[str]) -> None:
+def write_result(path: str, job: Job, ledger: Ledger, joint_names: list[str], warning: Optional[str],
+                 run_facts: Optional[dict] = None) -> None:
     frames_decoded = ledger.frames_done(job.job_id)
     header = result_header(job, frames_decoded, joint_names, warning)
     with_person = 0
@@ -35,5 +36,6 @@ def write_result(path: str, job: Job, ledger: Ledger, joint_names: list[str], wa
         for i, frame in enumerate(ledger.iter_frames(job.job_id)):
             with_person += bool(frame["persons"])
             out.write(("," if i else "") + json.dumps(frame))
-        out.write(f'], "summary": {{"frames": {frames_decoded}, "frames_with_person": {with_person}}}}}')
+        summary = {"frames": frames_decoded, "frames_with_person": with_person, **(run_facts or {})}
+        out.write(f'], "summary": {json.dumps(summary)}}}')
     os.replace(tmp, path)

@@ -2,6 +2,8 @@
 and to drive supervision tests fast; results say engine "noop", so nobody mistakes them for poses."""
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from gpu_worker.engines.base import Engine, FrameOut, LoadStage
@@ -22,6 +24,9 @@ class NoopEngine(Engine):
         pass
 
     def push(self, index: int, pts_s: float, rgb: np.ndarray) -> list[FrameOut]:
+        delay = float(self.options.get("frame_delay_s", 0.0))
+        if delay:
+            time.sleep(delay)  # paces a job so tests can act on it mid-way
         return [FrameOut(index, [])]
 
     def infer_image(self, rgb: np.ndarray) -> list:

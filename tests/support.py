@@ -1,0 +1,201 @@
+"""Helpers for tests that run the real processes: start/stop a supervisor (and gateway), talk to
+them over the real protocol, make small clips. Every wait is bounded."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import av
+import numpy as np
+import zmq
+
+from pose_service import protocol as P
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+CLIP = SHARED_DATA / "snowboard_k0z18lmds.mp4"
+PHOTO = SHARED_DATA / "person_standing.jpg"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def make_clip(path: Path, frames: int = 48, size: int = 64, fps: int = 30) -> Path:
+    """A tiny synthetic clip (moving square), enough for engines that find nobody."""
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=fps)
+        stream.width = stream.height = size
+        stream.pix_fmt = "yuv420p"
+        for i in range(frames):
+            img = np.zeros((size, size, 3), dtype=np.uint8)
+            img[(i * 2) % (size - 8):(i * 2) % (size - 8) + 8, 10:18] = 255
+            for packet in stream.encode(av.VideoFrame.from_ndarray(img, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.1, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class SupervisorConn:
+    """A blocking DEALER client speaking the real protocol."""
+
+    def __init__(self, runtime_dir: str):
+        self.ctx = zmq.Context()
+        self.sock = P.connect_dealer(self.ctx, P.endpoints(runtime_dir).gateway, f"test-{uuid.uuid4().hex[:6]}")
+
+    def request(self, kind: str, timeout: float = 5.0, blobs: Optional[list] = None, **body) -> tuple[int, dict]:
+        req = uuid.uuid4().hex
+        body["deadline"] = time.time() + timeout
+        try:
+            self.sock.send_multipart(P.pack(P.Envelope(kind, body, req=req, blobs=blobs or [])), flags=zmq.NOBLOCK)
+        except zmq.Again:
+            return 0, {"error": "unavailable"}
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.sock.poll(100):
+                env = P.unpack(self.sock.recv_multipart())
+                if env.req == req:
+                    status = env.body.pop("status", 200)
+                    return status, env.body
+        return 0, {"error": "timeout"}
+
+    def health(self) -> dict:
+        status, body = self.request("health")
+        return body.get("health", {}) if status else {}
+
+    def job(self, job_id: str) -> dict:
+        return self.request("status", job_id=job_id)[1].get("job", {})
+
+    def diagnostics(self) -> dict:
+        return self.request("diagnostics", timeout=10)[1]
+
+    def close(self) -> None:
+        self.sock.close(0)
+        self.ctx.term()
+
+
+class Stack:
+    """A supervisor (and optionally a gateway) as real subprocesses with their own state dir."""
+
+    def __init__(self, tmp: Path, overrides: list[str], gateway: bool = False):
+        self.state_dir = tmp / "state"
+        self.port = free_port()
+        self.overrides = [f"state_dir={self.state_dir}", f"gateway.port={self.port}", *overrides]
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.logs = tmp
+        self.start("supervisor")
+        if gateway:
+            self.start("gateway")
+        self.conn = SupervisorConn(str(self.state_dir / "run"))
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self, role: str) -> subprocess.Popen:
+        log = open(self.logs / f"{role}.log", "ab")
+        proc = subprocess.Popen([sys.executable, "-m", "pose_service.cli", role, *self.overrides],
+                                stdin=subprocess.DEVNULL, stdout=log, stderr=log, cwd=REPO)
+        self.procs[role] = proc
+        return proc
+
+    def wait_ready(self, timeout: float = 60) -> dict:
+        return wait_for(lambda: self.conn.health().get("status") in ("ready", "degraded") and self.conn.health(),
+                        timeout, what="worker ready")
+
+    def submit(self, path: Path, **extra) -> str:
+        status, body = self.conn.request("submit", video_path=str(path), **extra)
+        assert status in (200, 202), body
+        return body["job"]["job_id"]
+
+    def wait_job(self, job_id: str, timeout: float = 60) -> dict:
+        return wait_for(lambda: (j := self.conn.job(job_id)).get("state") in ("done", "error") and j, timeout,
+                        what=f"job {job_id} to finish")
+
+    def result(self, job: dict) -> dict:
+        with open(job["result_path"]) as fh:
+            return json.load(fh)
+
+    def crashes(self) -> list[dict]:
+        return self.conn.diagnostics().get("crashes", [])
+
+    def worker_pid(self) -> Optional[int]:
+        return self.conn.diagnostics().get("worker", {}).get("pid")
+
+    def stop(self) -> None:
+        self.conn.close()
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(15)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+
+    def log_text(self, role: str = "supervisor") -> str:
+        return (self.logs / f"{role}.log").read_text(errors="replace")
+
+
+def http(method: str, url: str, body: Any = None, timeout: float = 10, headers: Optional[dict] = None,
+         raw: Optional[bytes] = None) -> tuple[int, Any]:
+    data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+    hdrs = {"Content-Type": "application/json"} if body is not None else {}
+    hdrs.update(headers or {})
+    request = urllib.request.Request(url, data=data, method=method, headers=hdrs)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            payload = response.read()
+            return response.status, _parse(payload, response.headers.get("Content-Type", ""))
+    except urllib.error.HTTPError as exc:
+        payload = exc.read()
+        return exc.code, _parse(payload, exc.headers.get("Content-Type", ""))
+
+
+def _parse(payload: bytes, content_type: str) -> Any:
+    if "json" in content_type:
+        return json.loads(payload)
+    return payload
+
+
+def pid_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:  # a zombie child of a dead parent counts as gone
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] == "Z"
+    except OSError:
+        return True
+    return False
+
+
+def needs_shared_data():
+    import pytest
+    return pytest.mark.skipif(not CLIP.exists(), reason=f"shared test data not found at ../shared/data "
+                                                        f"(a user's clone has none); {CLIP.name} is needed")
