@@ -191,7 +191,7 @@ async def health(request: web.Request) -> web.Response:
 @routes.get("/v1/diagnostics")
 async def get_diagnostics(request: web.Request) -> web.Response:
     _, body = await ask(request, "diagnostics", timeout_s=10.0)
-    return web.json_response(body)
+    return web.json_response({**body, "gateway_pid": os.getpid()})
 
 
 @routes.post("/v1/drill")
@@ -218,11 +218,8 @@ def build_app(cfg) -> web.Application:
     app[LOG_KEY] = setup_logging("gateway", cfg.log_level)
     app.cleanup_ctx.append(supervisor_client)
     app.add_routes(routes)
-    try:
-        from gateway import legacy
-        legacy.add_routes(app)
-    except ImportError:
-        pass
+    from gateway import legacy
+    legacy.add_routes(app)
     return app
 
 

@@ -203,7 +203,11 @@ class Worker:
                 raise VideoError(f"{body['path']}: no frame at or after {start}")
             self.send(P.T.JOB_DONE, job=self.job, frames_decoded=decoded, peak_rss=peak_rss())
         except TruncatedVideo as exc:
-            self.send(P.T.JOB_DONE, job=self.job, frames_decoded=decoded, warning=str(exc), peak_rss=peak_rss())
+            if not began and start == 0:  # not one frame decoded: a failed job, not an empty result
+                log.warning("job_failed", reason=str(exc))
+                self.send(P.T.JOB_FAILED, job=self.job, reason=str(exc))
+            else:
+                self.send(P.T.JOB_DONE, job=self.job, frames_decoded=decoded, warning=str(exc), peak_rss=peak_rss())
         except VideoError as exc:
             log.warning("job_failed", reason=str(exc))
             self.send(P.T.JOB_FAILED, job=self.job, reason=str(exc))

@@ -22,16 +22,20 @@ class Child:
         self.popen: Optional[subprocess.Popen] = None
         self.restarts = 0
         self.next_start = 0.0
+        self.started = 0.0
 
     def start(self) -> None:
-        argv = [sys.executable, "-m", "pose_service.cli", self.role, "--config-name", self.config_name,
+        argv = [sys.executable, "-m", "pose_service.cli", "--config-name", self.config_name, self.role,
                 *self.overrides]
         self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        self.started = time.monotonic()
 
     def exited(self) -> Optional[int]:
         return None if self.popen is None else self.popen.poll()
 
     def schedule_restart(self, now: float) -> float:
+        if now - self.started > 60:
+            self.restarts = 0  # it had been healthy: start the backoff afresh
         self.restarts += 1
         delay = min(30.0, 0.25 * 2 ** min(self.restarts - 1, 7))
         self.next_start = now + delay

@@ -127,7 +127,9 @@ class Stack:
                         timeout, what="worker ready")
 
     def submit(self, path: Path, **extra) -> str:
-        status, body = self.conn.request("submit", video_path=str(path), **extra)
+        """Retries while the supervisor is still starting."""
+        status, body = wait_for(lambda: (r := self.conn.request("submit", video_path=str(path), **extra))[0] and r,
+                                30, what="supervisor to accept")
         assert status in (200, 202), body
         return body["job"]["job_id"]
 
@@ -174,6 +176,8 @@ def http(method: str, url: str, body: Any = None, timeout: float = 10, headers: 
     except urllib.error.HTTPError as exc:
         payload = exc.read()
         return exc.code, _parse(payload, exc.headers.get("Content-Type", ""))
+    except (urllib.error.URLError, ConnectionError, TimeoutError) as exc:
+        return 0, {"connection_error": str(exc)}
 
 
 def _parse(payload: bytes, content_type: str) -> Any:

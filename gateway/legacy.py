@@ -1,0 +1,771 @@
+"""The routes the SnowboardingExplained backend (and its mobile app) call, on the same app and port
+as the native /v1 API. Every one goes through the supervisor; the gateway never loads a model.
+
+Routes (see docs in each handler):
+  GET  /health                     always 200 within a second or two; status ready|warming_up|not_ready|error
+  GET  /warmup                     waits (<= WARMUP_WAIT_S) for the worker; 200 ready, 500 error, 503 warming_up
+  POST /reload                     restarts the worker (models reload); answers at once
+  POST /pose/hybrid                one image (JSON image_base64 or multipart `frame`) -> keypoints
+  POST /process_video              multipart upload, synchronous -> {status:'success', data:<legacy result>}
+  POST /process_video_async        multipart upload -> 200 {status:'accepted', job_id}
+  GET  /job_status/{job_id}        queued|processing|complete|error (+ result when complete)
+  GET  /pose/video/status/{job_id} the same (the Dec 31 client polled this one)
+  POST /pose/video                 JSON {video_path} (Windows paths mapped under WSL) -> 202 queued|processing
+  GET  /frame/{job_id}/{idx}       image/jpeg of frame idx with the stored pose drawn (?overlay=0: raw frame)
+  GET  /v1/jobs/{job_id}/legacy    the native job's result in the legacy shape (legacy_result)
+
+Choices a reader of the backend's code should know about:
+  * /health and /pose/hybrid report the engine that really runs. With MediaPipe there is no mesh:
+    models.hmr2/vitdet are 'not_loaded', `camera_translation` is null (MediaPipe has no camera model),
+    and `mesh_vertices_data`/`mesh_faces_data` (legacy `meshVertices`/`meshFaces`) are absent. They
+    are emitted only when the engine returns vertices (hmr2_phalp) and never faked. `status` is
+    'ready' whenever the worker is ready, whatever the engine, because the backend treats only
+    status==='ready' as healthy.
+  * Keypoints: x,y are image pixels, z is the engine's 3D z in metres (MediaPipe: hip-centred world
+    landmarks; hmr2: body frame), x_3d/y_3d/z_3d the full 3D point; names are the engine's own
+    joint names (MediaPipe's 33 landmarks, hmr2's OpenPose-25 + 19 + origin), not mislabelled SMPL-24.
+  * joint_angles_3d are computed from those names: knee (hip-knee-ankle), hip (shoulder-hip-knee),
+    elbow (shoulder-elbow-wrist), shoulder (elbow-shoulder-hip), spine (lean of the mid-hip ->
+    mid-shoulder vector from vertical; 0 = upright), all in degrees.
+  * No person -> 200 with keypoints [], has_3d false and error 'No person detected'.
+  * Uploaded videos (/process_video, /process_video_async) are submitted without the up-front decode
+    probe that /v1/jobs and /pose/video run: a corrupt upload becomes a job in state 'error' with the
+    decoder's reason, which is what the legacy pollers understand (contract §5.20).
+  * Every frame of the video is processed; `max_frames` is accepted and ignored (contract §5.22:
+    an N-frame video yields N frames, frames without a person have persons []).
+  * `output_path` (job status and result) is the native result JSON written by the supervisor
+    (results/<job_id>.json under the state dir); no overlay video is rendered. /frame/{job}/{idx}
+    serves any single frame with the pose drawn.
+  * Nothing leaves as NaN or Infinity: non-finite numbers become null.
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import functools
+import json
+import math
+import os
+import time
+from collections import OrderedDict
+from typing import Any, Optional, Sequence
+
+from aiohttp import web
+
+from gateway import validation
+from gateway.app import (accept_video_path, ask, config, job_status, load_result, read_json_body, submit)
+from gateway.errors import json_error
+from pose_service.client import Unavailable
+from supervisor.diagnostics import is_wsl
+
+SERVICE = "pose-service"
+WARMUP_WAIT_S = 110.0
+SYNC_VIDEO_TIMEOUT_S = 3600.0
+POLL_S = 0.5
+RELOAD_SETTLE_S = 3.0
+JPEG_QUALITY = 90
+RESULT_CACHE_KEY = web.AppKey("legacy_result_cache", OrderedDict)
+RESULT_CACHE_SIZE = 4
+KNOWN_MODELS = ("hmr2", "vitdet", "phalp", "mediapipe")
+STATE_WORDS = {"queued": "queued", "running": "processing", "done": "complete", "error": "error"}
+IMAGE_FIELDS = ("frame", "image", "file")
+
+routes = web.RouteTableDef()
+
+
+# --- JSON out ------------------------------------------------------------------------------------
+def finite(value: Any) -> Any:
+    """NaN/Infinity -> None, recursively (JSON has neither)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def respond(body: dict, status: int = 200) -> web.Response:
+    return web.json_response(finite(body), status=status, dumps=functools.partial(json.dumps, allow_nan=False))
+
+
+def _num(value: Any, default: float = 0.0) -> float:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return default
+    return number if math.isfinite(number) else default
+
+
+# --- engine facts -----------------------------------------------------------------------------------
+def engine_name_of(health: dict) -> str:
+    rung = str(health.get("rung") or "")
+    return rung.split("@", 1)[0] if rung else str((health.get("engine") or {}).get("name") or "unknown")
+
+
+def detector_of(health: dict) -> Optional[str]:
+    rung = str(health.get("rung") or "")
+    if "(" in rung and rung.endswith(")"):
+        return rung[rung.index("(") + 1:-1]
+    return (health.get("engine") or {}).get("detector")
+
+
+def models_for(engine: str, detector: Optional[str], loaded: bool) -> dict:
+    """{hmr2, vitdet, phalp, mediapipe: loaded|not_loaded}: what this engine really has in memory."""
+    models = {name: "not_loaded" for name in KNOWN_MODELS}
+    if not loaded:
+        return models
+    if engine == "hmr2_phalp":
+        models["hmr2"] = models["phalp"] = "loaded"
+        models[detector or "vitdet"] = "loaded"
+    else:
+        models[engine] = "loaded"
+    return models
+
+
+def legacy_health(health: Optional[dict], error: Optional[str] = None) -> dict:
+    now = round(time.time(), 3)
+    if health is None:
+        return {"status": "not_ready", "service": SERVICE, "ready": False, "hybrid_available": False,
+                "models": models_for("", None, False), "error": error or "supervisor unavailable",
+                "timestamp": now}
+    native = health.get("status")
+    ready = native in ("ready", "degraded")
+    status = "ready" if ready else "error" if native == "fatal" else "warming_up"
+    engine = engine_name_of(health)
+    body = {"status": status, "service": SERVICE, "ready": ready, "hybrid_available": ready,
+            "models": models_for(engine, detector_of(health), ready),
+            "device": health.get("device"), "engine": engine,
+            "engine_info": health.get("engine") if ready else None,
+            "worker": health.get("worker"), "stage": health.get("stage"), "rung": health.get("rung"),
+            "degraded": native == "degraded", "reason": health.get("reason"),
+            "queue_depth": health.get("queue_depth"), "running_job": health.get("running_job"),
+            "timestamp": now}
+    if status == "error":
+        body["error"] = health.get("reason") or "service is fatal"
+    return body
+
+
+async def native_health(request: web.Request) -> dict:
+    _, body = await ask(request, "health")
+    return body["health"]
+
+
+# --- /health, /warmup, /reload -------------------------------------------------------------------------
+@routes.get("/health")
+async def health_route(request: web.Request) -> web.Response:
+    """Always 200, answered from the supervisor's state (never waits on the worker)."""
+    try:
+        return respond(legacy_health(await native_health(request)))
+    except Unavailable as exc:
+        return respond(legacy_health(None, str(exc)))
+
+
+def warmup_body(health: dict, diagnostics: dict) -> dict:
+    engine = engine_name_of(health)
+    boots = diagnostics.get("boots") or []
+    stages = {s.get("name"): _num(s.get("duration_s")) for s in (boots[-1].get("stages") or [])} if boots else {}
+    total = round(sum(stages.values()), 4)
+    body = {"status": "ready", "ready": True, "engine": engine, "device": health.get("device"),
+            "models": models_for(engine, detector_of(health), True),
+            "load_time_seconds": total, "degraded": health.get("status") == "degraded",
+            "reason": health.get("reason")}
+    body[engine] = {"status": "loaded", "load_time_seconds": total, "stages": stages}
+    if engine == "hmr2_phalp":
+        detector = detector_of(health) or "vitdet"
+        body["hmr2"] = {"status": "loaded", "load_time_seconds": stages.get("main_model")}
+        body["phalp"] = {"status": "loaded", "load_time_seconds": stages.get("tracker")}
+        body[detector] = {"status": "loaded", "load_time_seconds": stages.get("detector")}
+    for name in ("hmr2", "vitdet"):
+        body.setdefault(name, {"status": "not_loaded", "load_time_seconds": None,
+                               "reason": f"the running engine is {engine}"})
+    return body
+
+
+@routes.get("/warmup")
+async def warmup_route(request: web.Request) -> web.Response:
+    """Wait until the worker is ready (it loads at startup, never lazily): 200 with load times from
+    the last boot's stages; 500 when fatal; 503 when not ready within WARMUP_WAIT_S (or ?timeout=)."""
+    try:
+        wait = min(WARMUP_WAIT_S, max(0.0, float(request.query.get("timeout", WARMUP_WAIT_S))))
+    except ValueError:
+        raise json_error(400, "timeout must be a number of seconds") from None
+    deadline = time.monotonic() + wait
+    health, error = None, None
+    while True:
+        try:
+            health, error = await native_health(request), None
+        except Unavailable as exc:
+            health, error = None, str(exc)
+        if health and health.get("status") in ("ready", "degraded"):
+            break
+        if health and health.get("status") == "fatal":
+            return respond({"status": "error", "error": health.get("reason") or "service is fatal",
+                            "worker": health.get("worker")}, 500)
+        if time.monotonic() >= deadline:
+            body = legacy_health(health, error)
+            body["status"] = "warming_up" if health else "not_ready"
+            body.setdefault("error", f"not ready after {wait:g}s (worker {body.get('worker')})")
+            return respond(body, 503)
+        await asyncio.sleep(POLL_S)
+    _, diagnostics = await ask(request, "diagnostics", timeout_s=10.0)
+    return respond(warmup_body(health, diagnostics))
+
+
+@routes.post("/reload")
+async def reload_route(request: web.Request) -> web.Response:
+    """Restart the worker (its models load again in a fresh process). Answers at once; poll /health."""
+    status, reply = await ask(request, "reload")
+    if status >= 400:
+        return respond({"status": "error", "error": reply.get("error", "reload refused")}, status)
+    health = reply.get("health") or {}
+    # the supervisor has signalled the old worker; wait (briefly) until it is reaped, so a /health or
+    # /warmup right after this answer never reports the old worker as ready
+    deadline = time.monotonic() + RELOAD_SETTLE_S
+    while time.monotonic() < deadline:
+        try:
+            now = await native_health(request)
+        except Unavailable:
+            break
+        if now.get("status") not in ("ready", "degraded") or now.get("generation") != health.get("generation"):
+            break
+        await asyncio.sleep(0.05)
+    engine = engine_name_of(health)
+    return respond({"status": "reloaded", "engine": engine, "models": models_for(engine, detector_of(health), False),
+                    "message": "worker restarting; models report 'loaded' on /health when it is ready",
+                    "timestamp": round(time.time(), 3)})
+
+
+# --- /pose/hybrid ------------------------------------------------------------------------------------------
+def decode_base64_image(text: str) -> bytes:
+    text = text.strip()
+    if text.startswith("data:"):
+        text = text.split(",", 1)[1] if "," in text else ""
+    text = "".join(text.split())
+    try:
+        data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise json_error(400, f"Failed to decode image: invalid base64 ({exc})") from None
+    if not data:
+        raise json_error(400, "Failed to decode image: empty image data")
+    return data
+
+
+async def read_multipart_image(request: web.Request) -> tuple[Optional[bytes], dict]:
+    limit = config(request).gateway.max_json_mb << 20
+    try:
+        reader = await request.multipart()
+    except (AssertionError, ValueError) as exc:
+        raise json_error(400, f"malformed multipart body: {exc}") from None
+    image, fields = None, {}
+    while (part := await reader.next()) is not None:
+        if part.name in IMAGE_FIELDS and part.filename is not None and image is None:
+            chunks, size = [], 0
+            while chunk := await part.read_chunk(1 << 20):
+                size += len(chunk)
+                if size > limit:
+                    raise json_error(413, f"image larger than {limit >> 20} MB")
+                chunks.append(chunk)
+            image = b"".join(chunks)
+        elif part.name:
+            fields[part.name] = (await part.read(decode=True)).decode("utf-8", "replace")
+    return image, fields
+
+
+def _truthy(value: Any) -> bool:
+    if isinstance(value, str):
+        return value.strip().lower() in ("1", "true", "yes", "on")
+    return bool(value)
+
+
+def _frame_number(value: Any) -> Any:
+    if isinstance(value, str):
+        try:
+            return int(value.strip())
+        except ValueError:
+            return value
+    return 0 if value is None else value
+
+
+def keypoint_rows(person: dict, names: Sequence[str]) -> list[dict]:
+    """Engine person -> [{name, x, y, z, confidence, x_3d, y_3d, z_3d}] (pixels; metres)."""
+    kp2 = person.get("keypoints_2d") or []
+    kp3 = person.get("keypoints_3d") or []
+    rows = []
+    for i, point in enumerate(kp2):
+        world = kp3[i] if i < len(kp3) and kp3[i] else [None, None, None]
+        x3, y3, z3 = (_num(v) for v in (list(world) + [None] * 3)[:3])
+        rows.append({"name": names[i] if i < len(names) else f"joint_{i}",
+                     "x": _num(point[0]), "y": _num(point[1]), "z": z3,
+                     "confidence": _num(point[2] if len(point) > 2 else None),
+                     "x_3d": x3, "y_3d": y3, "z_3d": z3})
+    return rows
+
+
+def _angle(a, b, c) -> Optional[float]:
+    """Angle ABC in degrees."""
+    if a is None or b is None or c is None:
+        return None
+    v1 = [a[i] - b[i] for i in range(3)]
+    v2 = [c[i] - b[i] for i in range(3)]
+    n1, n2 = math.sqrt(sum(v * v for v in v1)), math.sqrt(sum(v * v for v in v2))
+    if n1 < 1e-9 or n2 < 1e-9:
+        return None
+    cos = max(-1.0, min(1.0, sum(v1[i] * v2[i] for i in range(3)) / (n1 * n2)))
+    return round(math.degrees(math.acos(cos)), 2)
+
+
+def _mid(a, b):
+    return None if a is None or b is None else [(a[i] + b[i]) / 2.0 for i in range(3)]
+
+
+def joint_angles(names: Sequence[str], points_3d: Sequence[Sequence[float]]) -> dict:
+    """Degrees, from the engine's own joint names (first occurrence of each name)."""
+    points: dict[str, list[float]] = {}
+    for name, point in zip(names, points_3d):
+        if name not in points and point and len(point) >= 3 and all(
+                isinstance(v, (int, float)) and math.isfinite(v) for v in point[:3]):
+            points[name] = [float(v) for v in point[:3]]
+    p = points.get
+    angles = {}
+    for side in ("left", "right"):
+        angles[f"{side}_knee"] = _angle(p(f"{side}_hip"), p(f"{side}_knee"), p(f"{side}_ankle"))
+        angles[f"{side}_hip"] = _angle(p(f"{side}_shoulder"), p(f"{side}_hip"), p(f"{side}_knee"))
+        angles[f"{side}_elbow"] = _angle(p(f"{side}_shoulder"), p(f"{side}_elbow"), p(f"{side}_wrist"))
+        angles[f"{side}_shoulder"] = _angle(p(f"{side}_elbow"), p(f"{side}_shoulder"), p(f"{side}_hip"))
+    hip = _mid(p("left_hip"), p("right_hip"))
+    shoulder = _mid(p("left_shoulder"), p("right_shoulder"))
+    if hip is not None and shoulder is not None:
+        up_point = [hip[0], hip[1] - 1.0, hip[2]]  # y points down in both engines' 3D frames
+        angles["spine"] = _angle(shoulder, hip, up_point)
+    else:
+        angles["spine"] = None
+    return angles
+
+
+def main_person(persons: list) -> Optional[dict]:
+    return max(persons, key=lambda p: _num(p.get("score"))) if persons else None
+
+
+def hybrid_response(reply: dict, frame_number: Any, processing_ms: float) -> dict:
+    """The supervisor's IMAGE reply -> app.py's /pose/hybrid shape (contract §2.2)."""
+    engine = reply.get("engine") or {}
+    names = reply.get("joint_names") or []
+    persons = reply.get("persons") or []
+    person = main_person(persons)
+    body: dict[str, Any] = {
+        "frame_number": frame_number, "frame_width": reply.get("width"), "frame_height": reply.get("height"),
+        "processing_time_ms": round(processing_ms, 2), "inference_time_ms": reply.get("ms"),
+        "model_version": f"{engine.get('name', 'unknown')}-{engine.get('version', 'unknown')}",
+        "engine": engine.get("name"), "device": engine.get("device"),
+        "persons_detected": len(persons), "mesh_rendered": False,
+    }
+    if person is None:
+        body.update(keypoints=[], keypoint_count=0, has_3d=False, joints_3d_raw=[], joint_angles_3d={},
+                    camera_translation=None, tracking_confidence=0.0, error="No person detected")
+        return body
+    keypoints = keypoint_rows(person, names)
+    raw3d = [[_num(v) for v in (list(p) + [None] * 3)[:3]] for p in person.get("keypoints_3d") or []]
+    camera = person.get("camera")
+    body.update(keypoints=keypoints, keypoint_count=len(keypoints), has_3d=bool(raw3d), joints_3d_raw=raw3d,
+                joint_angles_3d=joint_angles(names, raw3d),
+                camera_translation=[_num(camera.get(k)) for k in ("tx", "ty", "tz")] if camera else None,
+                tracking_confidence=_num(person.get("score")), bbox=person.get("bbox_xyxy"), error=None)
+    if camera:
+        body["scaled_focal_length"] = camera.get("focal_length")
+    if person.get("camera_bbox"):
+        scale, tx, ty = (list(person["camera_bbox"]) + [0, 0, 0])[:3]
+        body["camera_params"] = {"scale": scale, "tx": tx, "ty": ty, "type": "weak_perspective"}
+    if person.get("vertices"):
+        body["mesh_vertices_data"] = person["vertices"]
+        body["mesh_vertices"] = len(person["vertices"])
+        faces = person.get("faces") or reply.get("mesh_faces")
+        if faces:
+            body["mesh_faces_data"] = faces
+    return body
+
+
+SKELETON = [
+    ("left_shoulder", "right_shoulder"), ("left_shoulder", "left_elbow"), ("left_elbow", "left_wrist"),
+    ("right_shoulder", "right_elbow"), ("right_elbow", "right_wrist"), ("left_shoulder", "left_hip"),
+    ("right_shoulder", "right_hip"), ("left_hip", "right_hip"), ("left_hip", "left_knee"),
+    ("left_knee", "left_ankle"), ("right_hip", "right_knee"), ("right_knee", "right_ankle"),
+    ("left_ankle", "left_heel"), ("right_ankle", "right_heel"), ("left_heel", "left_foot_index"),
+    ("right_heel", "right_foot_index"), ("left_ankle", "left_big_toe"), ("right_ankle", "right_big_toe"),
+    ("nose", "left_eye"), ("nose", "right_eye"), ("left_eye", "left_ear"), ("right_eye", "right_ear"),
+    ("nose", "neck"), ("neck", "mid_hip"),
+]
+COLOURS = [(0, 255, 0), (255, 128, 0), (0, 128, 255), (255, 0, 255), (0, 255, 255)]
+
+
+def draw_persons(bgr, persons: list, names: Sequence[str], min_conf: float = 0.3):
+    """Skeleton (and box) of every person on a BGR image, in place."""
+    import cv2
+
+    height, width = bgr.shape[:2]
+    thick = max(2, round(max(height, width) / 400))
+    for n, person in enumerate(persons):
+        colour = COLOURS[n % len(COLOURS)]
+        points = {}
+        for i, kp in enumerate(person.get("keypoints_2d") or []):
+            if i < len(names) and names[i] not in points and kp and kp[0] is not None and kp[1] is not None \
+                    and _num(kp[2] if len(kp) > 2 else 1.0) >= min_conf:
+                points[names[i]] = (int(round(kp[0])), int(round(kp[1])))
+        for a, b in SKELETON:
+            if a in points and b in points:
+                cv2.line(bgr, points[a], points[b], colour, thick, cv2.LINE_AA)
+        for xy in points.values():
+            cv2.circle(bgr, xy, thick + 1, (0, 0, 255), -1, cv2.LINE_AA)
+    return bgr
+
+
+def render_visualization(image: bytes, persons: list, names: Sequence[str]) -> Optional[str]:
+    import cv2
+    import numpy as np
+
+    bgr = cv2.imdecode(np.frombuffer(image, dtype=np.uint8), cv2.IMREAD_COLOR)
+    if bgr is None:
+        return None
+    ok, png = cv2.imencode(".png", draw_persons(bgr, persons, names))
+    return base64.b64encode(png.tobytes()).decode("ascii") if ok else None
+
+
+@routes.post("/pose/hybrid")
+async def pose_hybrid(request: web.Request) -> web.Response:
+    """JSON {image_base64 (raw or data: URL), frame_number, visualize} or multipart `frame` + `frameNumber`."""
+    started = time.monotonic()
+    ctype = request.content_type
+    if ctype == "application/json":
+        body = await read_json_body(request)
+        b64 = body.get("image_base64")
+        if b64 is None or b64 == "":
+            raise json_error(400, "Missing image_base64")
+        if not isinstance(b64, str):
+            raise json_error(400, "image_base64 must be a string")
+        image = decode_base64_image(b64)
+        frame_number, visualize = _frame_number(body.get("frame_number")), _truthy(body.get("visualize"))
+    elif ctype.startswith("multipart/"):
+        image, fields = await read_multipart_image(request)
+        if image is None and fields.get("image_base64"):
+            image = decode_base64_image(fields["image_base64"])
+        if image is None:
+            raise json_error(400, "Missing image: send a `frame` file field (or image_base64)")
+        if not image:
+            raise json_error(400, "Failed to decode image: empty image data")
+        frame_number = _frame_number(fields.get("frameNumber", fields.get("frame_number")))
+        visualize = _truthy(fields.get("visualize"))
+    else:
+        raise json_error(415, "Expected application/json {image_base64, frame_number} or multipart/form-data "
+                              f"with a `frame` file, got {ctype or 'no content type'}")
+    cfg = config(request)
+    wait = min(float(cfg.gateway.sync_timeout_s), float(cfg.deadlines.image_s) + 5.0)
+    status, reply = await ask(request, "image", timeout_s=wait, blobs=[image])
+    if status != 200:
+        error = reply.get("error") or f"image request failed ({status})"
+        if status == 400 and not error.startswith("Failed to decode image"):
+            error = f"Failed to decode image: {error}"
+        return respond({"error": error, "frame_number": frame_number}, status)
+    out = hybrid_response(reply, frame_number, 0.0)
+    if visualize:
+        png = await asyncio.get_running_loop().run_in_executor(
+            None, render_visualization, image, reply.get("persons") or [], reply.get("joint_names") or [])
+        if png:
+            out["visualization"] = "data:image/png;base64," + png
+            out["visualization_base64"] = png
+    out["processing_time_ms"] = round((time.monotonic() - started) * 1000, 2)
+    return respond(out)
+
+
+# --- the legacy result --------------------------------------------------------------------------------------
+def legacy_person(person: dict, names: Sequence[str], faces: Optional[list]) -> dict:
+    camera = person.get("camera")
+    smpl = person.get("smpl")
+    out = {
+        "personId": person.get("track_id", 0), "confidence": _num(person.get("score")), "tracked": True,
+        "bbox": person.get("bbox_xyxy"),
+        "keypoints": [{k: row[k] for k in ("name", "x", "y", "z", "confidence")}
+                      for row in keypoint_rows(person, names)],
+        "camera": {"tx": camera.get("tx"), "ty": camera.get("ty"), "tz": camera.get("tz"),
+                   "focalLength": camera.get("focal_length")} if camera else None,
+        "smpl": {"globalOrient": smpl.get("global_orient"), "bodyPose": smpl.get("body_pose"),
+                 "betas": smpl.get("betas")} if smpl else None,
+    }
+    if person.get("vertices"):
+        out["meshVertices"] = person["vertices"]
+        if person.get("faces") or faces:
+            out["meshFaces"] = person.get("faces") or faces
+    return out
+
+
+def legacy_result(native: dict, processing_time: float, output_path: Optional[str] = None) -> dict:
+    """Native result JSON (supervisor/results.py) -> the backend's frames document shape (contract §2.4):
+    {frames:[{frameNumber, timestamp, persons:[{personId, confidence, tracked, keypoints, camera,
+    smpl, meshVertices?, meshFaces?}]}], fps, total_frames, frame_count, video_duration,
+    processing_time, resolution, metadata{fps, duration, resolution, frameCount, engine}}.
+    Every decoded frame is present (a gap, which the supervisor never writes, is filled with an
+    empty frame marked with an error); timestamps are the frames' real pts in seconds."""
+    video = native.get("video") or {}
+    fps = _num(video.get("fps"), 30.0) or 30.0
+    names = native.get("joint_names") or []
+    faces = native.get("mesh_faces")
+    frames: list[dict] = []
+    for frame in native.get("frames") or []:
+        index = int(frame["frame_index"])
+        while len(frames) < index:  # never expected: keep frameNumber == position anyway
+            missing = len(frames)
+            frames.append({"frameNumber": missing, "timestamp": round(missing / fps, 6), "persons": [],
+                           "error": "frame missing from the result"})
+        if index < len(frames):
+            continue
+        pts = frame.get("pts_s")
+        entry = {"frameNumber": index, "timestamp": round(_num(pts, index / fps) if pts is not None else index / fps, 6),
+                 "persons": [legacy_person(p, names, faces) for p in frame.get("persons") or []]}
+        if frame.get("error"):
+            entry["error"] = frame["error"]
+        frames.append(entry)
+    count = len(frames)
+    width, height = video.get("width"), video.get("height")
+    duration = _num(video.get("duration_s")) or (count / fps if fps else 0.0)
+    engine = native.get("engine") or {}
+    result = {
+        "job_id": native.get("job_id"), "video_path": native.get("video_path"), "status": "complete",
+        "frames": frames, "fps": fps, "total_frames": count, "frame_count": count, "processed_frames": count,
+        "frames_with_person": sum(1 for f in frames if f["persons"]),
+        "video_duration": round(duration, 5), "processing_time": round(_num(processing_time), 3),
+        "processing_time_seconds": round(_num(processing_time), 3), "resolution": [width, height],
+        "metadata": {"fps": fps, "duration": round(duration, 5), "resolution": [width, height], "frameCount": count,
+                     "engine": engine, "jointNames": names},
+        "output_path": output_path,
+    }
+    if native.get("warning"):
+        result["warning"] = native["warning"]
+    return result
+
+
+async def cached_native(request: web.Request, path: str) -> dict:
+    cache = request.app[RESULT_CACHE_KEY]
+    key = (path, os.stat(path).st_mtime_ns)
+    if key in cache:
+        cache.move_to_end(key)
+        return cache[key]
+    native = await load_result(path)
+    cache[key] = native
+    while len(cache) > RESULT_CACHE_SIZE:
+        cache.popitem(last=False)
+    return native
+
+
+def processing_time_of(job: dict) -> float:
+    start = job.get("started_at") or job.get("created_at")
+    end = job.get("finished_at") or time.time()
+    return max(0.0, end - start) if start else 0.0
+
+
+async def legacy_result_of(request: web.Request, job: dict) -> dict:
+    native = await cached_native(request, job["result_path"])
+    return legacy_result(native, processing_time_of(job), job["result_path"])
+
+
+# --- video jobs ---------------------------------------------------------------------------------------------------
+async def submit_upload(request: web.Request, path: str) -> dict:
+    """Roots check, then the queue; the decodability check is left to the worker (see module doc)."""
+    cfg = config(request)
+    try:
+        real = validation.check_video_path(path, [os.path.join(cfg.state_dir, "uploads")])
+        return await submit(request, real, "upload", None)
+    except Exception:
+        os.unlink(path)
+        raise
+
+
+async def receive_video(request: web.Request) -> tuple[str, dict]:
+    from gateway.app import receive_upload
+
+    if not request.content_type.startswith("multipart/"):
+        raise json_error(415, f"expected multipart/form-data with a `video` file, got "
+                              f"{request.content_type or 'no content type'}")
+    return await receive_upload(request, ("video", "file"))
+
+
+async def wait_for_job(request: web.Request, job_id: str, timeout_s: float) -> Optional[dict]:
+    """Poll until done/error. -> the job, or None on timeout. A supervisor restart is waited out."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            job = await job_status(request, job_id)
+            if job["state"] in ("done", "error"):
+                return job
+        except Unavailable:
+            pass
+        await asyncio.sleep(POLL_S)
+    return None
+
+
+@routes.post("/process_video")
+async def process_video(request: web.Request) -> web.Response:
+    """Synchronous: multipart `video` (+ max_frames, output_format, both accepted and ignored) ->
+    200 {status:'success', data:<legacy result>}; job error -> 500 {status:'error', error}."""
+    path, _ = await receive_video(request)
+    job = await submit_upload(request, path)
+    job_id = job["job_id"]
+    finished = await wait_for_job(request, job_id, SYNC_VIDEO_TIMEOUT_S)
+    if finished is None:
+        return respond({"status": "error", "job_id": job_id,
+                        "error": f"still processing after {SYNC_VIDEO_TIMEOUT_S:g}s; poll /job_status/{job_id}"}, 504)
+    if finished["state"] == "error":
+        return respond({"status": "error", "job_id": job_id, "error": finished.get("error") or "processing failed"},
+                       500)
+    return respond({"status": "success", "job_id": job_id, "data": await legacy_result_of(request, finished)})
+
+
+@routes.post("/process_video_async")
+async def process_video_async(request: web.Request) -> web.Response:
+    """multipart `video` (+ max_frames) -> 200 {status:'accepted', job_id, message}."""
+    path, _ = await receive_video(request)
+    job = await submit_upload(request, path)
+    return respond({"status": "accepted", "job_id": job["job_id"], "queue_position": job.get("queue_position", 0),
+                    "message": f"Video queued for processing; poll /job_status/{job['job_id']}"})
+
+
+async def legacy_status(request: web.Request, job_id: str) -> dict:
+    job = await job_status(request, job_id)  # 404 {error:'Job not found'}
+    status = STATE_WORDS.get(job["state"], job["state"])
+    body: dict[str, Any] = {"job_id": job_id, "status": status, "created_at": job.get("created_at")}
+    if status == "queued":
+        body["queue_position"] = job.get("queue_position")
+        body["attempts"] = job.get("attempts")
+    elif status == "processing":
+        body["elapsed_time"] = round(time.time() - (job.get("started_at") or job.get("created_at")), 3)
+        body["progress"] = {"frames_done": job.get("frames_done"), "frames_total": job.get("frames_total")}
+    elif status == "complete":
+        body["result"] = await legacy_result_of(request, job)
+        body["output_path"] = job["result_path"]
+        body["processing_time"] = round(processing_time_of(job), 3)
+        if job.get("warning"):
+            body["warning"] = job["warning"]
+    else:
+        body["error"] = job.get("error") or "processing failed"
+    return body
+
+
+@routes.get("/job_status/{job_id}")
+async def job_status_route(request: web.Request) -> web.Response:
+    """queued | processing (elapsed_time, progress) | complete (result, output_path = the native result
+    JSON, processing_time) | error (error). Unknown id -> 404 {error:'Job not found'}."""
+    return respond(await legacy_status(request, request.match_info["job_id"]))
+
+
+@routes.get("/pose/video/status/{job_id}")
+async def pose_video_status(request: web.Request) -> web.Response:
+    return respond(await legacy_status(request, request.match_info["job_id"]))
+
+
+@routes.post("/pose/video")
+async def pose_video(request: web.Request) -> web.Response:
+    """JSON {video_path}: C:\\... becomes /mnt/c/... under WSL. Missing/nonexistent -> 400. The job runs
+    from the supervisor's queue: 202 {status:'processing', queue_position:0} when it is first in line,
+    202 {status:'queued', queue_position:N} behind N others."""
+    body = await read_json_body(request)
+    raw = body.get("video_path")
+    if not isinstance(raw, str) or not raw.strip():
+        raise json_error(400, "Missing video_path parameter")
+    cfg = config(request)
+    mapped = validation.map_windows_path(raw, is_wsl()) if cfg.jobs.map_windows_paths else raw
+    if not os.path.exists(mapped):
+        raise json_error(400, f"Video file not found: {raw}")
+    job = await accept_video_path(request, raw, "path", body.get("idempotency_key"))
+    position = job.get("queue_position") or 0
+    return respond({"status": "processing" if position == 0 else "queued", "job_id": job["job_id"],
+                    "queue_position": position, "video_path": job.get("video_path"),
+                    "message": f"poll /pose/video/status/{job['job_id']}"}, 202)
+
+
+# --- /frame/{job}/{idx} -----------------------------------------------------------------------------------------------
+def read_frame_jpeg(video_path: str, index: int, pts_s: Optional[float], persons: list, names: Sequence[str],
+                    overlay: bool) -> bytes:
+    """Decode frame `index` (seek to the keyframe before its pts, decode forward), draw, JPEG."""
+    import av
+    import cv2
+
+    from gpu_worker.video import _rgb
+
+    with av.open(video_path) as container:
+        stream = container.streams.video[0]
+        frame = None
+        if pts_s is not None and stream.time_base:
+            start = stream.start_time or 0
+            target = start + int(round(pts_s / stream.time_base))
+            rate = float(stream.guessed_rate or stream.average_rate or 30)
+            tolerance = max(1, int(0.5 / (rate * stream.time_base)))
+            container.seek(target, stream=stream, backward=True, any_frame=False)
+            for candidate in container.decode(stream):
+                if candidate.pts is None:
+                    break
+                if abs(candidate.pts - target) <= tolerance:
+                    frame = candidate
+                    break
+                if candidate.pts > target + tolerance:
+                    break
+        if frame is None:  # no usable pts: count frames from the start, as the worker did
+            container.seek(0, stream=stream, backward=True, any_frame=False)
+            for i, candidate in enumerate(container.decode(stream)):
+                if i == index:
+                    frame = candidate
+                    break
+        if frame is None:
+            raise ValueError(f"frame {index} could not be decoded")
+        bgr = cv2.cvtColor(_rgb(frame), cv2.COLOR_RGB2BGR)
+    if overlay:
+        draw_persons(bgr, persons, names)
+    ok, jpeg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    return jpeg.tobytes()
+
+
+@routes.get("/frame/{job_id}/{idx}")
+async def frame_route(request: web.Request) -> web.Response:
+    """200 image/jpeg of frame idx with the stored pose drawn (?overlay=0 for the bare frame).
+    idx not an integer or out of range -> 400; job not complete -> 400; unknown job -> 404."""
+    job_id, raw_index = request.match_info["job_id"], request.match_info["idx"]
+    try:
+        index = int(raw_index)
+    except ValueError:
+        raise json_error(400, f"frame index must be an integer, got {raw_index!r}") from None
+    job = await job_status(request, job_id)
+    if job["state"] != "done":
+        raise json_error(400, f"Job not complete (status {STATE_WORDS.get(job['state'], job['state'])})")
+    native = await cached_native(request, job["result_path"])
+    frames = native.get("frames") or []
+    if not 0 <= index < len(frames):
+        raise json_error(400, f"frame index {index} out of range (0..{len(frames) - 1})")
+    frame = frames[index]
+    if not os.path.isfile(job["video_path"]):
+        raise json_error(410, "the job's video file is no longer available")
+    overlay = request.query.get("overlay", "1").lower() not in ("0", "false", "no")
+    try:
+        jpeg = await asyncio.get_running_loop().run_in_executor(
+            None, read_frame_jpeg, job["video_path"], frame.get("frame_index", index), frame.get("pts_s"),
+            frame.get("persons") or [], native.get("joint_names") or [], overlay)
+    except ValueError as exc:
+        raise json_error(500, f"could not read frame {index}: {exc}") from None
+    return web.Response(body=jpeg, content_type="image/jpeg")
+
+
+# --- native: the legacy shape of a native job -------------------------------------------------------------------------
+@routes.get("/v1/jobs/{job_id}/legacy")
+async def native_legacy_result(request: web.Request) -> web.Response:
+    job = await job_status(request, request.match_info["job_id"])
+    if job["state"] != "done":
+        raise json_error(409, job.get("error") or f"job is {job['state']}", status=job["status"],
+                         frames_done=job["frames_done"])
+    return respond(await legacy_result_of(request, job))
+
+
+def add_routes(app: web.Application) -> None:
+    app[RESULT_CACHE_KEY] = OrderedDict()
+    app.add_routes(routes)
+
+
+__all__ = ["add_routes", "legacy_result", "hybrid_response", "joint_angles", "legacy_health"]

@@ -1,0 +1,189 @@
+"""Issue: supervision. Every way the worker dies, at every point of its life, with real crashes,
+real signals and real hangs (the fault engine), on real processes. Heartbeats and deadlines are
+short here so the whole matrix stays fast; the noop engine keeps frames cheap."""
+from __future__ import annotations
+
+import os
+import signal
+
+import pytest
+
+from support import Stack, http, make_clip, pid_gone, wait_for
+
+FAST = ["supervisor.heartbeat_s=0.2", "supervisor.liveness_misses=5", "supervisor.abort_grace_s=1",
+        "supervisor.backoff_initial_s=0.1", "deadlines.stage_default_s=3", "deadlines.frame_s=2",
+        "deadlines.probe_s=4", "deadlines.hello_s=20", "deadlines.stages.runtime=3"]
+NOOP = ["engine.name=noop"]
+
+KINDS = {  # fault kind -> the cause the supervisor must record
+    "segfault": "segfault",
+    "abort": "abort",
+    "kill": "oom_killed",
+    "exit": "wsl_vm_exit",
+    "raise": "python_exception",
+    "cuda_oom": "cuda_oom",
+    "cuda_sticky": "cuda_sticky",
+    "hang": "hang",
+}
+POINTS = {  # where -> (fault.at, probe on?, expected stage, expected frame)
+    "worker_start": ("start", False, "start", None),
+    "first_load_stage": ("stage:runtime", False, "runtime", None),
+    "detector_stage": ("stage:detector", True, "detector", None),
+    "first_frame": ("frame:0", False, "frame", 0),
+    "frame_40": ("frame:40", False, "frame", 40),
+}
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory):
+    return make_clip(tmp_path_factory.mktemp("clips") / "clip48.mp4", frames=48)
+
+
+@pytest.mark.parametrize("point", list(POINTS))
+@pytest.mark.parametrize("kind", list(KINDS))
+def test_fault_matrix(tmp_path, clip, kind, point):
+    at, probe, stage, frame = POINTS[point]
+    stack = Stack(tmp_path, [*FAST, *NOOP, f"fault.kind={kind}", f"fault.at={at}", "fault.times=1",
+                             f"probe.enabled={str(probe).lower()}", "fault.hang_s=60"])
+    try:
+        job_id = stack.submit(clip)
+        job = stack.wait_job(job_id, timeout=40)
+        assert stack.procs["supervisor"].poll() is None, "the daemon must stay up"
+        assert job["state"] == "done", job
+        result = stack.result(job)
+        assert [f["frame_index"] for f in result["frames"]] == list(range(48))
+        crashes = stack.crashes()
+        assert len(crashes) == 1, crashes
+        crash = crashes[0]
+        assert crash["cause"] == KINDS[kind], crash
+        assert crash["stage"] == stage, crash
+        assert crash["remedy"]
+        if frame is not None:
+            assert crash["frame_index"] == frame and crash["job_id"] == job_id
+        if point == "detector_stage":
+            assert crash["process"] == "probe"  # the long-lived worker never tried it
+        recovered_in_process = kind == "cuda_oom" and frame is not None
+        assert job["attempts"] == (1 if recovered_in_process or frame is None else 2), job
+        if kind == "hang":
+            assert "Thread" in crash["stderr_tail"] or "File" in crash["stderr_tail"]  # faulthandler dump
+    finally:
+        stack.stop()
+
+
+def test_poison_frame_is_recorded_and_skipped(tmp_path, clip):
+    stack = Stack(tmp_path, [*FAST, *NOOP, "fault.kind=segfault", "fault.at=frame:10", "fault.times=2",
+                             "probe.enabled=false"])
+    try:
+        job = stack.wait_job(stack.submit(clip), timeout=40)
+        assert job["state"] == "done", job
+        frames = stack.result(job)["frames"]
+        assert [f["frame_index"] for f in frames] == list(range(48))
+        assert "killed the worker 2 times" in frames[10]["error"] and frames[10]["persons"] == []
+        assert all("error" not in f for i, f in enumerate(frames) if i != 10)
+        assert [c["frame_index"] for c in stack.crashes()] == [10, 10]
+    finally:
+        stack.stop()
+
+
+def test_crash_loop_stops_within_intensity_and_says_fatal(tmp_path, clip):
+    stack = Stack(tmp_path, [*FAST, *NOOP, "fault.kind=segfault", "fault.at=stage:model", "probe.enabled=false",
+                             "supervisor.intensity=3", "supervisor.period_s=60", "supervisor.fatal_retry_s=0"])
+    try:
+        job_id = stack.submit(clip)
+        health = wait_for(lambda: (h := stack.conn.health()).get("status") == "fatal" and h, 30, what="fatal")
+        assert "3 deaths" in health["reason"] and "segfault" in health["reason"]
+        job = stack.wait_job(job_id, timeout=10)
+        assert job["state"] == "error" and "fatal" in job["error"]
+        assert len(stack.crashes()) == 3  # and no more: it stopped restarting
+        status, body = stack.conn.request("submit", video_path=str(clip))
+        assert status == 503 and "fatal" in body["error"]
+    finally:
+        stack.stop()
+
+
+def test_load_failure_is_not_retried_like_a_crash(tmp_path, clip):
+    stack = Stack(tmp_path, [*FAST, *NOOP, "fault.kind=load_failure", "fault.at=stage:weights",
+                             "probe.enabled=false", "supervisor.fatal_retry_s=0"])
+    try:
+        health = wait_for(lambda: (h := stack.conn.health()).get("status") == "fatal" and h, 30, what="fatal")
+        crashes = stack.crashes()
+        assert len(crashes) == 1 and crashes[0]["cause"] == "load_failure" and crashes[0]["stage"] == "weights"
+        assert "models verify" in crashes[0]["remedy"]
+        assert "load_failure" in health["reason"]
+    finally:
+        stack.stop()
+
+
+def test_hang_in_a_load_stage_is_killed_at_the_stage_deadline(tmp_path, clip):
+    stack = Stack(tmp_path, [*FAST, *NOOP, "fault.kind=hang", "fault.at=stage:model", "fault.times=1",
+                             "probe.enabled=false", "+deadlines.stages.model=1.5"])
+    try:
+        stack.wait_ready(30)
+        crash = stack.crashes()[0]
+        assert crash["cause"] == "hang" and crash["stage"] == "model"
+        assert "stage model exceeded 1.5s" in crash["summary"]
+        assert crash["signal"] in ("SIGABRT", "SIGKILL")
+    finally:
+        stack.stop()
+
+
+@pytest.fixture
+def served(tmp_path):
+    """The whole daemon as systemd runs it: `pose-service serve`."""
+    import subprocess
+    import sys
+
+    from support import REPO, free_port
+    port = free_port()
+    clip = make_clip(tmp_path / "long.mp4", frames=150)
+    args = [sys.executable, "-m", "pose_service.cli", "serve", f"state_dir={tmp_path / 'state'}",
+            f"gateway.port={port}", f"jobs.allowed_roots=[{tmp_path}]", *NOOP,
+            "+engine.options.frame_delay_s=0.03", "supervisor.heartbeat_s=0.3"]
+    log = open(tmp_path / "serve.log", "ab")
+    proc = subprocess.Popen(args, cwd=REPO, stdout=log, stderr=log)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_for(lambda: http("GET", url + "/v1/health", timeout=2)[0] == 200, 60, what="serve ready")
+        yield url, clip, proc
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+
+
+def frames_done(url: str, job_id: str) -> int:
+    status, body = http("GET", f"{url}/v1/jobs/{job_id}", timeout=2)
+    return body.get("frames_done", 0) if status == 200 else 0
+
+
+def test_supervisor_killed_mid_job(served):
+    url, clip, _ = served
+    job_id = http("POST", url + "/v1/jobs", {"video_path": str(clip)})[1]["job_id"]
+    wait_for(lambda: frames_done(url, job_id) >= 20, 30, interval=0.05, what="20 frames")
+    diag = http("GET", url + "/v1/diagnostics")[1]
+    sup_pid, worker_pid = diag["supervisor"]["pid"], diag["worker"]["pid"]
+    os.kill(sup_pid, signal.SIGKILL)
+    status, body = http("GET", f"{url}/v1/jobs/{job_id}", timeout=2)  # answered, not reset, in < 2 s
+    assert status == 503 and body["error"]
+    status, body = http("GET", url + "/v1/health", timeout=2)
+    assert status == 503 and body["status"] == "unavailable"
+    wait_for(lambda: pid_gone(worker_pid), 10, what="orphaned worker to die")
+    wait_for(lambda: http("GET", f"{url}/v1/jobs/{job_id}", timeout=2)[1].get("status") == "done", 60,
+             interval=0.25, what="job resumed by the restarted supervisor")
+    result = http("GET", f"{url}/v1/jobs/{job_id}/result")[1]
+    assert [f["frame_index"] for f in result["frames"]] == list(range(150))
+    assert http("GET", url + "/v1/diagnostics")[1]["supervisor"]["pid"] != sup_pid
+
+
+def test_gateway_killed_jobs_keep_running(served):
+    url, clip, proc = served
+    job_id = http("POST", url + "/v1/jobs", {"video_path": str(clip)})[1]["job_id"]
+    wait_for(lambda: frames_done(url, job_id) >= 10, 30, interval=0.05, what="10 frames")
+    gateway = http("GET", url + "/v1/diagnostics")[1]["gateway_pid"]
+    before = frames_done(url, job_id)
+    os.kill(gateway, signal.SIGKILL)
+    wait_for(lambda: frames_done(url, job_id) > before + 20, 60, interval=0.2, what="restarted gateway, job progressed")
+    wait_for(lambda: http("GET", f"{url}/v1/jobs/{job_id}", timeout=2)[1].get("status") == "done", 60,
+             interval=0.25, what="job done")
+    result = http("GET", f"{url}/v1/jobs/{job_id}/result")[1]
+    assert [f["frame_index"] for f in result["frames"]] == list(range(150))
+    assert result["summary"]["attempts"] == 1  # the worker never noticed
