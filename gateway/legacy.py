@@ -90,7 +90,7 @@ def respond(body: dict, status: int = 200) -> web.Response:
     return web.json_response(finite(body), status=status, dumps=functools.partial(json.dumps, allow_nan=False))
 
 
-def _num(value: Any, default: float = 0.0) -> float:
+def _num(value: Any, default: Optional[float] = 0.0) -> Optional[float]:
     try:
         number = float(value)
     except (TypeError, ValueError):
@@ -366,7 +366,8 @@ def hybrid_response(reply: dict, frame_number: Any, processing_ms: float) -> dic
                     camera_translation=None, tracking_confidence=0.0, error="No person detected")
         return body
     keypoints = keypoint_rows(person, names)
-    raw3d = [[_num(v) for v in (list(p) + [None] * 3)[:3]] for p in person.get("keypoints_3d") or []]
+    # a non-finite coordinate (null from the worker) stays null here: no invented 0,0,0 joints in the angles
+    raw3d = [[_num(v, None) for v in (list(p or []) + [None] * 3)[:3]] for p in person.get("keypoints_3d") or []]
     camera = person.get("camera")
     body.update(keypoints=keypoints, keypoint_count=len(keypoints), has_3d=bool(raw3d), joints_3d_raw=raw3d,
                 joint_angles_3d=joint_angles(names, raw3d),

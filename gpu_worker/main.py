@@ -211,9 +211,9 @@ class Worker:
         except VideoError as exc:
             log.warning("job_failed", reason=str(exc))
             self.send(P.T.JOB_FAILED, job=self.job, reason=str(exc))
-        finally:
-            self.job = None
-            self.mark("ready")
+        # not in a `finally`: a dying worker must keep its job and frame for the report
+        self.job = None
+        self.mark("ready")
 
     def infer_frame(self, index: int, pts: float, rgb: np.ndarray) -> list[FrameOut]:
         try:
@@ -252,7 +252,9 @@ class Worker:
         try:
             rgb = _decode_image(P.blob_bytes(env.blobs[0]))
         except ValueError as exc:
-            self.send(P.T.IMAGE_DONE, job=None, req=env.req, error=str(exc), code=400)
+            # req belongs on the envelope (send() would put it in the body, and the reply would be lost)
+            self.sock.send_multipart(P.pack(P.Envelope(P.T.IMAGE_DONE, {"error": str(exc), "code": 400},
+                                                       gen=self.generation, req=env.req)))
             return
         try:
             persons = self.engine.infer_image(rgb)
@@ -297,7 +299,10 @@ def finite(value: Any) -> Any:
 
 def _decode_image(data: bytes) -> np.ndarray:
     import cv2
-    array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    try:
+        array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:  # e.g. an empty buffer: a bad request, not a reason for the worker to die
+        array = None
     if array is None:
         raise ValueError("Failed to decode image: not a JPEG/PNG/BMP/WebP image")
     return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)

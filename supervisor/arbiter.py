@@ -204,7 +204,8 @@ class Supervisor:
         else:
             self.boots[-1]["stages"][-1].update(result="ok", duration_s=env.body.get("duration_s"),
                                                 rss_delta=env.body.get("rss_delta"), gpu_delta=env.body.get("gpu_delta"))
-        self.log.info("worker_stage", generation=self.life.generation, **env.body)
+        self.log.info("worker_stage", generation=self.life.generation, stage=name, phase=env.body.get("event"),
+                      duration_s=env.body.get("duration_s"))
 
     def on_ready(self, env: P.Envelope) -> None:
         self.life.move(S.READY, "engine loaded")
@@ -335,10 +336,10 @@ class Supervisor:
         self.reply(identity, env, 200, job=self.job_view(job_id))
 
     def clear_fault_counter(self, kind: str, at: str) -> None:
-        from gpu_worker.engines.fault import FaultPlan
-        plan = FaultPlan(kind, at, 1, self.cfg.runtime_dir)
-        if os.path.exists(plan.counter_path):
-            os.unlink(plan.counter_path)
+        from gpu_worker.engines.fault import counter_path
+        path = counter_path(kind, at, self.cfg.runtime_dir)
+        if os.path.exists(path):
+            os.unlink(path)
 
     def restart_worker(self, reason: str) -> None:
         if self.proc and self.proc.alive():

@@ -46,10 +46,12 @@ CLIP = DATA / "snowboard_k0z18lmds.mp4"
 PHOTO = DATA / "person_standing.jpg"
 CLIP_FRAMES = 122
 
-pytestmark = pytest.mark.skipif(
-    not (CLIP.is_file() and PHOTO.is_file()),
-    reason=f"test data not found ({CLIP.name}, {PHOTO.name} in {DATA}); a clone without ../shared/data "
-           "cannot run the legacy end-to-end tests")
+
+
+def need_data() -> None:
+    if not (CLIP.is_file() and PHOTO.is_file()):
+        pytest.skip(f"test data not found ({CLIP.name}, {PHOTO.name} in {DATA}); a clone without "
+                    "../shared/data cannot run the legacy end-to-end tests")
 
 
 # --- HTTP helpers ---------------------------------------------------------------------------------
@@ -164,6 +166,7 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory):
+    need_data()
     root = tmp_path_factory.mktemp("legacy")
     videos = root / "videos"
     videos.mkdir()
@@ -229,11 +232,13 @@ def clip_rgb_frames(limit: Optional[int] = None) -> list[np.ndarray]:
 
 @pytest.fixture(scope="module")
 def clip_jpegs() -> list[bytes]:
+    need_data()
     return [jpeg(rgb) for rgb in clip_rgb_frames()]
 
 
 @pytest.fixture(scope="module")
 def photo_b64() -> str:
+    need_data()
     return base64.b64encode(PHOTO.read_bytes()).decode()
 
 
@@ -245,6 +250,60 @@ def hybrid(stack: Stack, image: bytes, frame_number: int = 0, **extra) -> Reply:
 def assert_no_mesh(body: dict) -> None:
     for key in ("mesh_vertices_data", "mesh_faces_data"):
         assert key not in body, f"{key} must not be faked for a keypoint engine"
+
+
+# --- pure mappings (no stack): the hmr2_phalp shapes, which this machine cannot produce for real ---------------
+def hmr2_like_person(with_vertices: bool) -> dict:
+    person = {"track_id": 3, "score": 0.87, "bbox_xyxy": [10.0, 20.0, 110.0, 220.0],
+              "keypoints_2d": [[50.0 + i, 60.0 + i, 1.0] for i in range(45)],
+              "keypoints_3d": [[0.01 * i, -0.02 * i, 0.03 * i] for i in range(45)],
+              "smpl": {"global_orient": [[[1.0, 0, 0], [0, 1.0, 0], [0, 0, 1.0]]], "body_pose": [], "betas": [0.0] * 10},
+              "camera": {"tx": 0.1, "ty": 0.2, "tz": 25.0, "focal_length": 12500.0, "cx": 320.0, "cy": 180.0},
+              "camera_bbox": [0.9, 0.01, 0.02]}
+    if with_vertices:
+        person["vertices"] = [[0.0, 0.0, 0.0]] * 6890
+    return person
+
+
+def test_pure_hybrid_response_mesh_only_when_the_engine_has_one():
+    from gateway.legacy import hybrid_response
+    from gpu_worker.engines.hmr2_phalp import JOINT_NAMES
+
+    reply = {"persons": [hmr2_like_person(True)], "width": 640, "height": 360, "ms": 5.0, "joint_names": JOINT_NAMES,
+             "engine": {"name": "hmr2_phalp", "version": "detector=vitdet", "device": "cuda"}}
+    body = hybrid_response(reply, 9, 12.0)
+    assert body["camera_translation"] == [0.1, 0.2, 25.0] and body["camera_params"]["type"] == "weak_perspective"
+    assert len(body["mesh_vertices_data"]) == 6890 and body["keypoint_count"] == 45
+    assert "mesh_faces_data" not in body  # the image reply carries no faces: never invented
+    assert body["keypoints"][13]["name"] == "left_knee" and isinstance(body["joint_angles_3d"]["left_knee"], float)
+    reply["persons"] = [hmr2_like_person(False)]
+    assert "mesh_vertices_data" not in hybrid_response(reply, 9, 12.0)
+    reply["persons"] = []
+    empty = hybrid_response(reply, 9, 12.0)
+    assert empty["keypoints"] == [] and empty["has_3d"] is False and empty["error"] == "No person detected"
+
+
+def test_pure_legacy_result_shape():
+    from gateway.legacy import legacy_result
+
+    native = {"job_id": "j1", "video_path": "v.mp4", "joint_names": ["nose"] * 45,
+              "video": {"fps": 29.97, "width": 640, "height": 360, "duration_s": 0.1},
+              "engine": {"name": "hmr2_phalp", "version": "x", "device": "cuda"}, "mesh_faces": [[0, 1, 2]],
+              "frames": [{"frame_index": 0, "pts_s": 0.0, "persons": [hmr2_like_person(True)]},
+                         {"frame_index": 1, "pts_s": 0.0334, "persons": []},
+                         {"frame_index": 3, "pts_s": 0.1001, "persons": [hmr2_like_person(False)]}]}
+    out = legacy_result(native, 2.5, "/x/result.json")
+    frames = out["frames"]
+    assert [f["frameNumber"] for f in frames] == [0, 1, 2, 3] and frames[2]["persons"] == []
+    assert frames[3]["timestamp"] == 0.1001 and out["total_frames"] == out["metadata"]["frameCount"] == 4
+    first = frames[0]["persons"][0]
+    assert first["personId"] == 3 and first["tracked"] is True
+    assert first["camera"] == {"tx": 0.1, "ty": 0.2, "tz": 25.0, "focalLength": 12500.0}
+    assert set(first["smpl"]) == {"globalOrient", "bodyPose", "betas"}
+    assert len(first["meshVertices"]) == 6890 and first["meshFaces"] == [[0, 1, 2]]
+    assert "meshVertices" not in frames[3]["persons"][0] and "meshFaces" not in frames[3]["persons"][0]
+    assert out["fps"] == 29.97 and out["video_duration"] == 0.1 and out["resolution"] == [640, 360]
+    assert out["processing_time"] == 2.5 and out["output_path"] == "/x/result.json"
 
 
 # --- §5.1, 5.3: health without traffic ------------------------------------------------------------------------

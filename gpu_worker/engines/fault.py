@@ -51,6 +51,11 @@ def fire(kind: str, where: str, hang_s: float = 3600.0) -> None:
         raise ValueError(f"unknown fault kind {kind!r}; one of {', '.join(KINDS)}")
 
 
+def counter_path(kind: str, at: str, counter_dir: str) -> str:
+    key = hashlib.sha1(f"{kind}|{at}".encode()).hexdigest()[:12]
+    return os.path.join(counter_dir, f"fault-{key}.count")
+
+
 class FaultPlan:
     """Decides whether to fire at a point, counting firings in a file that survives restarts."""
 
@@ -58,8 +63,9 @@ class FaultPlan:
         if kind not in KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; one of {', '.join(KINDS)}")
         self.kind, self.at, self.times, self.hang_s = kind, at or "start", times, hang_s
-        key = hashlib.sha1(f"{kind}|{self.at}".encode()).hexdigest()[:12]
-        self.counter_path = os.path.join(counter_dir, f"fault-{key}.count")
+        if kind.startswith("cuda"):
+            import torch  # noqa: F401  -- loaded up front, as in a real GPU worker, not inside a frame deadline
+        self.counter_path = counter_path(kind, self.at, counter_dir)
 
     def maybe_fire(self, where: str) -> None:
         if where != self.at or not self._take():
