@@ -194,6 +194,39 @@ async def get_diagnostics(request: web.Request) -> web.Response:
     return web.json_response({**body, "gateway_pid": os.getpid()})
 
 
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format, built from the supervisor's counters (nothing kept in the gateway)."""
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    registry = CollectorRegistry()
+    up = Gauge("pose_supervisor_up", "1 when the supervisor answered", registry=registry)
+    try:
+        _, body = await ask(request, "metrics")
+    except Unavailable:
+        up.set(0)
+        return web.Response(body=generate_latest(registry), content_type="text/plain")
+    up.set(1)
+    health = body["health"]
+    status = Gauge("pose_status", "service status (1 for the current one)", ["status"], registry=registry)
+    for word in ("ready", "degraded", "loading", "fatal"):
+        status.labels(word).set(1 if health["status"] == word else 0)
+    Gauge("pose_worker_generation", "worker generation", registry=registry).set(health["generation"])
+    Gauge("pose_rung_index", "fallback ladder rung (0 = top)", registry=registry).set(health["rung_index"])
+    Gauge("pose_queue_depth", "jobs queued or running", registry=registry).set(health["queue_depth"])
+    Gauge("pose_worker_rss_bytes", "worker RSS", registry=registry).set(body.get("worker_rss") or 0)
+    deaths = Gauge("pose_worker_deaths", "recorded worker/probe deaths and incidents", ["cause"], registry=registry)
+    for cause, count in body["restarts_by_cause"].items():
+        deaths.labels(cause).set(count)
+    jobs = Gauge("pose_jobs", "jobs in the ledger", ["state"], registry=registry)
+    for state, count in body["jobs_by_state"].items():
+        jobs.labels(state).set(count)
+    dropped = Gauge("pose_messages_dropped", "undecodable or stale messages", ["kind"], registry=registry)
+    for kind, count in body["messages"].items():
+        dropped.labels(kind).set(count)
+    return web.Response(body=generate_latest(registry), content_type="text/plain")
+
+
 @routes.post("/v1/drill")
 async def drill(request: web.Request) -> web.Response:
     body = await read_json_body(request)
@@ -201,7 +234,7 @@ async def drill(request: web.Request) -> web.Response:
 
     if body.get("kind") not in KINDS:
         raise json_error(400, f"kind must be one of {', '.join(KINDS)}")
-    status, reply = await ask(request, "drill", kind=body["kind"], at=body.get("at") or "frame:0")
+    status, reply = await ask(request, "drill", fault=body["kind"], at=body.get("at") or "frame:0")
     return web.json_response(reply, status=status)
 
 

@@ -19,6 +19,7 @@ from typing import Any, Optional
 
 import numpy as np
 import psutil
+import structlog
 import zmq
 
 from configs import read_config
@@ -113,7 +114,9 @@ class Worker:
             self.mark("start")
             self.engine.check("start")
             self.load()
-            self.send(P.T.READY, engine=self.engine.describe(), joint_names=self.engine.joint_names)
+            faces = self.engine.mesh_faces()
+            self.send(P.T.READY, engine=self.engine.describe(), joint_names=self.engine.joint_names,
+                      mesh_faces=None if faces is None else faces.tolist())
             self.mark("ready")
             return self.serve()
         except Dying as dying:
@@ -171,14 +174,15 @@ class Worker:
         elif env.type == P.T.RUN_IMAGE:
             self.run_image(env)
         elif env.type == P.T.ARM_FAULT:
-            self.engine.arm(FaultPlan(env.body["kind"], env.body.get("at") or "frame:0", env.body.get("times", 1),
+            self.engine.arm(FaultPlan(env.body["fault"], env.body.get("at") or "frame:0", env.body.get("times", 1),
                                       self.cfg.runtime_dir, float(env.body.get("hang_s") or 3600.0)))
 
     # --- jobs -----------------------------------------------------------------------------------
     def run_job(self, env: P.Envelope) -> None:
         body = env.body
         self.job = env.job
-        log = self.log.bind(job_id=self.job)
+        structlog.contextvars.bind_contextvars(job_id=self.job)
+        log = self.log
         poison = {int(k): v for k, v in (body.get("poison") or {}).items()}
         start = int(body.get("start_frame") or 0)
         log.info("job_start", path=body["path"], start_frame=start, poison=sorted(poison))
@@ -213,6 +217,7 @@ class Worker:
             self.send(P.T.JOB_FAILED, job=self.job, reason=str(exc))
         # not in a `finally`: a dying worker must keep its job and frame for the report
         self.job = None
+        structlog.contextvars.unbind_contextvars("job_id")
         self.mark("ready")
 
     def infer_frame(self, index: int, pts: float, rgb: np.ndarray) -> list[FrameOut]:

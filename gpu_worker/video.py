@@ -84,7 +84,7 @@ def _video_stream(container, path):
 def _meta(stream, first_frame) -> VideoMeta:
     rate = stream.guessed_rate or stream.average_rate or Fraction(30)
     fps = float(rate)
-    rotation = int(getattr(first_frame, "rotation", 0) or 0) % 360
+    rotation = display_rotation_cw(first_frame)
     width, height = first_frame.width, first_frame.height
     if rotation in (90, 270):
         width, height = height, width
@@ -103,12 +103,17 @@ def _pts_seconds(frame, stream, index: int, fps: float) -> float:
     return round(index / fps, 6)
 
 
+def display_rotation_cw(frame) -> int:
+    """Clockwise degrees to turn the decoded frame upright (a phone's `rotate=90` gives 90).
+    PyAV reports the display matrix's counter-clockwise angle, in [-180, 180]."""
+    return (-int(getattr(frame, "rotation", 0) or 0)) % 360
+
+
 def _rgb(frame) -> np.ndarray:
     rgb = frame.to_ndarray(format="rgb24")
-    rotation = int(getattr(frame, "rotation", 0) or 0) % 360
-    # PyAV reports the display matrix angle counter-clockwise; show the frame upright.
-    if rotation:
-        rgb = np.ascontiguousarray(np.rot90(rgb, k=rotation // 90))
+    clockwise = display_rotation_cw(frame)
+    if clockwise:
+        rgb = np.ascontiguousarray(np.rot90(rgb, k=-(clockwise // 90)))  # rot90 turns counter-clockwise
     return rgb
 
 

@@ -7,7 +7,9 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
 from typing import Any, Optional
 
 from pose_service.client import SupervisorClient, Unavailable
@@ -124,8 +126,9 @@ def drill(cfg, args) -> int:
     print(f"armed {args.fault} at {at}")
     if at.startswith("frame:"):
         from pose_service.democlip import make_demo_clip
-        clip = make_demo_clip(os.path.join(cfg.state_dir, "uploads", "drill.mp4"), frames=max(30, int(at[6:]) + 10))
-        status, job = call("POST", "/v1/jobs", {"video_path": clip, "idempotency_key": f"drill-{time.time()}"})
+        with tempfile.TemporaryDirectory() as tmp:
+            clip = make_demo_clip(os.path.join(tmp, "drill.mp4"), frames=max(30, int(at[6:]) + 10))
+            status, job = upload(base + "/v1/jobs", clip)
         print(f"drill job: {job.get('job_id') or job}")
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
@@ -140,6 +143,25 @@ def drill(cfg, args) -> int:
         time.sleep(0.5)
     print("no crash report within the timeout", file=sys.stderr)
     return 1
+
+
+def upload(url: str, path: str) -> tuple[int, dict]:
+    """multipart/form-data POST of one file as field `video` (stdlib only)."""
+    import urllib.request
+    import uuid
+
+    boundary = uuid.uuid4().hex
+    with open(path, "rb") as fh:
+        payload = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"video\"; "
+                   f"filename=\"{os.path.basename(path)}\"\r\nContent-Type: video/mp4\r\n\r\n").encode() \
+            + fh.read() + f"\r\n--{boundary}--\r\n".encode()
+    request = urllib.request.Request(url, data=payload, method="POST",
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read() or b"{}")
 
 
 # --- diagnose -------------------------------------------------------------------------------------

@@ -13,6 +13,7 @@ import time
 from collections import deque
 from typing import Any, Optional
 
+import structlog
 import zmq
 
 from configs import dump_config, rungs
@@ -68,6 +69,7 @@ class Supervisor:
         self.worker_rss: Optional[int] = None
         self.engine_info: dict = {}
         self.joint_names: list[str] = []
+        self.mesh_faces: Optional[list] = None
         self.backoff_until = 0.0
         self.fatal_reason: Optional[str] = None
         self.fatal_since = 0.0
@@ -210,6 +212,7 @@ class Supervisor:
     def on_ready(self, env: P.Envelope) -> None:
         self.life.move(S.READY, "engine loaded")
         self.engine_info, self.joint_names = env.body["engine"], env.body.get("joint_names", [])
+        self.mesh_faces = env.body.get("mesh_faces")
         self.life.device = self.engine_info.get("device", "cpu")
         self.policy.healthy()
         self.boots[-1]["result"] = "ready"
@@ -236,6 +239,7 @@ class Supervisor:
 
     def job_done(self) -> None:
         self.job_id = None
+        structlog.contextvars.unbind_contextvars("job_id")
         if self.life.state is S.BUSY:
             self.life.move(S.READY, "job finished")
 
@@ -255,6 +259,8 @@ class Supervisor:
             return
         identity, _ = pending
         status = int(env.body.pop("code", 200)) if env.body.get("error") else 200
+        if self.mesh_faces is not None and status == 200:
+            env.body["mesh_faces"] = self.mesh_faces
         self.reply(identity, P.Envelope(P.T.IMAGE, req=env.req), status, **env.body)
 
     # --- requests from the gateway / CLI --------------------------------------------------------------
@@ -296,6 +302,11 @@ class Supervisor:
     def request_diagnostics(self, identity: bytes, env: P.Envelope) -> None:
         self.reply(identity, env, 200, **self.diagnostics())
 
+    def request_metrics(self, identity: bytes, env: P.Envelope) -> None:
+        self.reply(identity, env, 200, health=self.health(), restarts_by_cause=self.ledger.crash_counts(),
+                   jobs_by_state=self.ledger.count_by_state(), worker_rss=self.worker_rss,
+                   messages={"dropped": self.dropped, "stale_generation": self.stale})
+
     def request_image(self, identity: bytes, env: P.Envelope) -> None:
         if self.life.state not in (S.READY, S.BUSY) or not env.blobs:
             code = 400 if not env.blobs else 503
@@ -309,10 +320,10 @@ class Supervisor:
             self.reply(identity, env, 503, error="worker unreachable")
 
     def request_drill(self, identity: bytes, env: P.Envelope) -> None:
-        kind, at = env.body["kind"], env.body.get("at") or "frame:0"
+        kind, at = env.body["fault"], env.body.get("at") or "frame:0"
         self.clear_fault_counter(kind, at)
         if at.startswith("frame:") and self.life.state in (S.READY, S.BUSY):
-            self.send_worker(P.T.ARM_FAULT, kind=kind, at=at, times=1, hang_s=self.cfg.fault.hang_s)
+            self.send_worker(P.T.ARM_FAULT, fault=kind, at=at, times=1, hang_s=self.cfg.fault.hang_s)
         else:
             self.cfg.fault.kind, self.cfg.fault.at, self.cfg.fault.times = kind, at, 1
             dump_config(self.cfg, self.config_path)
@@ -380,6 +391,7 @@ class Supervisor:
         self.reported, self.worker_rss = None, None
         self.last_seen = self.last_progress = time.monotonic()
         self.life.device = rung.get("device", "cpu")
+        structlog.contextvars.bind_contextvars(generation=self.life.generation)
         self.life.move(S.SPAWNING, f"spawn {self.rung_label()}")
         prune_files(self.cfg.runtime_dir, "worker-", keep=20)
         self.log.info("worker_spawned", generation=self.life.generation, pid=self.proc.pid, rung=self.rung_label())
@@ -429,6 +441,7 @@ class Supervisor:
         if job and job.attempts >= self.cfg.jobs.max_attempts:
             self.ledger.fail(self.job_id, f"gave up after {job.attempts} attempts")
         self.job_id = None
+        structlog.contextvars.unbind_contextvars("job_id")
 
     def apply_policy(self, kind: str, counts: bool, retry: bool) -> None:
         now = time.monotonic()
@@ -572,6 +585,7 @@ class Supervisor:
         self.ledger.mark_running(job.job_id)
         self.ledger.set_engine_meta(job.job_id, self.engine_info)
         self.job_id = job.job_id
+        structlog.contextvars.bind_contextvars(job_id=job.job_id)
         self.send_worker(P.T.RUN_JOB, job=job.job_id, path=job.video_path, start_frame=start,
                          poison={str(k): v for k, v in poison.items() if k >= start})
         self.life.move(S.BUSY, f"job {job.job_id}")
@@ -586,7 +600,8 @@ class Supervisor:
             return
         job = self.ledger.job(job_id)
         path = os.path.join(self.results_dir, f"{job_id}.json")
-        write_result(path, job, self.ledger, self.joint_names, warning, {**run_facts, "attempts": job.attempts})
+        write_result(path, job, self.ledger, self.joint_names, warning, {**run_facts, "attempts": job.attempts},
+                     self.mesh_faces)
         self.ledger.finish(job_id, frames_decoded, path, warning)
         self.log.info("job_done", job_id=job_id, frames=frames_decoded, warning=warning)
 

@@ -158,6 +158,9 @@ class Ledger:
     def queue_position(self, job_id: str) -> int:
         return self.queue().index(job_id) if job_id in self.queue() else -1
 
+    def count_by_state(self) -> dict[str, int]:
+        return dict(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
+
     def requeue_running(self) -> int:
         """On boot: every job that was running when the supervisor died goes back to the queue."""
         return self.db.execute("UPDATE jobs SET state='queued' WHERE state='running'").rowcount

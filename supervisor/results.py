@@ -26,9 +26,11 @@ def result_header(job: Job, frames_decoded: int, joint_names: list[str], warning
 
 
 def write_result(path: str, job: Job, ledger: Ledger, joint_names: list[str], warning: Optional[str],
-                 run_facts: Optional[dict] = None) -> None:
+                 run_facts: Optional[dict] = None, mesh_faces: Optional[list] = None) -> None:
     frames_decoded = ledger.frames_done(job.job_id)
     header = result_header(job, frames_decoded, joint_names, warning)
+    if mesh_faces is not None:
+        header["mesh_faces"] = mesh_faces  # once per result, not per person
     with_person = 0
     tmp = f"{path}.tmp"
     with open(tmp, "w") as out:

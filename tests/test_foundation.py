@@ -179,3 +179,11 @@ def test_garbage_on_the_supervisor_socket_is_dropped_not_fatal(stack):
     assert status == 200 and health["status"] == "ready"
     diag = http("GET", stack.url + "/v1/diagnostics")[1]
     assert diag["messages"]["dropped"] >= 5
+
+
+def test_metrics_in_prometheus_format(stack):
+    status, body = http("GET", stack.url + "/metrics")
+    text = body.decode()
+    assert status == 200
+    assert 'pose_status{status="ready"} 1.0' in text and "pose_supervisor_up 1.0" in text
+    assert "pose_queue_depth" in text and "pose_jobs{" in text

@@ -187,3 +187,16 @@ def test_gateway_killed_jobs_keep_running(served):
     result = http("GET", f"{url}/v1/jobs/{job_id}/result")[1]
     assert [f["frame_index"] for f in result["frames"]] == list(range(150))
     assert result["summary"]["attempts"] == 1  # the worker never noticed
+
+
+def test_drill_prints_what_the_supervisor_concluded(served):
+    import subprocess
+    import sys
+
+    from support import REPO
+    url, _, _ = served
+    proc = subprocess.run([sys.executable, "-m", "pose_service.cli", "drill", "segfault", "--at", "frame:5",
+                           "--url", url, "--timeout", "60"], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert '"cause": "segfault"' in proc.stdout and '"frame_index": 5' in proc.stdout
+    assert '"stage": "frame"' in proc.stdout and "remedy" in proc.stdout

@@ -70,5 +70,9 @@ class Engine(ABC):
     def close(self) -> None:
         pass
 
+    def mesh_faces(self):
+        """Triangles of the engine's mesh (an N x 3 int array), or None for engines without one."""
+        return None
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "version": self.version, "device": self.device}

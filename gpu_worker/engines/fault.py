@@ -140,3 +140,6 @@ class FaultEngine(Engine):
 
     def close(self) -> None:
         self.inner.close()
+
+    def mesh_faces(self):
+        return self.inner.mesh_faces()
