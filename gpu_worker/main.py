@@ -317,6 +317,16 @@ def _delta(after: Optional[int], before: Optional[int]) -> Optional[int]:
     return None if after is None or before is None else after - before
 
 
+def volunteer_for_oom_killer(score: int = 500) -> None:
+    """If memory runs out, the kernel should take the worker (which the supervisor restarts),
+    not the supervisor or the gateway. Raising one's own score needs no privilege."""
+    try:
+        with open("/proc/self/oom_score_adj", "w") as fh:
+            fh.write(str(score))
+    except OSError:
+        pass
+
+
 def die_with_parent() -> None:
     """Linux: SIGKILL us when the supervisor dies, so workers never outlive it."""
     try:
@@ -337,6 +347,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if os.getppid() != args.parent_pid:
         return exitcodes.EX_ORPHANED
     faulthandler.enable(file=sys.stderr, all_threads=True)  # SIGSEGV/SIGABRT/SIGBUS dump stacks
+    volunteer_for_oom_killer()
     signal.signal(signal.SIGTERM, lambda *_: os._exit(exitcodes.EX_OK))
     cfg = read_config(args.config)
     code = Worker(cfg, args.generation, json.loads(args.rung), args.parent_pid).run()

@@ -160,6 +160,8 @@ class Supervisor:
         except (KeyError, TypeError, ValueError) as exc:
             self.dropped += 1
             self.log.warning("bad_message", type=env.type, reason=repr(exc))
+            if sock is self.front:
+                self.reply(identity, env, 400, error=f"malformed {env.type} request: {exc!r}")
 
     def reply(self, identity: bytes, request: P.Envelope, status: int = 200, **body: Any) -> None:
         try:

@@ -200,3 +200,38 @@ def test_drill_prints_what_the_supervisor_concluded(served):
     assert proc.returncode == 0, proc.stderr
     assert '"cause": "segfault"' in proc.stdout and '"frame_index": 5' in proc.stdout
     assert '"stage": "frame"' in proc.stdout and "remedy" in proc.stdout
+
+
+def test_fatal_service_revives_on_the_periodic_retry(tmp_path, clip):
+    stack = Stack(tmp_path, [*FAST, *NOOP, "fault.kind=abort", "fault.at=stage:model", "fault.times=3",
+                             "probe.enabled=false", "supervisor.fatal_retry_s=2"])
+    try:
+        wait_for(lambda: stack.conn.health().get("status") == "fatal", 30, what="fatal")
+        wait_for(lambda: stack.conn.health().get("status") == "ready", 30, what="revived after the retry period")
+        job = stack.wait_job(stack.submit(clip), timeout=30)
+        assert job["state"] == "done"
+    finally:
+        stack.stop()
+
+
+def test_worker_is_the_preferred_oom_victim(tmp_path):
+    stack = Stack(tmp_path, [*FAST, *NOOP, "probe.enabled=false"])
+    try:
+        stack.wait_ready(30)
+        pid = stack.worker_pid()
+        with open(f"/proc/{pid}/oom_score_adj") as fh:
+            worker_score = int(fh.read())
+        with open(f"/proc/{stack.procs['supervisor'].pid}/oom_score_adj") as fh:
+            assert worker_score > int(fh.read())
+    finally:
+        stack.stop()
+
+
+def test_malformed_request_gets_an_answer_not_silence(tmp_path):
+    stack = Stack(tmp_path, [*FAST, *NOOP, "probe.enabled=false"])
+    try:
+        status, body = wait_for(lambda: (r := stack.conn.request("status"))[0] and r, 20, what="answer")
+        assert status == 400 and "malformed status request" in body["error"]
+        assert stack.procs["supervisor"].poll() is None
+    finally:
+        stack.stop()
