@@ -29,6 +29,8 @@ class JobsConfig:
     # a job whose worker died this many times in total ends in error
     max_attempts: int = 20
     map_windows_paths: bool = True
+    # draw the poses on the video after each job (the legacy API's output_path)
+    render_overlay: bool = True
 
 
 @dataclass

@@ -33,9 +33,10 @@ Choices a reader of the backend's code should know about:
     decoder's reason, which is what the legacy pollers understand (contract §5.20).
   * Every frame of the video is processed; `max_frames` is accepted and ignored (contract §5.22:
     an N-frame video yields N frames, frames without a person have persons []).
-  * `output_path` (job status and result) is the native result JSON written by the supervisor
-    (results/<job_id>.json under the state dir); no overlay video is rendered. /frame/{job}/{idx}
-    serves any single frame with the pose drawn.
+  * `output_path` (job status and result) is the overlay video (every source frame with the pose
+    drawn, rendered by the supervisor right after the job) once it exists, until then the native
+    result JSON (results/<job_id>.json under the state dir). /frame/{job}/{idx} serves any single
+    frame with the pose drawn.
   * Nothing leaves as NaN or Infinity: non-finite numbers become null.
 """
 from __future__ import annotations
@@ -57,6 +58,7 @@ from gateway import validation
 from gateway.app import (accept_video_path, ask, config, job_status, load_result, read_json_body, submit)
 from gateway.errors import json_error
 from pose_service.client import Unavailable
+from pose_service.drawing import draw_persons, number_or as _num
 from supervisor.diagnostics import is_wsl
 
 SERVICE = "pose-service"
@@ -90,12 +92,6 @@ def respond(body: dict, status: int = 200) -> web.Response:
     return web.json_response(finite(body), status=status, dumps=functools.partial(json.dumps, allow_nan=False))
 
 
-def _num(value: Any, default: Optional[float] = 0.0) -> Optional[float]:
-    try:
-        number = float(value)
-    except (TypeError, ValueError):
-        return default
-    return number if math.isfinite(number) else default
 
 
 # --- engine facts -----------------------------------------------------------------------------------
@@ -387,40 +383,6 @@ def hybrid_response(reply: dict, frame_number: Any, processing_ms: float) -> dic
     return body
 
 
-SKELETON = [
-    ("left_shoulder", "right_shoulder"), ("left_shoulder", "left_elbow"), ("left_elbow", "left_wrist"),
-    ("right_shoulder", "right_elbow"), ("right_elbow", "right_wrist"), ("left_shoulder", "left_hip"),
-    ("right_shoulder", "right_hip"), ("left_hip", "right_hip"), ("left_hip", "left_knee"),
-    ("left_knee", "left_ankle"), ("right_hip", "right_knee"), ("right_knee", "right_ankle"),
-    ("left_ankle", "left_heel"), ("right_ankle", "right_heel"), ("left_heel", "left_foot_index"),
-    ("right_heel", "right_foot_index"), ("left_ankle", "left_big_toe"), ("right_ankle", "right_big_toe"),
-    ("nose", "left_eye"), ("nose", "right_eye"), ("left_eye", "left_ear"), ("right_eye", "right_ear"),
-    ("nose", "neck"), ("neck", "mid_hip"),
-]
-COLOURS = [(0, 255, 0), (255, 128, 0), (0, 128, 255), (255, 0, 255), (0, 255, 255)]
-
-
-def draw_persons(bgr, persons: list, names: Sequence[str], min_conf: float = 0.3):
-    """Skeleton (and box) of every person on a BGR image, in place."""
-    import cv2
-
-    height, width = bgr.shape[:2]
-    thick = max(2, round(max(height, width) / 400))
-    for n, person in enumerate(persons):
-        colour = COLOURS[n % len(COLOURS)]
-        points = {}
-        for i, kp in enumerate(person.get("keypoints_2d") or []):
-            if i < len(names) and names[i] not in points and kp and kp[0] is not None and kp[1] is not None \
-                    and _num(kp[2] if len(kp) > 2 else 1.0) >= min_conf:
-                points[names[i]] = (int(round(kp[0])), int(round(kp[1])))
-        for a, b in SKELETON:
-            if a in points and b in points:
-                cv2.line(bgr, points[a], points[b], colour, thick, cv2.LINE_AA)
-        for xy in points.values():
-            cv2.circle(bgr, xy, thick + 1, (0, 0, 255), -1, cv2.LINE_AA)
-    return bgr
-
-
 def render_visualization(image: bytes, persons: list, names: Sequence[str]) -> Optional[str]:
     import cv2
     import numpy as np
@@ -499,6 +461,10 @@ def legacy_person(person: dict, names: Sequence[str], faces: Optional[list]) -> 
     return out
 
 
+def output_path_of(job: dict) -> str:
+    return job.get("overlay_path") or job["result_path"]
+
+
 def legacy_result(native: dict, processing_time: float, output_path: Optional[str] = None) -> dict:
     """Native result JSON (supervisor/results.py) -> the backend's frames document shape (contract §2.4):
     {frames:[{frameNumber, timestamp, persons:[{personId, confidence, tracked, keypoints, camera,
@@ -565,7 +531,7 @@ def processing_time_of(job: dict) -> float:
 
 async def legacy_result_of(request: web.Request, job: dict) -> dict:
     native = await cached_native(request, job["result_path"])
-    return legacy_result(native, processing_time_of(job), job["result_path"])
+    return legacy_result(native, processing_time_of(job), output_path_of(job))
 
 
 # --- video jobs ---------------------------------------------------------------------------------------------------
@@ -641,7 +607,7 @@ async def legacy_status(request: web.Request, job_id: str) -> dict:
         body["progress"] = {"frames_done": job.get("frames_done"), "frames_total": job.get("frames_total")}
     elif status == "complete":
         body["result"] = await legacy_result_of(request, job)
-        body["output_path"] = job["result_path"]
+        body["output_path"] = output_path_of(job)
         body["processing_time"] = round(processing_time_of(job), 3)
         if job.get("warning"):
             body["warning"] = job["warning"]

@@ -9,6 +9,8 @@ import json
 import os
 import queue
 import signal
+import subprocess
+import sys
 import time
 from collections import deque
 from typing import Any, Optional
@@ -18,6 +20,7 @@ import zmq
 
 from configs import dump_config, rungs
 from pose_service import protocol as P
+from pose_service.overlay import overlay_path
 from pose_service.logs import setup_logging
 from supervisor import diagnostics
 from supervisor.causes import Death, decode_exit
@@ -77,6 +80,7 @@ class Supervisor:
         self.stepped_down_at = 0.0
         self.boots: deque = deque(maxlen=10)
         self.pending_images: dict[str, tuple[bytes, float]] = {}
+        self.renders: list[subprocess.Popen] = []
         self.dropped = 0
         self.stale = 0
         self.running = True
@@ -96,6 +100,7 @@ class Supervisor:
             self.manage_worker()
             self.dispatch_job()
             self.expire_images()
+            self.reap_renders()
         self.shutdown()
         return 0
 
@@ -606,6 +611,19 @@ class Supervisor:
                      self.mesh_faces)
         self.ledger.finish(job_id, frames_decoded, path, warning)
         self.log.info("job_done", job_id=job_id, frames=frames_decoded, warning=warning)
+        if self.cfg.jobs.render_overlay:
+            self.start_overlay(job.video_path, path)
+
+    def start_overlay(self, video: str, result_path: str) -> None:
+        """Off the loop and out of the worker: a short-lived process draws the overlay video."""
+        log = open(os.path.join(self.cfg.runtime_dir, "overlay.stderr"), "ab")
+        with log:
+            self.renders.append(subprocess.Popen(
+                [sys.executable, "-m", "pose_service.overlay", video, result_path, overlay_path(result_path)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log))
+
+    def reap_renders(self) -> None:
+        self.renders = [p for p in self.renders if p.poll() is None]
 
     def job_view(self, job_id: str) -> Optional[dict]:
         job = self.ledger.job(job_id)
@@ -617,6 +635,8 @@ class Supervisor:
         view["status"] = "done" if job.state == "done" else job.state
         view["frames_done"] = self.ledger.frames_done(job_id)
         view["video"] = job.meta()
+        if job.result_path and os.path.exists(overlay_path(job.result_path)):
+            view["overlay_path"] = overlay_path(job.result_path)
         if job.state in ("queued", "running"):
             view["queue_position"] = self.ledger.queue_position(job_id)
         return view

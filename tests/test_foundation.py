@@ -187,3 +187,24 @@ def test_metrics_in_prometheus_format(stack):
     assert status == 200
     assert 'pose_status{status="ready"} 1.0' in text and "pose_supervisor_up 1.0" in text
     assert "pose_queue_depth" in text and "pose_jobs{" in text
+
+
+@needs_shared_data()
+def test_overlay_video_has_every_frame_with_the_pose_drawn(stack):
+    import av
+    import numpy as np
+
+    status, job = submit_http(stack, CLIP)
+    job_id = job["job_id"]
+    wait_http_job(stack, job_id)
+    done = wait_for(lambda: (j := http("GET", f"{stack.url}/v1/jobs/{job_id}")[1]).get("overlay_path") and j, 60,
+                    interval=0.25, what="overlay video")
+    with av.open(done["overlay_path"]) as overlay, av.open(str(CLIP)) as source:
+        drawn = [f.to_ndarray(format="rgb24") for f in overlay.decode(video=0)]
+        plain = [f.to_ndarray(format="rgb24") for f in source.decode(video=0)]
+    assert len(drawn) == 122 and drawn[0].shape == (360, 640, 3)
+    result = http("GET", f"{stack.url}/v1/jobs/{job_id}/result")[1]
+    with_person = next(f["frame_index"] for f in result["frames"] if f["persons"])
+    # the skeleton changes pixels where a person is; a frame is not just re-encoded
+    diff = np.abs(drawn[with_person].astype(int) - plain[with_person].astype(int)).max(axis=2)
+    assert (diff > 100).sum() > 200
