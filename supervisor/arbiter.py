@@ -362,6 +362,8 @@ class Supervisor:
     def restart_worker(self, reason: str) -> None:
         if self.proc and self.proc.alive():
             self.proc.send(signal.SIGTERM, reason)
+            if self.life.state is not S.DRAINING:
+                self.life.move(S.DRAINING, reason)  # no new work for a worker on its way out
         elif self.life.state in (S.FATAL, S.BACKOFF):
             self.life.move(S.EXITED, reason)
             self.backoff_until = 0.0

@@ -9,7 +9,7 @@ import pytest
 
 from support import REPO, Stack, make_clip, wait_for
 
-FAST = ["supervisor.heartbeat_s=0.2", "supervisor.liveness_misses=5", "supervisor.abort_grace_s=1",
+FAST = ["supervisor.heartbeat_s=0.2", "supervisor.liveness_misses=15", "supervisor.abort_grace_s=1",
         "supervisor.backoff_initial_s=0.1", "deadlines.stage_default_s=20"]
 LADDER = "ladder=[{engine:noop,device:cpu,options:{detector:vitdet}},{engine:mediapipe,device:cpu}]"
 
@@ -37,15 +37,16 @@ def test_detector_segfault_in_probe_steps_down_and_worker_never_tries_it(tmp_pat
         stack.stop()
 
 
-def test_repeated_gpu_failures_step_down_then_probe_steps_back_up(tmp_path, clip):
-    stack = Stack(tmp_path, [*FAST, LADDER, "probe.enabled=false", "fault.kind=cuda_oom", "fault.at=stage:model",
+@pytest.mark.parametrize("kind", ["cuda_oom", "cuda_sticky"])
+def test_repeated_gpu_failures_step_down_then_probe_steps_back_up(tmp_path, clip, kind):
+    stack = Stack(tmp_path, [*FAST, LADDER, "probe.enabled=false", f"fault.kind={kind}", "fault.at=stage:model",
                              "fault.times=3", "supervisor.intensity=3", "supervisor.step_up_after_s=2"])
     try:
         job = stack.wait_job(stack.submit(clip), timeout=90)
         assert job["state"] == "done"
         assert stack.result(job)["engine"]["name"] == "mediapipe"
         causes = [c["cause"] for c in stack.crashes()]
-        assert causes == ["cuda_oom"] * 3
+        assert causes == [kind] * 3
         health = wait_for(lambda: (h := stack.conn.health()).get("rung_index") == 0 and h.get("status") == "ready"
                           and h, 60, what="step back up")
         assert health["rung"] == "noop@cpu(vitdet)"

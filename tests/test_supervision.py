@@ -10,7 +10,7 @@ import pytest
 
 from support import Stack, http, make_clip, pid_gone, wait_for
 
-FAST = ["supervisor.heartbeat_s=0.2", "supervisor.liveness_misses=5", "supervisor.abort_grace_s=1",
+FAST = ["supervisor.heartbeat_s=0.2", "supervisor.liveness_misses=15", "supervisor.abort_grace_s=1",
         "supervisor.backoff_initial_s=0.1", "deadlines.stage_default_s=3", "deadlines.frame_s=2",
         "deadlines.probe_s=4", "deadlines.hello_s=20", "deadlines.stages.runtime=3"]
 NOOP = ["engine.name=noop"]
