@@ -5,7 +5,6 @@ import os
 import re
 from typing import Sequence
 
-from aiohttp import web
 
 from gateway.errors import json_error
 

@@ -9,7 +9,6 @@ import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
 from typing import Any, Optional
 
 from pose_service.client import SupervisorClient, Unavailable
@@ -86,7 +85,7 @@ async def until_answered(client: SupervisorClient, kind: str, sup: subprocess.Po
             return await client.request(kind, **body)
         except Unavailable:
             if sup.poll() is not None or time.monotonic() > give_up:
-                raise SystemExit(f"error: supervisor exited ({sup.poll()}); see its log")
+                raise SystemExit(f"error: supervisor exited ({sup.poll()}); see its log") from None
             await asyncio.sleep(0.2)
 
 
@@ -169,7 +168,6 @@ def diagnose(cfg, args) -> int:
     from configs import dump_config, rungs
     from supervisor import diagnostics
     from supervisor.causes import Death, decode_exit
-    from supervisor.process import read_json
 
     rung = dict(rungs(cfg)[0])
     if args.engine:

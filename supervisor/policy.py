@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Optional
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,6 @@ supervisor -> spawned MediaPipe worker) on the real snowboarding clip."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import time
 
