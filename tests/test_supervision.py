@@ -235,3 +235,21 @@ def test_malformed_request_gets_an_answer_not_silence(tmp_path):
         assert stack.procs["supervisor"].poll() is None
     finally:
         stack.stop()
+
+
+def test_frozen_worker_is_caught_by_missing_heartbeats(tmp_path):
+    """SIGSTOP freezes every thread, the heartbeat too: liveness (not a progress deadline) must see it."""
+    clip = make_clip(tmp_path / "c.mp4", frames=60)
+    stack = Stack(tmp_path, ["supervisor.heartbeat_s=0.2", "supervisor.liveness_misses=5", "supervisor.abort_grace_s=1",
+                             "deadlines.frame_s=60", *NOOP, "+engine.options.frame_delay_s=0.02", "probe.enabled=false"])
+    try:
+        job_id = stack.submit(clip)
+        wait_for(lambda: stack.conn.job(job_id).get("frames_done", 0) >= 10, 30, interval=0.02, what="10 frames")
+        os.kill(stack.worker_pid(), signal.SIGSTOP)
+        job = stack.wait_job(job_id, timeout=40)
+        assert job["state"] == "done" and job["attempts"] == 2
+        crash = stack.crashes()[0]
+        assert crash["cause"] == "hang" and "no heartbeat" in crash["summary"]
+        assert [f["frame_index"] for f in stack.result(job)["frames"]] == list(range(60))
+    finally:
+        stack.stop()
