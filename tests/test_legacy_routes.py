@@ -1,5 +1,5 @@
-"""The backend's legacy routes (gateway/legacy.py) against a real running stack: a supervisor and a
-gateway started here as subprocesses, MediaPipe in a spawned worker, the real clip and photo from
+"""The backend's legacy routes (gateway/legacy.py) against a real running `pose-service serve` started
+here (gateway + supervisor + spawned MediaPipe worker), with the real clip and photo from
 ../shared/data. Numbers refer to the drop-in tests of the client contract (§5).
 
 Covered here (MediaPipe engine): 1-4, 6-11, 12, 13 (scaled: 200 sequential /pose/hybrid frames,
@@ -174,12 +174,10 @@ def stack(tmp_path_factory):
     overrides = [f"state_dir={root / 'state'}", f"gateway.port={port}",
                  f"jobs.allowed_roots=[{DATA.resolve()},{videos}]", "engine.name=mediapipe",
                  "supervisor.heartbeat_s=0.5"]
-    procs = []
-    for role in ("supervisor", "gateway"):
-        log = open(root / f"{role}.log", "wb")
-        procs.append(subprocess.Popen([sys.executable, "-m", "pose_service.cli", role, *overrides], cwd=REPO,
-                                      stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT))
-        log.close()
+    log = open(root / "serve.log", "wb")  # the daemon exactly as systemd runs it
+    procs = [subprocess.Popen([sys.executable, "-m", "pose_service.cli", "serve", *overrides], cwd=REPO,
+                              stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)]
+    log.close()
     base = f"http://127.0.0.1:{port}"
 
     def up() -> bool:
@@ -195,11 +193,11 @@ def stack(tmp_path_factory):
         wait_until(up, 90, what="/v1/health 200")
         yield Stack(base, root, videos)
     finally:
-        for proc in reversed(procs):  # gateway first, then the supervisor (which stops its worker)
+        for proc in procs:  # serve stops the gateway, then the supervisor, which stops its worker
             if proc.poll() is None:
                 proc.send_signal(signal.SIGTERM)
             try:
-                proc.wait(15)
+                proc.wait(40)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(5)
