@@ -126,12 +126,7 @@ class Supervisor:
         if self.probe and self.probe.alive():
             self.probe.stop("shutdown", 5)
         if self.proc and self.proc.alive():
-            self.send_worker(P.T.SHUTDOWN)
-            self.proc.kill_reason = "shutdown"
-            try:
-                self.proc.popen.wait(5)
-            except Exception:
-                self.proc.stop("shutdown", 5)
+            self.proc.stop("shutdown", 5)  # the worker exits at once on SIGTERM; its job is requeued below
         if self.job_id:
             self.ledger.mark_queued(self.job_id)  # resumed by the next boot
         self.front.close()

@@ -156,7 +156,8 @@ class Ledger:
             "SELECT job_id FROM jobs WHERE state IN ('queued','running') ORDER BY created_at")]
 
     def queue_position(self, job_id: str) -> int:
-        return self.queue().index(job_id) if job_id in self.queue() else -1
+        queue = self.queue()
+        return queue.index(job_id) if job_id in queue else -1
 
     def count_by_state(self) -> dict[str, int]:
         return dict(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
