@@ -71,13 +71,17 @@ async def submit(request: web.Request, path: str, source: str, idempotency_key: 
     return body["job"]
 
 
+async def open_multipart(request: web.Request):
+    try:
+        return await request.multipart()
+    except (AssertionError, ValueError) as exc:
+        raise json_error(400, f"malformed multipart body: {exc}") from None
+
+
 async def receive_upload(request: web.Request, field_names: tuple[str, ...] = ("video", "file")) -> tuple[str, dict]:
     """Save the multipart video under the state dir. -> (path, other form fields)."""
     cfg = config(request)
-    try:
-        reader = await request.multipart()
-    except (AssertionError, ValueError) as exc:
-        raise json_error(400, f"malformed multipart body: {exc}") from None
+    reader = await open_multipart(request)
     path, fields = None, {}
     while (part := await reader.next()) is not None:
         if part.name in field_names and part.filename is not None and path is None:

@@ -55,7 +55,8 @@ from typing import Any, Optional, Sequence
 from aiohttp import web
 
 from gateway import validation
-from gateway.app import (accept_video_path, ask, config, job_status, load_result, read_json_body, submit)
+from gateway.app import (accept_video_path, ask, config, job_status, load_result, open_multipart, read_json_body,
+                         submit)
 from gateway.errors import json_error
 from pose_service.client import Unavailable
 from pose_service.drawing import draw_persons, number_or as _num
@@ -250,10 +251,7 @@ def decode_base64_image(text: str) -> bytes:
 
 async def read_multipart_image(request: web.Request) -> tuple[Optional[bytes], dict]:
     limit = config(request).gateway.max_json_mb << 20
-    try:
-        reader = await request.multipart()
-    except (AssertionError, ValueError) as exc:
-        raise json_error(400, f"malformed multipart body: {exc}") from None
+    reader = await open_multipart(request)
     image, fields = None, {}
     while (part := await reader.next()) is not None:
         if part.name in IMAGE_FIELDS and part.filename is not None and image is None:

@@ -25,7 +25,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -39,6 +38,8 @@ from typing import Any, Optional
 import av
 import numpy as np
 import pytest
+
+from support import free_port, wait_for as wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -104,16 +105,6 @@ def multipart(files: dict[str, tuple[str, bytes, str]], fields: dict[str, str]) 
     return bytes(out), f"multipart/form-data; boundary={boundary}"
 
 
-def wait_until(predicate, timeout: float, interval: float = 0.25, what: str = "condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
-
-
 # --- the stack ---------------------------------------------------------------------------------------
 class Stack:
     def __init__(self, base: str, root: Path, videos: Path):
@@ -156,12 +147,6 @@ class Stack:
                 seen.append(status)
             return status if status["status"] in ("complete", "error") else None
         return wait_until(final, timeout, interval=0.2, what=f"job {job_id} to finish")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
