@@ -101,6 +101,15 @@ async def job_status(request: web.Request, job_id: str) -> dict:
     return body["job"]
 
 
+async def finished_job(request: web.Request) -> dict:
+    """The job named in the URL, or a 409 saying why its result is not there."""
+    job = await job_status(request, request.match_info["job_id"])
+    if job["state"] != "done":
+        raise json_error(409, job.get("error") or f"job is {job['state']}", status=job["status"],
+                         frames_done=job["frames_done"])
+    return job
+
+
 def job_public(job: dict) -> dict:
     return {k: v for k, v in job.items() if k not in ("result_path", "state")}
 
@@ -137,10 +146,7 @@ async def cancel_job(request: web.Request) -> web.Response:
 
 @routes.get("/v1/jobs/{job_id}/result")
 async def get_result(request: web.Request) -> web.StreamResponse:
-    job = await job_status(request, request.match_info["job_id"])
-    if job["state"] != "done":
-        raise json_error(409, job.get("error") or f"job is {job['state']}", status=job["status"],
-                         frames_done=job["frames_done"])
+    job = await finished_job(request)
     fmt = request.query.get("format", "json")
     if fmt == "json":
         return web.FileResponse(job["result_path"], headers={"Content-Type": "application/json"})

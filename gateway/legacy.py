@@ -55,8 +55,8 @@ from typing import Any, Optional, Sequence
 from aiohttp import web
 
 from gateway import validation
-from gateway.app import (accept_video_path, ask, config, job_status, load_result, open_multipart, read_json_body,
-                         submit)
+from gateway.app import (accept_video_path, ask, config, finished_job, job_status, load_result, open_multipart,
+                         read_json_body, submit)
 from gateway.errors import json_error
 from pose_service.client import Unavailable
 from pose_service.drawing import draw_persons, number_or as _num
@@ -721,11 +721,7 @@ async def frame_route(request: web.Request) -> web.Response:
 # --- native: the legacy shape of a native job -------------------------------------------------------------------------
 @routes.get("/v1/jobs/{job_id}/legacy")
 async def native_legacy_result(request: web.Request) -> web.Response:
-    job = await job_status(request, request.match_info["job_id"])
-    if job["state"] != "done":
-        raise json_error(409, job.get("error") or f"job is {job['state']}", status=job["status"],
-                         frames_done=job["frames_done"])
-    return respond(await legacy_result_of(request, job))
+    return respond(await legacy_result_of(request, await finished_job(request)))
 
 
 def add_routes(app: web.Application) -> None:

@@ -150,15 +150,13 @@ class Worker:
                       gpu_delta=_delta(gpu_memory_used(), before_gpu))
 
     def serve(self) -> int:
+        """Until the supervisor's SIGTERM (see main) or a death ends the process."""
         while True:
             if not self.sock.poll(1000):
                 continue
             env = self.receive()
             if env is None:
                 continue
-            if env.type == P.T.SHUTDOWN:
-                self.engine.close()
-                return exitcodes.EX_OK
             self.handle(env)
 
     def receive(self) -> Optional[P.Envelope]:

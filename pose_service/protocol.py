@@ -53,7 +53,6 @@ class T:
     RUN_JOB = "run_job"
     RUN_IMAGE = "run_image"
     ARM_FAULT = "arm_fault"
-    SHUTDOWN = "shutdown"
 
 
 class ProtocolError(ValueError):
