@@ -29,7 +29,7 @@ from support import SHARED_DATA, Stack, wait_for  # noqa: E402
 
 def raw_engine_fps(clip: str, engine_name: str) -> float:
     from gpu_worker.engines import build_engine
-    from gpu_worker.video import frames
+    from pose_common.video import frames
 
     engine = build_engine(engine_name, "cpu", {})
     for stage in engine.stages():

@@ -5,7 +5,7 @@ from typing import Any
 
 from aiohttp import web
 
-from pose_service.client import Unavailable
+from pose_common.client import Unavailable
 
 LOG_KEY = web.AppKey("log", object)
 

@@ -55,12 +55,12 @@ from typing import Any, Optional, Sequence
 from aiohttp import web
 
 from gateway import validation
-from gateway.app import (accept_video_path, ask, config, finished_job, job_status, load_result, open_multipart,
-                         read_json_body, submit)
+from gateway.helpers import (accept_video_path, ask, config, finished_job, job_status, load_result, open_multipart,
+                             read_json_body, receive_upload, submit)
 from gateway.errors import json_error
-from pose_service.client import Unavailable
-from pose_service.drawing import draw_persons, number_or as _num
-from supervisor.diagnostics import is_wsl
+from pose_common.client import Unavailable
+from pose_common.drawing import draw_persons, number_or as _num
+from pose_common.hostinfo import is_wsl
 
 SERVICE = "pose-service"
 WARMUP_WAIT_S = 110.0
@@ -545,8 +545,6 @@ async def submit_upload(request: web.Request, path: str) -> dict:
 
 
 async def receive_video(request: web.Request) -> tuple[str, dict]:
-    from gateway.app import receive_upload
-
     if not request.content_type.startswith("multipart/"):
         raise json_error(415, f"expected multipart/form-data with a `video` file, got "
                               f"{request.content_type or 'no content type'}")
@@ -653,7 +651,7 @@ def read_frame_jpeg(video_path: str, index: int, pts_s: Optional[float], persons
     import av
     import cv2
 
-    from gpu_worker.video import _rgb
+    from pose_common.video import to_rgb
 
     with av.open(video_path) as container:
         stream = container.streams.video[0]
@@ -680,7 +678,7 @@ def read_frame_jpeg(video_path: str, index: int, pts_s: Optional[float], persons
                     break
         if frame is None:
             raise ValueError(f"frame {index} could not be decoded")
-        bgr = cv2.cvtColor(_rgb(frame), cv2.COLOR_RGB2BGR)
+        bgr = cv2.cvtColor(to_rgb(frame), cv2.COLOR_RGB2BGR)
     if overlay:
         draw_persons(bgr, persons, names)
     ok, jpeg = cv2.imencode(".jpg", bgr, [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY])

@@ -45,7 +45,7 @@ def check_video_path(raw: object, allowed_roots: Sequence[str]) -> str:
 
 def probe_video_or_400(path: str) -> dict:
     """Open the container and decode one frame; a text file named .mp4 or a truncated header is a 400."""
-    from gpu_worker.video import VideoError, probe  # PyAV only: no torch, no engine
+    from pose_common.video import VideoError, probe  # PyAV only: no torch, no engine
 
     try:
         return probe(path).as_dict()

@@ -2,7 +2,7 @@
 looking for the word "CUDA" in a message)."""
 from __future__ import annotations
 
-from gpu_worker import exitcodes
+from pose_common import exitcodes
 
 # cudaErrorIllegalAddress, cudaErrorAssert, misaligned/invalid address space/invalid PC, launch failure
 STICKY_CUDA_CODES = frozenset({700, 710, 716, 717, 718, 719})

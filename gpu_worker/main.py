@@ -23,15 +23,16 @@ import structlog
 import zmq
 
 from configs import read_config
-from gpu_worker import exitcodes
+from pose_common import exitcodes
 from gpu_worker.engines import build_engine
 from gpu_worker.engines.base import Engine, FrameOut
 from gpu_worker.engines.fault import FaultPlan
 from gpu_worker.errors import classify, free_cuda_cache, is_cuda_oom
 from gpu_worker.gpu import gpu_memory_used
-from gpu_worker.video import TruncatedVideo, VideoError, frames
-from pose_service import protocol as P
-from pose_service.logs import setup_logging
+from pose_common.video import TruncatedVideo, VideoError, frames
+from pose_common import protocol as P
+from pose_common.runtime import RuntimeDir
+from pose_common.logs import setup_logging
 
 PR_SET_PDEATHSIG = 1
 
@@ -88,7 +89,7 @@ class Worker:
         self.endpoint = P.endpoints(cfg.runtime_dir).worker
         self.sock = P.connect_dealer(self.ctx, self.endpoint, P.worker_identity(generation).decode())
         self.heartbeat = Heartbeat(self.ctx, self.endpoint, generation, cfg.supervisor.heartbeat_s, parent_pid)
-        self.crumb = Breadcrumb(os.path.join(cfg.runtime_dir, f"worker-{generation}.crumb"))
+        self.crumb = Breadcrumb(RuntimeDir(cfg.runtime_dir).worker_crumb(generation))
         self.engine: Optional[Engine] = None
         self.stage = "start"
         self.job: Optional[str] = None

@@ -11,7 +11,7 @@ import tempfile
 import time
 from typing import Any, Optional
 
-from pose_service.client import SupervisorClient, Unavailable
+from pose_common.client import SupervisorClient, Unavailable
 
 
 # --- run ------------------------------------------------------------------------------------------
@@ -24,7 +24,7 @@ def run_clip(cfg, args, overrides: list[str]) -> int:
     if not video:
         print("error: give a VIDEO path or --demo", file=sys.stderr)
         return 2
-    from gpu_worker.video import VideoError, probe
+    from pose_common.video import VideoError, probe
     try:
         meta = probe(video)
     except VideoError as exc:
@@ -166,7 +166,7 @@ def upload(url: str, path: str) -> tuple[int, dict]:
 # --- diagnose -------------------------------------------------------------------------------------
 def diagnose(cfg, args) -> int:
     from configs import dump_config, rungs
-    from supervisor import diagnostics
+    from pose_common import hostinfo
     from supervisor.causes import Death, decode_exit
 
     rung = dict(rungs(cfg)[0])
@@ -186,14 +186,14 @@ def diagnose(cfg, args) -> int:
             cause = decode_exit(Death(returncode=code, reported=report if report.get("cause") else None,
                                       stage=report.get("stage"), stderr_tail=stderr,
                                       killed_by_us="hang: stage deadline" if code == -9 and not report.get("cause") else None,
-                                      system_memory=diagnostics.system_memory()))
+                                      system_memory=hostinfo.system_memory()))
             row.update(result="failed", cause=cause.kind, summary=cause.summary, remedy=cause.remedy)
             failed = row
         rows.append(row)
         if failed:
             break
     out = {"engine": rung, "stages": rows, "ok": failed is None, "failed_stage": failed and failed["stage"],
-           "host": diagnostics.host_facts(), "gpu": diagnostics.gpu_facts(), "packages": diagnostics.package_versions()}
+           "host": hostinfo.host_facts(), "gpu": hostinfo.gpu_facts(), "packages": hostinfo.package_versions()}
     if args.json:
         print(json.dumps(out, indent=2, default=str))
     else:

@@ -12,8 +12,8 @@ import urllib.error
 import urllib.request
 from typing import Optional
 
-from pose_service.logs import setup_logging
-from pose_service.sdnotify import notify, watchdog_interval_s
+from pose_common.logs import setup_logging
+from pose_common.sdnotify import notify, watchdog_interval_s
 
 
 class Child:

@@ -1,5 +1,11 @@
+"""`python -m supervisor [--config-name NAME] [overrides...]`: the supervisor alone (serve starts it)."""
 import sys
 
-from pose_service.cli import main
+from configs import load_config
+from supervisor.arbiter import main
 
-sys.exit(main(["supervisor", *sys.argv[1:]]))
+args = sys.argv[1:]
+name = "pose_service"
+if args[:1] == ["--config-name"] and len(args) > 1:
+    name, args = args[1], args[2:]
+sys.exit(main(load_config(args, config_name=name)))

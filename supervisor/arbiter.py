@@ -19,19 +19,21 @@ import structlog
 import zmq
 
 from configs import dump_config, rungs
-from pose_service import protocol as P
-from pose_service.overlay import overlay_path
-from pose_service.logs import setup_logging
-from supervisor import diagnostics
+from pose_common import protocol as P
+from pose_common.overlay import overlay_path
+from pose_common.logs import setup_logging
+from pose_common import hostinfo
 from supervisor.causes import Death, decode_exit
 from supervisor.ledger import Ledger
 from supervisor.policy import RestartPolicy
-from supervisor.process import (ChildProcess, kill_stale_worker, prune_files, read_json, spawn_probe,
-                                spawn_worker)
+from supervisor.process import ChildProcess, kill_stale_worker, read_json, spawn_probe, spawn_worker
+from pose_common.runtime import RuntimeDir
+from pose_common.faults import counter_path
 from supervisor.results import write_result
 from supervisor.states import WorkerLifecycle, WorkerState as S
 
 GRACEFUL_KILLS = ("shutdown", "reload", "step_up", "drill")
+KEEP_GENERATIONS = 20
 
 
 class Supervisor:
@@ -41,12 +43,11 @@ class Supervisor:
         self.cfg = cfg
         self.log = setup_logging("supervisor", cfg.log_level)
         self.signals = signal_queue or queue.SimpleQueue()
-        P.prepare_runtime_dir(cfg.runtime_dir)
+        self.runtime = RuntimeDir(cfg.runtime_dir)
+        self.runtime.prepare()
         self.ledger = Ledger(os.path.join(cfg.state_dir, "ledger.sqlite3"))
         self.results_dir = os.path.join(cfg.state_dir, "results")
         os.makedirs(self.results_dir, exist_ok=True)
-        self.config_path = os.path.join(cfg.runtime_dir, "worker-config.yaml")
-        self.pidfile = os.path.join(cfg.runtime_dir, "worker.pid")
         self.ctx = zmq.Context()
         ends = P.endpoints(cfg.runtime_dir)
         self.front = P.bind_router(self.ctx, ends.gateway)
@@ -115,9 +116,8 @@ class Supervisor:
             self.running = False
 
     def boot(self) -> None:
-        stale = kill_stale_worker(self.pidfile)
+        stale = kill_stale_worker(self.runtime.worker_pidfile)
         requeued = self.ledger.requeue_running()
-        dump_config(self.cfg, self.config_path)
         self.log.info("supervisor_boot", pid=os.getpid(), stale_worker_killed=stale, jobs_requeued=requeued,
                       ladder=[f"{r['engine']}@{r['device']}" for r in self.ladder])
 
@@ -328,7 +328,6 @@ class Supervisor:
             self.send_worker(P.T.ARM_FAULT, fault=kind, at=at, times=1, hang_s=self.cfg.fault.hang_s)
         else:
             self.cfg.fault.kind, self.cfg.fault.at, self.cfg.fault.times = kind, at, 1
-            dump_config(self.cfg, self.config_path)
             self.probed_ok.clear()
             self.restart_worker("drill")
         self.log.warning("drill_armed", kind=kind, at=at)
@@ -349,7 +348,6 @@ class Supervisor:
         self.reply(identity, env, 200, job=self.job_view(job_id))
 
     def clear_fault_counter(self, kind: str, at: str) -> None:
-        from gpu_worker.engines.fault import counter_path
         path = counter_path(kind, at, self.cfg.runtime_dir)
         if os.path.exists(path):
             os.unlink(path)
@@ -389,16 +387,23 @@ class Supervisor:
     def spawn_worker(self) -> None:
         self.life.generation = self.ledger.next_generation()
         rung = self.ladder[self.rung_index]
-        self.proc = spawn_worker(self.config_path, self.life.generation, rung, self.cfg.runtime_dir)
-        with open(self.pidfile, "w") as fh:
+        self.prepare_runtime()
+        self.proc = spawn_worker(self.runtime, self.life.generation, rung)
+        with open(self.runtime.worker_pidfile, "w") as fh:
             json.dump({"pid": self.proc.pid, "generation": self.life.generation}, fh)
         self.reported, self.worker_rss = None, None
         self.last_seen = self.last_progress = time.monotonic()
         self.life.device = rung.get("device", "cpu")
         structlog.contextvars.bind_contextvars(generation=self.life.generation)
         self.life.move(S.SPAWNING, f"spawn {self.rung_label()}")
-        prune_files(self.cfg.runtime_dir, "worker-", keep=20)
+        self.runtime.prune_generations(keep=KEEP_GENERATIONS)
         self.log.info("worker_spawned", generation=self.life.generation, pid=self.proc.pid, rung=self.rung_label())
+
+    def prepare_runtime(self) -> None:
+        """Everything a child needs, written fresh before each spawn: nothing it reads can have been
+        pruned, cleaned away by tmpfiles, or left over from an older configuration."""
+        self.runtime.prepare()
+        dump_config(self.cfg, self.runtime.config)
 
     def revive(self) -> None:
         self.log.info("fatal_retry", reason=self.fatal_reason)
@@ -411,7 +416,7 @@ class Supervisor:
         if self.proc is None or self.proc.poll() is None:
             return
         proc, self.proc = self.proc, None
-        crumb = read_json(os.path.join(self.cfg.runtime_dir, f"worker-{self.life.generation}.crumb"))
+        crumb = read_json(self.runtime.worker_crumb(self.life.generation))
         reported = self.reported or {}
         if proc.kill_reason in GRACEFUL_KILLS or (proc.poll() == 0 and not self.running):
             self.requeue_current_job()
@@ -421,7 +426,7 @@ class Supervisor:
         death = Death(returncode=proc.poll(), killed_by_us=proc.kill_reason, reported=self.reported,
                       stage=reported.get("stage") or crumb.get("stage") or self.life.stage,
                       stderr_tail=proc.stderr_tail(self.cfg.supervisor.stderr_tail_lines),
-                      rss=self.worker_rss, system_memory=diagnostics.system_memory())
+                      rss=self.worker_rss, system_memory=hostinfo.system_memory())
         cause = decode_exit(death)
         frame = reported.get("frame", crumb.get("frame"))
         job_id = self.job_id
@@ -509,8 +514,8 @@ class Supervisor:
     # --- the detector probe ------------------------------------------------------------------------------
     def start_probe(self, rung_index: int, purpose: str) -> None:
         self.probe_rung, self.probe_purpose = rung_index, purpose
-        self.probe, self.probe_out = spawn_probe(self.config_path, self.ladder[rung_index], self.cfg.runtime_dir,
-                                                 f"rung{rung_index}")
+        self.prepare_runtime()
+        self.probe, self.probe_out = spawn_probe(self.runtime, self.ladder[rung_index], f"rung{rung_index}")
         self.log.info("probe_started", rung=self.rung_label(rung_index), purpose=purpose, pid=self.probe.pid)
 
     def watch_probe(self) -> None:
@@ -543,7 +548,7 @@ class Supervisor:
         death = Death(returncode=probe.poll(), killed_by_us=probe.kill_reason,
                       reported=report if report.get("cause") else None, stage=report.get("stage"),
                       stderr_tail=probe.stderr_tail(self.cfg.supervisor.stderr_tail_lines),
-                      system_memory=diagnostics.system_memory())
+                      system_memory=hostinfo.system_memory())
         cause = decode_exit(death)
         self.record_crash(process="probe", cause=cause.kind, summary=cause.summary, stage=death.stage, job_id=None,
                           frame_index=None, remedy=cause.remedy, exit_code=death.returncode, signal_name=cause.signal,
@@ -616,7 +621,7 @@ class Supervisor:
         log = open(os.path.join(self.cfg.runtime_dir, "overlay.stderr"), "ab")
         with log:
             self.renders.append(subprocess.Popen(
-                [sys.executable, "-m", "pose_service.overlay", video, result_path, overlay_path(result_path)],
+                [sys.executable, "-m", "pose_common.overlay", video, result_path, overlay_path(result_path)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log))
 
     def reap_renders(self) -> None:
@@ -660,7 +665,7 @@ class Supervisor:
                   "rung": rung or self.rung_label(), "stage": stage, "job_id": job_id, "frame_index": frame_index,
                   "cause": cause, "summary": summary, "exit_code": exit_code, "signal": signal_name,
                   "remedy": remedy, "stderr_tail": stderr_tail, "worker_rss": self.worker_rss,
-                  "system_memory": diagnostics.system_memory(), "gpu_memory": diagnostics.gpu_facts(pids),
+                  "system_memory": hostinfo.system_memory(), "gpu_memory": hostinfo.gpu_facts(pids),
                   "detail": detail or {}}
         self.ledger.add_crash(report)
         self.log.error("crash_report", **{k: v for k, v in report.items() if k not in ("stderr_tail", "gpu_memory")})
@@ -697,8 +702,8 @@ class Supervisor:
                 "restarts_by_cause": self.ledger.crash_counts(),
                 "queue": self.ledger.queue(), "running_job": self.job_id,
                 "messages": {"dropped": self.dropped, "stale_generation": self.stale},
-                "host": diagnostics.host_facts(), "gpu": diagnostics.gpu_facts(pids),
-                "packages": diagnostics.package_versions(),
+                "host": hostinfo.host_facts(), "gpu": hostinfo.gpu_facts(pids),
+                "packages": hostinfo.package_versions(),
                 "supervisor": {"pid": os.getpid(), "started_at": self.started_at}}
 
 

@@ -6,7 +6,7 @@ import signal
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from gpu_worker import exitcodes
+from pose_common import exitcodes
 
 WSL_EXIT_CODES = frozenset({255, -1, 4294967295})
 

@@ -14,6 +14,8 @@ from typing import Optional
 
 import psutil
 
+from pose_common.runtime import RuntimeDir
+
 
 class ChildProcess:
     def __init__(self, argv: list[str], stderr_path: str, label: str):
@@ -83,19 +85,19 @@ def _child_env() -> dict[str, str]:
     return env
 
 
-def spawn_worker(config_path: str, generation: int, rung: dict, runtime_dir: str) -> ChildProcess:
-    argv = [sys.executable, "-m", "gpu_worker", "--config", config_path, "--generation", str(generation),
+def spawn_worker(runtime: RuntimeDir, generation: int, rung: dict) -> ChildProcess:
+    argv = [sys.executable, "-m", "gpu_worker", "--config", runtime.config, "--generation", str(generation),
             "--rung", json.dumps(rung), "--parent-pid", str(os.getpid())]
-    return ChildProcess(argv, os.path.join(runtime_dir, f"worker-{generation}.stderr"), f"worker-{generation}")
+    return ChildProcess(argv, runtime.worker_stderr(generation), f"worker-{generation}")
 
 
-def spawn_probe(config_path: str, rung: dict, runtime_dir: str, tag: str) -> tuple[ChildProcess, str]:
-    out = os.path.join(runtime_dir, f"probe-{tag}.json")
+def spawn_probe(runtime: RuntimeDir, rung: dict, tag: str) -> tuple[ChildProcess, str]:
+    out = runtime.probe_report(tag)
     if os.path.exists(out):
         os.unlink(out)
-    argv = [sys.executable, "-m", "gpu_worker.probe", "--config", config_path, "--rung", json.dumps(rung),
+    argv = [sys.executable, "-m", "gpu_worker.probe", "--config", runtime.config, "--rung", json.dumps(rung),
             "--out", out]
-    return ChildProcess(argv, os.path.join(runtime_dir, f"probe-{tag}.stderr"), f"probe-{tag}"), out
+    return ChildProcess(argv, runtime.probe_stderr(tag), f"probe-{tag}"), out
 
 
 def read_json(path: str) -> dict:
@@ -120,13 +122,3 @@ def kill_stale_worker(pidfile: str) -> Optional[int]:
     except psutil.Error:
         pass
     return None
-
-
-def prune_files(directory: str, prefix: str, keep: int) -> None:
-    entries = sorted((e for e in os.scandir(directory) if e.name.startswith(prefix)),
-                     key=lambda e: e.stat().st_mtime)
-    for entry in entries[:-keep] if keep else entries:
-        try:
-            os.unlink(entry.path)
-        except OSError:
-            pass

@@ -19,7 +19,7 @@ import av
 import numpy as np
 import zmq
 
-from pose_service import protocol as P
+from pose_common import protocol as P
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"

@@ -18,7 +18,7 @@ import pytest
 from gpu_worker.engines import hmr2_assets
 from gpu_worker.engines import hmr2_phalp as hp
 from gpu_worker.errors import WeightsMissing
-from pose_service.phalp_pickle import write_phalp_pickle
+from pose_common.phalp_pickle import write_phalp_pickle
 
 H, W = 360, 640
 N_INIT = 5
@@ -158,7 +158,7 @@ def scene() -> dict[int, list[int]]:
 
 def test_module_imports_without_hmr2_phalp_detectron2_or_torch():
     code = ("import sys, gpu_worker.engines.hmr2_phalp, gpu_worker.engines.hmr2_assets, "
-            "pose_service.phalp_pickle; "
+            "pose_common.phalp_pickle; "
             "bad=[m for m in sys.modules if m.split('.')[0] in ('hmr2','phalp','detectron2','torch')]; "
             "assert not bad, bad")
     env = {**os.environ, "PYTHONPATH": REPO}

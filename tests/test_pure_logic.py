@@ -7,9 +7,9 @@ import signal
 import msgpack
 import pytest
 
-from gpu_worker import exitcodes
+from pose_common import exitcodes
 from gpu_worker.errors import classify
-from pose_service import protocol as P
+from pose_common import protocol as P
 from supervisor.causes import Death, decode_exit
 from supervisor.ledger import Ledger
 from supervisor.policy import RestartPolicy

@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpu_worker import video
+from pose_common import video
 from support import CLIP, make_clip, needs_shared_data
 
 
@@ -40,7 +40,7 @@ class FakeFrame:
 def test_portrait_phone_video_is_turned_upright():
     frame = FakeFrame(rotation=-90)  # what PyAV reports for a `rotate=90` (clockwise) phone clip
     assert video.display_rotation_cw(frame) == 90
-    upright = video._rgb(frame)
+    upright = video.to_rgb(frame)
     assert upright.shape[:2] == (3, 2)
     assert upright[0, -1, 0] == frame.array[0, 0, 0]  # top-left went to top-right: turned clockwise
 

@@ -6,7 +6,6 @@ worker restarts (counted in a file), null = every time."""
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
 import signal
 import time
@@ -15,9 +14,7 @@ from typing import Any, Optional
 import numpy as np
 
 from gpu_worker.engines.base import Engine, FrameOut, LoadStage, Person
-
-KINDS = ("segfault", "abort", "bus_error", "kill", "exit", "hang", "raise", "cuda_oom",
-         "cuda_sticky", "slow", "load_failure")
+from pose_common.faults import KINDS, counter_path
 
 
 def fire(kind: str, where: str, hang_s: float = 3600.0) -> None:
@@ -50,10 +47,6 @@ def fire(kind: str, where: str, hang_s: float = 3600.0) -> None:
     else:
         raise ValueError(f"unknown fault kind {kind!r}; one of {', '.join(KINDS)}")
 
-
-def counter_path(kind: str, at: str, counter_dir: str) -> str:
-    key = hashlib.sha1(f"{kind}|{at}".encode()).hexdigest()[:12]
-    return os.path.join(counter_dir, f"fault-{key}.count")
 
 
 class FaultPlan:

@@ -15,6 +15,8 @@ from typing import Any, Optional, Sequence
 import msgpack
 import zmq
 
+from pose_common.runtime import RuntimeDir
+
 PROTOCOL_VERSION = 1
 
 # Limits on what a peer may make us allocate.
@@ -149,12 +151,8 @@ class Endpoints:
 
 
 def endpoints(runtime_dir: str) -> Endpoints:
-    return Endpoints(gateway=f"ipc://{runtime_dir}/supervisor.sock", worker=f"ipc://{runtime_dir}/worker.sock")
-
-
-def prepare_runtime_dir(runtime_dir: str) -> None:
-    os.makedirs(runtime_dir, mode=0o700, exist_ok=True)
-    os.chmod(runtime_dir, 0o700)
+    layout = RuntimeDir(runtime_dir)
+    return Endpoints(gateway=f"ipc://{layout.supervisor_socket}", worker=f"ipc://{layout.worker_socket}")
 
 
 def bind_router(ctx: zmq.Context, endpoint: str) -> zmq.Socket:

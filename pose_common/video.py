@@ -60,7 +60,7 @@ def frames(path: str, start: int = 0) -> Iterator[tuple[VideoMeta, int, float, n
                 meta = _meta(stream, frame)
             if index < start:
                 continue
-            yield meta, index, _pts_seconds(frame, stream, index, meta.fps), _rgb(frame)
+            yield meta, index, _pts_seconds(frame, stream, index, meta.fps), to_rgb(frame)
 
 
 def _decode(container, stream, path):
@@ -109,7 +109,7 @@ def display_rotation_cw(frame) -> int:
     return (-int(getattr(frame, "rotation", 0) or 0)) % 360
 
 
-def _rgb(frame) -> np.ndarray:
+def to_rgb(frame) -> np.ndarray:
     rgb = frame.to_ndarray(format="rgb24")
     clockwise = display_rotation_cw(frame)
     if clockwise:

@@ -1,6 +1,6 @@
 """Overlay video: the source frames with the stored poses drawn on, one output frame per input
 frame, at the source frame rate. Run by the supervisor in its own process after a job completes
-(`python -m pose_service.overlay VIDEO RESULT OUT`); it reads the finished result, never the GPU."""
+(`python -m pose_common.overlay VIDEO RESULT OUT`); it reads the finished result, never the GPU."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,8 @@ import sys
 import av
 import numpy as np
 
-from gpu_worker.video import frames
-from pose_service.drawing import draw_persons
+from pose_common.video import frames
+from pose_common.drawing import draw_persons
 
 
 def render_overlay(video: str, result_path: str, out: str) -> int:

@@ -10,7 +10,7 @@ from typing import Any, Optional
 import zmq
 import zmq.asyncio
 
-from pose_service import protocol as P
+from pose_common import protocol as P
 
 
 class Unavailable(RuntimeError):

@@ -1,0 +1,109 @@
+"""What the native and the legacy routes share: typed app state, asking the supervisor, reading
+bodies and uploads, and the job lookups every result route starts with."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from typing import Any, Optional
+
+from aiohttp import web
+
+from gateway import validation
+from gateway.errors import json_error
+from pose_common.client import SupervisorClient
+from pose_common.hostinfo import is_wsl
+
+CFG_KEY = web.AppKey("cfg", object)
+CLIENT_KEY = web.AppKey("client", SupervisorClient)
+
+def client(request: web.Request) -> SupervisorClient:
+    return request.app[CLIENT_KEY]
+
+
+def config(request: web.Request):
+    return request.app[CFG_KEY]
+
+
+async def ask(request: web.Request, kind: str, timeout_s: Optional[float] = None, blobs: Optional[list] = None,
+              **body: Any) -> tuple[int, dict]:
+    return await client(request).request(kind, timeout_s=timeout_s, blobs=blobs, **body)
+
+
+async def read_json_body(request: web.Request) -> dict:
+    if request.content_type != "application/json":
+        raise json_error(415, f"expected application/json, got {request.content_type or 'no content type'}")
+    try:
+        body = await request.json()
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise json_error(400, f"malformed JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise json_error(400, "JSON body must be an object")
+    return body
+
+
+async def accept_video_path(request: web.Request, raw_path: Any, source: str = "path",
+                            idempotency_key: Optional[str] = None) -> dict:
+    """Validate a path (roots, existence, decodability) and submit it. -> job view."""
+    cfg = config(request)
+    mapped = validation.map_windows_path(raw_path, is_wsl()) if isinstance(raw_path, str) and \
+        cfg.jobs.map_windows_paths else raw_path
+    roots = list(cfg.jobs.allowed_roots)
+    if source == "upload":
+        roots = [os.path.join(cfg.state_dir, "uploads")]
+    path = validation.check_video_path(mapped, roots)
+    await asyncio.get_running_loop().run_in_executor(None, validation.probe_video_or_400, path)
+    return await submit(request, path, source, idempotency_key)
+
+
+async def submit(request: web.Request, path: str, source: str, idempotency_key: Optional[str]) -> dict:
+    status, body = await ask(request, "submit", video_path=path, source=source, idempotency_key=idempotency_key)
+    if status >= 400:
+        raise json_error(status, body.get("error", "rejected"))
+    return body["job"]
+
+
+async def open_multipart(request: web.Request):
+    try:
+        return await request.multipart()
+    except (AssertionError, ValueError) as exc:
+        raise json_error(400, f"malformed multipart body: {exc}") from None
+
+
+async def receive_upload(request: web.Request, field_names: tuple[str, ...] = ("video", "file")) -> tuple[str, dict]:
+    """Save the multipart video under the state dir. -> (path, other form fields)."""
+    cfg = config(request)
+    reader = await open_multipart(request)
+    path, fields = None, {}
+    while (part := await reader.next()) is not None:
+        if part.name in field_names and part.filename is not None and path is None:
+            path = await validation.save_upload(part, os.path.join(cfg.state_dir, "uploads"),
+                                                cfg.gateway.max_upload_mb << 20)
+        elif part.name:
+            fields[part.name] = (await part.read(decode=True)).decode("utf-8", "replace")
+    if path is None:
+        raise json_error(400, f"multipart body has no file field ({' or '.join(field_names)})")
+    return path, fields
+
+
+async def job_status(request: web.Request, job_id: str) -> dict:
+    status, body = await ask(request, "status", job_id=job_id)
+    if status == 404:
+        raise json_error(404, "Job not found")
+    return body["job"]
+
+
+async def finished_job(request: web.Request) -> dict:
+    """The job named in the URL, or a 409 saying why its result is not there."""
+    job = await job_status(request, request.match_info["job_id"])
+    if job["state"] != "done":
+        raise json_error(409, job.get("error") or f"job is {job['state']}", status=job["status"],
+                         frames_done=job["frames_done"])
+    return job
+
+
+async def load_result(path: str) -> dict:
+    def read() -> dict:
+        with open(path) as fh:
+            return json.load(fh)
+    return await asyncio.get_running_loop().run_in_executor(None, read)

@@ -1,0 +1,152 @@
+"""The native /v1 API. Handlers validate, ask the supervisor over ZeroMQ, and answer JSON. A
+supervisor that is down or slow becomes a JSON 503 within gateway.supervisor_timeout_s;
+/v1/health always answers."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+
+from aiohttp import web
+
+from gateway.errors import json_error
+from gateway.helpers import (accept_video_path, ask, finished_job, job_status, load_result, read_json_body,
+                             receive_upload)
+from pose_common.client import Unavailable
+from pose_common.faults import KINDS
+
+routes = web.RouteTableDef()
+
+
+def job_public(job: dict) -> dict:
+    return {k: v for k, v in job.items() if k not in ("result_path", "state")}
+
+
+@routes.post("/v1/jobs")
+async def create_job(request: web.Request) -> web.Response:
+    key = request.headers.get("Idempotency-Key")
+    if request.content_type.startswith("multipart/"):
+        path, fields = await receive_upload(request)
+        key = key or fields.get("idempotency_key")
+        try:
+            job = await accept_video_path(request, path, "upload", key)
+        except Exception:
+            os.unlink(path)
+            raise
+    else:
+        body = await read_json_body(request)
+        job = await accept_video_path(request, body.get("video_path"), "path", key or body.get("idempotency_key"))
+    return web.json_response(job_public(job), status=202 if job.get("created", True) else 200)
+
+
+@routes.get("/v1/jobs/{job_id}")
+async def get_job(request: web.Request) -> web.Response:
+    return web.json_response(job_public(await job_status(request, request.match_info["job_id"])))
+
+
+@routes.delete("/v1/jobs/{job_id}")
+async def cancel_job(request: web.Request) -> web.Response:
+    await job_status(request, request.match_info["job_id"])
+    _, body = await ask(request, "cancel", job_id=request.match_info["job_id"])
+    return web.json_response(job_public(body["job"]))
+
+
+@routes.get("/v1/jobs/{job_id}/result")
+async def get_result(request: web.Request) -> web.StreamResponse:
+    job = await finished_job(request)
+    fmt = request.query.get("format", "json")
+    if fmt == "json":
+        return web.FileResponse(job["result_path"], headers={"Content-Type": "application/json"})
+    if fmt == "ndjson":
+        return await stream_ndjson(request, job["result_path"])
+    if fmt == "phalp_pkl":
+        return await phalp_pickle(request, job)
+    raise json_error(400, f"unknown format {fmt!r}: json, ndjson or phalp_pkl")
+
+
+async def stream_ndjson(request: web.Request, path: str) -> web.StreamResponse:
+    result = await load_result(path)
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    frames = result.pop("frames")
+    await response.write((json.dumps(result) + "\n").encode())
+    for frame in frames:
+        await response.write((json.dumps(frame) + "\n").encode())
+    await response.write_eof()
+    return response
+
+
+async def phalp_pickle(request: web.Request, job: dict) -> web.Response:
+    from pose_common.phalp_pickle import write_phalp_pickle
+
+    result = await load_result(job["result_path"])
+    out = job["result_path"][:-len(".json")] + ".pkl"
+    try:
+        await asyncio.get_running_loop().run_in_executor(None, write_phalp_pickle, result, out)
+    except ValueError as exc:
+        raise json_error(409, str(exc)) from None
+    return web.FileResponse(out, headers={"Content-Type": "application/octet-stream"})
+
+
+@routes.get("/v1/health")
+async def health(request: web.Request) -> web.Response:
+    try:
+        _, body = await ask(request, "health")
+    except Unavailable as exc:
+        return web.json_response({"status": "unavailable", "error": str(exc)}, status=503)
+    state = body["health"]
+    return web.json_response(state, status=200 if state["status"] in ("ready", "degraded") else 503)
+
+
+@routes.get("/v1/diagnostics")
+async def get_diagnostics(request: web.Request) -> web.Response:
+    _, body = await ask(request, "diagnostics", timeout_s=10.0)
+    return web.json_response({**body, "gateway_pid": os.getpid()})
+
+
+@routes.get("/metrics")
+async def metrics(request: web.Request) -> web.Response:
+    """Prometheus text format, built from the supervisor's counters (nothing kept in the gateway)."""
+    from prometheus_client import CollectorRegistry, Gauge, generate_latest
+
+    registry = CollectorRegistry()
+    up = Gauge("pose_supervisor_up", "1 when the supervisor answered", registry=registry)
+    try:
+        _, body = await ask(request, "metrics")
+    except Unavailable:
+        up.set(0)
+        return web.Response(body=generate_latest(registry), content_type="text/plain")
+    up.set(1)
+    health = body["health"]
+    status = Gauge("pose_status", "service status (1 for the current one)", ["status"], registry=registry)
+    for word in ("ready", "degraded", "loading", "fatal"):
+        status.labels(word).set(1 if health["status"] == word else 0)
+    Gauge("pose_worker_generation", "worker generation", registry=registry).set(health["generation"])
+    Gauge("pose_rung_index", "fallback ladder rung (0 = top)", registry=registry).set(health["rung_index"])
+    Gauge("pose_queue_depth", "jobs queued or running", registry=registry).set(health["queue_depth"])
+    Gauge("pose_worker_rss_bytes", "worker RSS", registry=registry).set(body.get("worker_rss") or 0)
+    deaths = Gauge("pose_worker_deaths", "recorded worker/probe deaths and incidents", ["cause"], registry=registry)
+    for cause, count in body["restarts_by_cause"].items():
+        deaths.labels(cause).set(count)
+    jobs = Gauge("pose_jobs", "jobs in the ledger", ["state"], registry=registry)
+    for state, count in body["jobs_by_state"].items():
+        jobs.labels(state).set(count)
+    dropped = Gauge("pose_messages_dropped", "undecodable or stale messages", ["kind"], registry=registry)
+    for kind, count in body["messages"].items():
+        dropped.labels(kind).set(count)
+    return web.Response(body=generate_latest(registry), content_type="text/plain")
+
+
+@routes.post("/v1/drill")
+async def drill(request: web.Request) -> web.Response:
+    body = await read_json_body(request)
+    if body.get("kind") not in KINDS:
+        raise json_error(400, f"kind must be one of {', '.join(KINDS)}")
+    status, reply = await ask(request, "drill", fault=body["kind"], at=body.get("at") or "frame:0")
+    return web.json_response(reply, status=status)
+
+
+@routes.post("/v1/reload")
+async def reload(request: web.Request) -> web.Response:
+    status, reply = await ask(request, "reload")
+    return web.json_response(reply, status=status)
