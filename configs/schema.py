@@ -39,9 +39,11 @@ class SupervisorConfig:
     liveness_misses: int = 3
     # after SIGABRT (faulthandler dump) wait this long before SIGKILL
     abort_grace_s: float = 3.0
+    # a worker asked to stop (reload, cancel, shutdown) that is still alive after this is SIGKILLed
+    stop_grace_s: float = 10.0
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
-    # more than `intensity` GPU-class deaths within `period_s` -> next rung of the ladder
+    # `intensity` GPU-class deaths within `period_s` -> next rung of the ladder (or fatal on the last)
     intensity: int = 3
     period_s: float = 60.0
     # while fatal, try to revive every fatal_retry_s (0 = never)
@@ -50,14 +52,21 @@ class SupervisorConfig:
     step_up_after_s: float = 600.0
     stderr_tail_lines: int = 40
     tick_s: float = 0.1
-    watchdog: bool = True
+    # per-generation files (stderr, breadcrumb) of this many recent worker generations are kept
+    keep_generations: int = 20
 
 
 @dataclass
 class DeadlinesConfig:
     stage_default_s: float = 300.0
     stages: dict[str, float] = field(default_factory=lambda: {"runtime": 120.0})
+    # a job's first frames (and the first after a load) may take this long
     frame_s: float = 60.0
+    # after frame_warmup frames, a frame is overdue at max(frame_floor_s, frame_factor x the
+    # median of the worker's recent per-frame times): a warm CPU worker's hang shows in seconds
+    frame_warmup: int = 5
+    frame_floor_s: float = 3.0
+    frame_factor: float = 20.0
     # from spawn to the worker's first message
     hello_s: float = 60.0
     probe_s: float = 600.0

@@ -97,15 +97,11 @@ def respond(body: dict, status: int = 200) -> web.Response:
 
 # --- engine facts -----------------------------------------------------------------------------------
 def engine_name_of(health: dict) -> str:
-    rung = str(health.get("rung") or "")
-    return rung.split("@", 1)[0] if rung else str((health.get("engine") or {}).get("name") or "unknown")
+    return str(health.get("engine_name") or (health.get("engine") or {}).get("name") or "unknown")
 
 
 def detector_of(health: dict) -> Optional[str]:
-    rung = str(health.get("rung") or "")
-    if "(" in rung and rung.endswith(")"):
-        return rung[rung.index("(") + 1:-1]
-    return (health.get("engine") or {}).get("detector")
+    return health.get("detector") or (health.get("engine") or {}).get("detector")
 
 
 def models_for(engine: str, detector: Optional[str], loaded: bool) -> dict:

@@ -4,7 +4,6 @@ that the supervisor decodes from the signal, the breadcrumb file and the stderr 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import faulthandler
 import json
 import math
@@ -31,11 +30,9 @@ from gpu_worker.errors import classify, free_cuda_cache, is_cuda_oom
 from gpu_worker.gpu import gpu_memory_used
 from pose_common.video import TruncatedVideo, VideoError, frames
 from pose_common import protocol as P
+from pose_common.children import die_with_parent
 from pose_common.runtime import RuntimeDir
 from pose_common.logs import setup_logging
-
-PR_SET_PDEATHSIG = 1
-
 
 class Dying(Exception):
     """Raised to leave the worker with a reported cause and a chosen exit code."""
@@ -43,6 +40,10 @@ class Dying(Exception):
     def __init__(self, cause: str, code: int, detail: dict[str, Any]):
         super().__init__(cause)
         self.cause, self.code, self.detail = cause, code, detail
+
+
+class JobStopped(Exception):
+    """The supervisor cancelled the job on the worker: stop between two frames, keep the engine."""
 
 
 class Breadcrumb:
@@ -174,7 +175,7 @@ class Worker:
             self.run_image(env)
         elif env.type == P.T.ARM_FAULT:
             self.engine.arm(FaultPlan(env.body["fault"], env.body.get("at") or "frame:0", env.body.get("times", 1),
-                                      self.cfg.runtime_dir, float(env.body.get("hang_s") or 3600.0)))
+                                      self.cfg.runtime_dir, float(env.body["hang_s"])))
 
     # --- jobs -----------------------------------------------------------------------------------
     def run_job(self, env: P.Envelope) -> None:
@@ -214,6 +215,9 @@ class Worker:
         except VideoError as exc:
             log.warning("job_failed", reason=str(exc))
             self.send(P.T.JOB_FAILED, job=self.job, reason=str(exc))
+        except JobStopped:
+            log.info("job_stopped")
+            self.send(P.T.JOB_FAILED, job=self.job, reason="cancelled")
         # not in a `finally`: a dying worker must keep its job and frame for the report
         self.job = None
         structlog.contextvars.unbind_contextvars("job_id")
@@ -243,12 +247,15 @@ class Worker:
 
     # --- images -----------------------------------------------------------------------------------
     def serve_pending_images(self) -> None:
-        """Between two frames of a video, answer single-image requests (their own model state)."""
+        """Between two frames of a video: answer single-image requests (their own model state),
+        arm faults, and stop the job if the supervisor cancelled it."""
         while self.sock.poll(0):
             env = self.receive()
-            if env is not None and env.type == P.T.RUN_IMAGE:
-                self.run_image(env)
-            elif env is not None and env.type == P.T.ARM_FAULT:
+            if env is None:
+                continue
+            if env.type == P.T.STOP_JOB and env.job == self.job:
+                raise JobStopped(self.job)
+            if env.type in (P.T.RUN_IMAGE, P.T.ARM_FAULT):
                 self.handle(env)
 
     def run_image(self, env: P.Envelope) -> None:
@@ -326,15 +333,6 @@ def volunteer_for_oom_killer(score: int = 500) -> None:
         pass
 
 
-def die_with_parent() -> None:
-    """Linux: SIGKILL us when the supervisor dies, so workers never outlive it."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    except OSError:
-        pass
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="gpu_worker")
     parser.add_argument("--config", required=True)
@@ -342,8 +340,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--rung", required=True, help="JSON {engine, device, options}")
     parser.add_argument("--parent-pid", type=int, required=True)
     args = parser.parse_args(argv)
-    die_with_parent()
-    if os.getppid() != args.parent_pid:
+    if not die_with_parent(args.parent_pid):
         return exitcodes.EX_ORPHANED
     faulthandler.enable(file=sys.stderr, all_threads=True)  # SIGSEGV/SIGABRT/SIGBUS dump stacks
     volunteer_for_oom_killer()

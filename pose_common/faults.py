@@ -9,8 +9,9 @@ from typing import Optional
 
 KINDS = ("segfault", "abort", "bus_error", "kill", "exit", "hang", "raise", "cuda_oom",
          "cuda_sticky", "slow", "load_failure")
-AT_GRAMMAR = "start | image | stage:NAME | frame:N (N a non-negative integer)"
-_AT = re.compile(r"^(start|image|stage:[A-Za-z_][A-Za-z0-9_]{0,63}|frame:(0|[1-9][0-9]{0,8}))$")
+AT_GRAMMAR = "start | image | stage:NAME | frame:N (N a non-negative integer) | supervisor (raise only)"
+_AT = re.compile(r"^(start|image|supervisor|stage:[A-Za-z_][A-Za-z0-9_]{0,63}|frame:(0|[1-9][0-9]{0,8}))$")
+SUPERVISOR = "supervisor"  # the supervisor's own loop: proves it restarts and resumes its jobs
 
 
 class BadFault(ValueError):
@@ -30,6 +31,13 @@ def check_at(at: object, stage_names: Optional[list[str]] = None) -> str:
     if at.startswith("stage:") and stage_names is not None and at[6:] not in stage_names:
         raise BadFault(f"the engine has no stage {at[6:]!r}; its stages are {', '.join(stage_names)}")
     return at
+
+
+def check(kind: object, at: object, stage_names: Optional[list[str]] = None) -> tuple[str, str]:
+    kind, at = check_kind(kind), check_at(at, stage_names)
+    if at == SUPERVISOR and kind != "raise":
+        raise BadFault("only the raise fault can be injected into the supervisor's loop")
+    return kind, at
 
 
 def frame_of(at: str) -> Optional[int]:

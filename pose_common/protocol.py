@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import itertools
 import os
-import time
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Annotated, Any, Literal, Optional, Sequence
 
 import msgpack
+import msgspec
 import zmq
+from msgspec import Meta
 
+from pose_common import faults
 from pose_common.runtime import RuntimeDir
 
 PROTOCOL_VERSION = 1
@@ -31,9 +33,9 @@ class T:
     # gateway/CLI -> supervisor (requests, answered with REPLY carrying the same req id)
     SUBMIT = "submit"
     STATUS = "status"
-    RESULT = "result"
     HEALTH = "health"
     DIAGNOSTICS = "diagnostics"
+    METRICS = "metrics"
     IMAGE = "image"
     DRILL = "drill"
     RELOAD = "reload"
@@ -55,6 +57,12 @@ class T:
     RUN_JOB = "run_job"
     RUN_IMAGE = "run_image"
     ARM_FAULT = "arm_fault"
+    STOP_JOB = "stop_job"   # cancel: stop the job between two frames, keep the engine loaded
+
+
+REQUESTS = frozenset({T.SUBMIT, T.STATUS, T.HEALTH, T.DIAGNOSTICS, T.METRICS, T.IMAGE, T.DRILL, T.RELOAD, T.CANCEL})
+WORKER_MESSAGES = frozenset({T.HELLO, T.HEARTBEAT, T.STAGE, T.READY, T.VIDEO, T.FRAME, T.JOB_DONE, T.JOB_FAILED,
+                             T.INCIDENT, T.DYING, T.IMAGE_DONE})
 
 
 class ProtocolError(ValueError):
@@ -116,6 +124,151 @@ def unpack(parts: Sequence[Any]) -> Envelope:
         req=_str_or_none(header.get("req")),
         blobs=blobs,
     )
+
+
+# --- bodies -----------------------------------------------------------------------------------
+# Every body a receiver acts on is checked against its schema first (types, ranges, enums); a body
+# that does not fit is a ProtocolError, which receivers drop and count. Unknown fields are ignored,
+# so a newer peer may add fields without breaking an older one.
+
+Name = Annotated[str, Meta(min_length=1, max_length=128)]
+Path = Annotated[str, Meta(min_length=1, max_length=4096)]
+Text = Annotated[str, Meta(max_length=65536)]
+Count = Annotated[int, Meta(ge=0)]
+
+
+class Body(msgspec.Struct, kw_only=True):
+    pass
+
+
+class Request(Body, kw_only=True):
+    deadline: Optional[float] = None  # wall-clock time after which the caller no longer waits
+
+
+class Submit(Request, kw_only=True):
+    video_path: Path
+    source: Literal["path", "upload", "cli"] = "path"
+    idempotency_key: Optional[Annotated[str, Meta(min_length=1, max_length=256)]] = None
+
+
+class JobRef(Request, kw_only=True):
+    job_id: Name
+
+
+class ImageRequest(Request, kw_only=True):
+    timeout_s: Optional[Annotated[float, Meta(gt=0, le=3600)]] = None
+
+
+class DrillRequest(Request, kw_only=True):
+    fault: Literal[faults.KINDS]
+    at: str = "frame:0"
+
+    def __post_init__(self) -> None:
+        faults.check(self.fault, self.at)
+
+
+class Hello(Body, kw_only=True):
+    pid: int
+    rung: dict = {}
+
+
+class Heartbeat(Body, kw_only=True):
+    rss: Optional[int] = None
+
+
+class StageEvent(Body, kw_only=True):
+    name: Name
+    event: Literal["start", "end"]
+    duration_s: Optional[float] = None
+    rss_delta: Optional[int] = None
+    gpu_delta: Optional[int] = None
+
+
+class Ready(Body, kw_only=True):
+    engine: dict
+    joint_names: list[str] = []
+    mesh_faces: Optional[list[list[int]]] = None
+    stages: list[Name] = []
+
+
+class VideoMeta(Body, kw_only=True):
+    fps: float
+    frame_count: Count
+    width: Count
+    height: Count
+    duration_s: float
+    rotation: int
+    codec: str
+
+
+class VideoFound(Body, kw_only=True):
+    meta: VideoMeta
+
+
+class Frame(Body, kw_only=True):
+    index: Count
+    pts: Optional[float] = None
+    persons: list[dict] = []
+    error: Optional[Text] = None
+
+
+class JobDone(Body, kw_only=True):
+    frames_decoded: Count
+    warning: Optional[Text] = None
+    peak_rss: Optional[int] = None
+
+
+class JobFailed(Body, kw_only=True):
+    reason: Text = "failed"
+
+
+class Incident(Body, kw_only=True):
+    cause: Name
+    stage: Optional[Name] = None
+    frame: Optional[Count] = None
+    outcome: Text = ""
+    message: Text = ""
+
+
+class DyingReport(Body, kw_only=True):
+    cause: Name
+    stage: Optional[Name] = None
+    frame: Optional[Count] = None
+    exc_type: Optional[Name] = None
+    message: Optional[Text] = None
+    traceback: Optional[Text] = None
+    error_code: Optional[int] = None
+
+
+class ImageDone(Body, kw_only=True):
+    persons: list[dict] = []
+    width: Optional[Count] = None
+    height: Optional[Count] = None
+    engine: dict = {}
+    joint_names: list[str] = []
+    ms: Optional[float] = None
+    error: Optional[Text] = None
+    code: Optional[Annotated[int, Meta(ge=400, le=599)]] = None
+
+
+SCHEMAS: dict[str, type[Body]] = {
+    T.SUBMIT: Submit, T.STATUS: JobRef, T.CANCEL: JobRef, T.HEALTH: Request, T.DIAGNOSTICS: Request,
+    T.METRICS: Request, T.RELOAD: Request, T.IMAGE: ImageRequest, T.DRILL: DrillRequest,
+    T.HELLO: Hello, T.HEARTBEAT: Heartbeat, T.STAGE: StageEvent, T.READY: Ready, T.VIDEO: VideoFound,
+    T.FRAME: Frame, T.JOB_DONE: JobDone, T.JOB_FAILED: JobFailed, T.INCIDENT: Incident, T.DYING: DyingReport,
+    T.IMAGE_DONE: ImageDone,
+}
+
+
+def parse(env: Envelope) -> Body:
+    """The envelope's body checked against its type's schema, or ProtocolError saying what is wrong."""
+    schema = SCHEMAS.get(env.type)
+    if schema is None:
+        raise ProtocolError(f"unknown message type {env.type[:40]!r}")
+    try:
+        return msgspec.convert(env.body, schema, strict=False)
+    except (msgspec.ValidationError, faults.BadFault) as exc:
+        raise ProtocolError(f"{env.type}: {exc}") from None
 
 
 def reply(request: Envelope, status: int = 200, **body: Any) -> Envelope:
@@ -193,6 +346,3 @@ def generation_of(identity: bytes) -> Optional[int]:
         pass
     return None
 
-
-def now() -> float:
-    return time.time()

@@ -42,6 +42,10 @@ class RuntimeDir:
         return self.file("worker.sock")
 
     @property
+    def supervisor_tick(self) -> str:
+        return self.file("supervisor.tick")
+
+    @property
     def overlay_stderr(self) -> str:
         return self.file("overlay.stderr")
 

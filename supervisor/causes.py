@@ -31,6 +31,8 @@ REMEDIES = {
     "load_failure": "The engine could not load (missing weights or package). Not retried: fix it and run "
                     "`pose-service models verify` / `pose-service diagnose`, then POST /reload.",
     "killed_by_us": "Stopped by the supervisor (shutdown or reload).",
+    "unreachable": "The worker's socket stopped taking messages, so it could not be given work; it was "
+                   "replaced. Repeats point at a wedged worker main thread (see the stderr tail).",
     "clean_exit": "The worker exited on its own without reporting why.",
     "orphaned": "The worker saw its supervisor disappear and exited.",
     "signal": "Killed by a signal.",
@@ -38,7 +40,7 @@ REMEDIES = {
 }
 
 GPU_CLASS = frozenset({"segfault", "abort", "bus_error", "oom_killed", "wsl_vm_exit", "cuda_oom", "cuda_sticky", "hang",
-                       "python_exception", "signal", "exit", "clean_exit"})
+                       "python_exception", "signal", "exit", "clean_exit", "unreachable"})
 
 
 @dataclass
@@ -75,6 +77,8 @@ def _classify(death: Death) -> tuple[str, str, Optional[str]]:
     if death.killed_by_us:
         if death.killed_by_us.startswith("hang"):
             return "hang", death.killed_by_us, sig
+        if death.killed_by_us.startswith("unreachable"):
+            return "unreachable", death.killed_by_us, sig
         return "killed_by_us", death.killed_by_us, sig
     if death.reported and death.reported.get("cause"):
         reported = death.reported

@@ -5,6 +5,13 @@ from collections import deque
 from dataclasses import dataclass, field
 
 
+def backoff_delay(restarts: int, initial_s: float, max_s: float) -> float:
+    """The first restart is immediate; each repeat waits twice as long, up to max_s."""
+    if restarts <= 1:
+        return 0.0
+    return min(max_s, initial_s * 2 ** (restarts - 2))
+
+
 @dataclass(frozen=True)
 class Decision:
     action: str          # "restart" | "step_down" | "fatal"
@@ -30,7 +37,8 @@ class RestartPolicy:
         return [(t, k) for t, k in self.deaths if now - t <= self.period_s]
 
     def decide(self, now: float, kind: str, retry: bool, has_lower_rung: bool) -> Decision:
-        """Call after record(). A load failure never loops; too many deaths step down or stop."""
+        """Call after record(). A load failure never loops; `intensity` deaths in `period_s`
+        step down the ladder or stop."""
         if not retry:
             return self._give_up(f"{kind}: not retried", has_lower_rung)
         recent = self.recent(now)
@@ -40,9 +48,7 @@ class RestartPolicy:
         return Decision("restart", self.backoff(), f"{kind}: restart")
 
     def backoff(self) -> float:
-        if self.consecutive <= 1:
-            return 0.0  # the first restart is immediate; repeats back off
-        return min(self.backoff_max_s, self.backoff_initial_s * 2 ** (self.consecutive - 2))
+        return backoff_delay(self.consecutive, self.backoff_initial_s, self.backoff_max_s)
 
     def _give_up(self, reason: str, has_lower_rung: bool) -> Decision:
         if has_lower_rung:

@@ -1,6 +1,7 @@
 """The OS boundary: spawning the worker and the probe, signalling them, reading what they left.
 
-Children are started as fresh interpreters (fork+exec, never a bare fork: CUDA cannot survive one)."""
+Children are started as fresh interpreters (fork+exec, never a bare fork: CUDA cannot survive one).
+A kill remembers why it was sent, so the exit decoder can tell our SIGKILL from the OOM killer's."""
 from __future__ import annotations
 
 import json
@@ -10,10 +11,11 @@ import subprocess
 import sys
 import time
 from collections import deque
-from typing import Optional
+from typing import Callable, Optional
 
 import psutil
 
+from pose_common.children import stop_process
 from pose_common.runtime import RuntimeDir
 
 
@@ -21,6 +23,7 @@ class ChildProcess:
     def __init__(self, argv: list[str], stderr_path: str, label: str):
         self.label, self.stderr_path = label, stderr_path
         self.kill_reason: Optional[str] = None
+        self.signalled_at: Optional[float] = None
         self.abort_sent_at: Optional[float] = None
         self.started = time.monotonic()
         with open(stderr_path, "wb") as err:
@@ -36,34 +39,34 @@ class ChildProcess:
 
     def send(self, sig: int, reason: str) -> None:
         if self.kill_reason is None:
-            self.kill_reason = reason
+            self.kill_reason, self.signalled_at = reason, time.monotonic()
         try:
             os.kill(self.pid, sig)
         except ProcessLookupError:
             pass
 
-    def abort_then_kill(self, reason: str) -> None:
-        """Hang: SIGABRT first so faulthandler writes every thread's stack into stderr."""
-        self.send(signal.SIGABRT, reason)
-        self.abort_sent_at = time.monotonic()
+    def escalate(self, reason: str, grace_s: float) -> None:
+        """A hang: SIGABRT first (faulthandler writes every thread's stack into stderr), SIGKILL
+        once `grace_s` has passed. Call on every tick while the process lives."""
+        if self.abort_sent_at is None:
+            self.send(signal.SIGABRT, reason)
+            self.abort_sent_at = time.monotonic()
+        elif time.monotonic() - self.abort_sent_at > grace_s and self.alive():
+            self.send(signal.SIGKILL, self.kill_reason or reason)
 
-    def kill_if_abort_ignored(self, grace_s: float) -> None:
-        if self.abort_sent_at is not None and time.monotonic() - self.abort_sent_at > grace_s and self.alive():
-            self.send(signal.SIGKILL, self.kill_reason or "hang")
+    @property
+    def escalating(self) -> bool:
+        return self.abort_sent_at is not None
+
+    def kill_if_stuck(self, grace_s: float) -> None:
+        """Asked to stop and still alive after `grace_s` (stuck in native code): SIGKILL."""
+        if self.signalled_at is not None and time.monotonic() - self.signalled_at > grace_s and self.alive():
+            self.send(signal.SIGKILL, self.kill_reason or "stop")
 
     def stop(self, reason: str, timeout_s: float) -> Optional[int]:
-        self.send(signal.SIGTERM, reason)
-        try:
-            return self.popen.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.send(signal.SIGKILL, reason)
-            return self.popen.wait(5)
-
-    def rss(self) -> Optional[int]:
-        try:
-            return psutil.Process(self.pid).memory_info().rss
-        except psutil.Error:
-            return None
+        if self.kill_reason is None:
+            self.kill_reason, self.signalled_at = reason, time.monotonic()
+        return stop_process(self.popen, timeout_s)
 
     def stderr_tail(self, lines: int) -> str:
         try:
@@ -110,9 +113,8 @@ def read_json(path: str) -> dict:
 
 def kill_stale_worker(pidfile: str) -> Optional[int]:
     """A worker left by a supervisor that died hard (it should have died with it; make sure)."""
-    info = read_json(pidfile)
-    pid = info.get("pid")
-    if not pid:
+    pid = read_json(pidfile).get("pid")
+    if not isinstance(pid, int):
         return None
     try:
         proc = psutil.Process(pid)
@@ -122,3 +124,30 @@ def kill_stale_worker(pidfile: str) -> Optional[int]:
     except psutil.Error:
         pass
     return None
+
+
+class Spawner:
+    """Starts the worker and the probe with everything they read written fresh first, so nothing a
+    child needs can have been pruned or cleaned away; prunes old generations' files afterwards."""
+
+    def __init__(self, runtime: RuntimeDir, write_config: Callable[[str], None], keep_generations: int):
+        self.runtime, self.write_config, self.keep = runtime, write_config, keep_generations
+
+    def prepare(self) -> None:
+        self.runtime.prepare()
+        self.write_config(self.runtime.config)
+
+    def worker(self, generation: int, rung: dict) -> ChildProcess:
+        self.prepare()
+        proc = spawn_worker(self.runtime, generation, rung)
+        with open(self.runtime.worker_pidfile, "w") as fh:
+            json.dump({"pid": proc.pid, "generation": generation}, fh)
+        self.runtime.prune_generations(self.keep)
+        return proc
+
+    def probe(self, rung: dict, tag: str) -> tuple[ChildProcess, str]:
+        self.prepare()
+        return spawn_probe(self.runtime, rung, tag)
+
+    def crumb(self, generation: int) -> dict:
+        return read_json(self.runtime.worker_crumb(generation))

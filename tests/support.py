@@ -103,7 +103,10 @@ class Stack:
     def __init__(self, tmp: Path, overrides: list[str], gateway: bool = False):
         self.state_dir = tmp / "state"
         self.port = free_port()
-        self.overrides = [f"state_dir={self.state_dir}", f"gateway.port={self.port}", *overrides]
+        # the pytest run's temp root holds every clip a test makes; the supervisor refuses the rest
+        roots = [] if any(o.startswith("jobs.allowed_roots=") for o in overrides) else \
+            [f"jobs.allowed_roots=[{tmp.parent},{SHARED_DATA}]"]
+        self.overrides = [f"state_dir={self.state_dir}", f"gateway.port={self.port}", *roots, *overrides]
         self.procs: dict[str, subprocess.Popen] = {}
         self.logs = tmp
         self.start("supervisor")

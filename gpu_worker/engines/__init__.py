@@ -28,5 +28,5 @@ def build_engine(name: str, device: str, options: dict[str, Any], fault: Optiona
     plan = None
     if fault.get("kind"):
         plan = FaultPlan(fault["kind"], fault.get("at") or "start", fault.get("times"), counter_dir,
-                         float(fault.get("hang_s") or 3600.0))
+                         float(fault["hang_s"]))
     return FaultEngine(inner, plan)

@@ -17,7 +17,7 @@ from gpu_worker.engines.base import Engine, FrameOut, LoadStage, Person
 from pose_common.faults import KINDS, counter_path
 
 
-def fire(kind: str, where: str, hang_s: float = 3600.0) -> None:
+def fire(kind: str, where: str, hang_s: float) -> None:
     """Make `kind` happen now, for real."""
     if kind == "segfault":
         ctypes.string_at(0)
@@ -52,7 +52,7 @@ def fire(kind: str, where: str, hang_s: float = 3600.0) -> None:
 class FaultPlan:
     """Decides whether to fire at a point, counting firings in a file that survives restarts."""
 
-    def __init__(self, kind: str, at: str, times: Optional[int], counter_dir: str, hang_s: float = 3600.0):
+    def __init__(self, kind: str, at: str, times: Optional[int], counter_dir: str, hang_s: float):
         if kind not in KINDS:
             raise ValueError(f"unknown fault kind {kind!r}; one of {', '.join(KINDS)}")
         self.kind, self.at, self.times, self.hang_s = kind, at or "start", times, hang_s

@@ -1,0 +1,500 @@
+"""The worker slot: the one owner of the worker's life (supervisord's Subprocess is the model).
+
+It holds the state machine, the generation, the rung and ladder position, the probe, the backoff
+and fatal timers, and the liveness and progress deadlines. Every time-driven move happens in
+`transition(now)`; every end of a worker or probe goes exit -> cause -> policy through `finish_*`.
+A message that does not fit the current state is ignored and counted, never raised. What the slot
+decides about jobs (requeue, fail) it tells its `SlotEvents` listener; it never touches the ledger."""
+from __future__ import annotations
+
+import signal
+import statistics
+import time
+from collections import Counter, deque
+from dataclasses import dataclass, field
+from typing import Any, Callable, Optional, Protocol
+
+from pose_common import protocol as P
+from pose_common.hostinfo import system_memory
+from supervisor.causes import Cause, Death, decode_exit
+from supervisor.policy import RestartPolicy
+from supervisor.process import ChildProcess, Spawner, read_json
+from supervisor.states import WORKER_ALIVE, WorkerLifecycle, WorkerState as S
+
+# a worker we stopped on purpose: its end is not a crash and not a restart decision
+GRACEFUL_STOPS = frozenset({"shutdown", "reload", "step_up", "drill", "cancel"})
+
+
+@dataclass
+class Ending:
+    """How a worker or probe ended, decoded, with what is known of where it was."""
+    process: str                 # "worker" | "probe"
+    cause: Cause
+    death: Death
+    generation: int
+    rung: str
+    frame: Optional[int] = None
+    detail: dict = field(default_factory=dict)
+
+
+class SlotEvents(Protocol):
+    def worker_stopped(self, reason: str) -> None: ...
+    def worker_died(self, ending: Ending) -> None: ...
+    def probe_died(self, ending: Ending) -> None: ...
+    def went_fatal(self, reason: str) -> None: ...
+
+
+@dataclass
+class ProbeRun:
+    proc: ChildProcess
+    out: str
+    purpose: str                 # "boot" | "step_up"
+    rung_index: int
+
+
+@dataclass
+class Fatal:
+    reason: str
+    since: float
+    restart_can_fix: bool
+    retries: int = 0
+
+
+class FramePace:
+    """Progress deadline for frames: long for a job's first frames, then max(floor, factor x the
+    median recent per-frame time), so a hang on a warm 40 ms/frame worker shows in seconds while
+    a slow GPU frame is never mistaken for one."""
+
+    def __init__(self, first_s: float, warmup: int, floor_s: float, factor: float):
+        self.first_s, self.warmup, self.floor_s, self.factor = first_s, warmup, floor_s, factor
+        self.intervals: deque = deque(maxlen=20)
+        self.frames = 0
+        self.last_at: Optional[float] = None
+
+    def restart(self, now: float) -> None:
+        self.frames, self.last_at = 0, now
+        self.intervals.clear()
+
+    def frame(self, now: float) -> None:
+        if self.last_at is not None and self.frames:
+            self.intervals.append(now - self.last_at)
+        self.frames += 1
+        self.last_at = now
+
+    def limit_s(self) -> float:
+        if self.frames < self.warmup or not self.intervals:
+            return self.first_s
+        return max(self.floor_s, self.factor * statistics.median(self.intervals))
+
+
+class WorkerSlot:
+    def __init__(self, cfg, ladder: list[dict], spawner: Spawner, events: SlotEvents,
+                 next_generation: Callable[[], int], log, clock: Callable[[], float] = time.monotonic):
+        self.cfg, self.ladder, self.spawner, self.events, self.log, self.clock = \
+            cfg, ladder, spawner, events, log, clock
+        self.next_generation = next_generation
+        sup, deadlines = cfg.supervisor, cfg.deadlines
+        self.policy = RestartPolicy(sup.backoff_initial_s, sup.backoff_max_s, sup.intensity, sup.period_s)
+        self.life = WorkerLifecycle()
+        self.rung_index = 0
+        self.probed_ok: set[int] = set()
+        self.proc: Optional[ChildProcess] = None
+        self.probe: Optional[ProbeRun] = None
+        self.backoff_until = 0.0
+        self.fatal: Optional[Fatal] = None
+        self.degraded_reason: Optional[str] = None
+        self.stepped_down_at = 0.0
+        self.last_seen = self.last_progress = clock()
+        self.pace = FramePace(deadlines.frame_s, deadlines.frame_warmup, deadlines.frame_floor_s,
+                              deadlines.frame_factor)
+        self.reported: Optional[dict] = None
+        self.rss: Optional[int] = None
+        self.engine_info: dict = {}
+        self.joint_names: list[str] = []
+        self.mesh_faces: Optional[list] = None
+        self.stage_names: list[str] = []
+        self.boots: deque = deque(maxlen=10)
+        self.ignored: Counter = Counter()
+        self.stopping = False
+
+    # --- what others ask ---------------------------------------------------------------------
+    @property
+    def state(self) -> S:
+        return self.life.state
+
+    @property
+    def generation(self) -> int:
+        return self.life.generation
+
+    @property
+    def ready(self) -> bool:
+        return self.life.state is S.READY
+
+    @property
+    def serving(self) -> bool:
+        return self.life.state in (S.READY, S.BUSY)
+
+    def pids(self) -> tuple[int, ...]:
+        return tuple(p.pid for p in (self.proc, self.probe and self.probe.proc) if p is not None)
+
+    def rung_label(self, index: Optional[int] = None) -> str:
+        rung = self.ladder[self.rung_index if index is None else index]
+        detector = (rung.get("options") or {}).get("detector")
+        return f"{rung['engine']}@{rung.get('device', 'cpu')}" + (f"({detector})" if detector else "")
+
+    def accepts_from(self, identity: bytes) -> bool:
+        return self.proc is not None and P.generation_of(identity) == self.life.generation
+
+    # --- time-driven moves ----------------------------------------------------------------------
+    def transition(self, now: float) -> None:
+        self.reap()
+        self.watch(now)
+        if self.stopping:
+            return
+        if self.life.state is S.FATAL:
+            self.maybe_revive(now)
+            return
+        if self.life.state is S.BACKOFF and now >= self.backoff_until:
+            self.life.move(S.EXITED, "backoff over")
+        if self.life.state is S.EXITED and self.proc is None and self.probe is None:
+            self.start_rung()
+        self.maybe_step_up(now)
+
+    def start_rung(self) -> None:
+        if self.cfg.probe.enabled and self.rung_index not in self.probed_ok:
+            self.start_probe(self.rung_index, "boot")
+            self.life.move(S.PROBING, f"probe {self.rung_label()}", stage="detector")
+        else:
+            self.spawn()
+
+    def spawn(self) -> None:
+        self.life.generation = self.next_generation()
+        rung = self.ladder[self.rung_index]
+        self.proc = self.spawner.worker(self.life.generation, rung)
+        self.reported, self.rss, self.stage_names = None, None, []
+        self.last_seen = self.last_progress = self.clock()
+        self.life.device = rung.get("device", "cpu")
+        self.life.move(S.SPAWNING, f"spawn {self.rung_label()}")
+        self.log.info("worker_spawned", generation=self.life.generation, pid=self.proc.pid, rung=self.rung_label())
+
+    def start_probe(self, rung_index: int, purpose: str) -> None:
+        proc, out = self.spawner.probe(self.ladder[rung_index], f"rung{rung_index}")
+        self.probe = ProbeRun(proc, out, purpose, rung_index)
+        self.log.info("probe_started", rung=self.rung_label(rung_index), purpose=purpose, pid=proc.pid)
+
+    def maybe_revive(self, now: float) -> None:
+        retry_s, fatal = self.cfg.supervisor.fatal_retry_s, self.fatal
+        if not retry_s or fatal is None or now - fatal.since <= retry_s:
+            return
+        if not fatal.restart_can_fix and fatal.retries >= 1:
+            return  # tried once more in case it was fixed; looping on it would only hide the reason
+        self.log.info("fatal_retry", reason=fatal.reason)
+        fatal.retries += 1
+        self.policy.reset()
+        self.rung_index = 0
+        self.probed_ok.clear()
+        self.life.move(S.EXITED, "periodic retry after fatal")
+
+    def maybe_step_up(self, now: float) -> None:
+        interval = self.cfg.supervisor.step_up_after_s
+        if (self.rung_index == 0 or not interval or self.probe is not None or self.life.state is not S.READY
+                or now - self.stepped_down_at < interval):
+            return
+        self.stepped_down_at = now
+        self.start_probe(self.rung_index - 1, "step_up")
+
+    # --- deadlines ------------------------------------------------------------------------------
+    def watch(self, now: float) -> None:
+        grace = self.cfg.supervisor.abort_grace_s
+        if self.probe is not None and self.probe.proc.alive():
+            self.watch_probe(self.probe, now, grace)
+        proc = self.proc
+        if proc is None or not proc.alive():
+            return
+        if proc.escalating:
+            proc.escalate(proc.kill_reason or "hang", grace)
+        elif proc.kill_reason:
+            proc.kill_if_stuck(self.cfg.supervisor.stop_grace_s)
+        elif overdue := self.overdue(now):
+            self.log.error("worker_hang", generation=self.life.generation, reason=overdue)
+            proc.escalate(f"hang: {overdue}", grace)
+
+    def overdue(self, now: float) -> Optional[str]:
+        sup, deadlines = self.cfg.supervisor, self.cfg.deadlines
+        silent = now - self.last_seen
+        if self.life.state is S.SPAWNING:
+            return f"no hello within {deadlines.hello_s:g}s" if silent > deadlines.hello_s else None
+        if silent > sup.heartbeat_s * sup.liveness_misses:
+            return f"no heartbeat for {silent:.1f}s"
+        stalled = now - self.last_progress
+        if self.life.state is S.LOADING:
+            limit = self.stage_deadline(self.life.stage)
+            return f"stage {self.life.stage} exceeded {limit:g}s" if stalled > limit else None
+        if self.life.state is S.BUSY and stalled > (limit := self.pace.limit_s()):
+            return f"no frame progress for {stalled:.1f}s (limit {limit:g}s)"
+        return None
+
+    def stage_deadline(self, stage: Optional[str]) -> float:
+        return float(self.cfg.deadlines.stages.get(stage or "", self.cfg.deadlines.stage_default_s))
+
+    def watch_probe(self, run: ProbeRun, now: float, grace: float) -> None:
+        if run.proc.escalating or run.proc.kill_reason:
+            run.proc.escalate(run.proc.kill_reason or "hang", grace) if run.proc.escalating \
+                else run.proc.kill_if_stuck(self.cfg.supervisor.stop_grace_s)
+            return
+        report = read_json(run.out)
+        stage = report.get("stage") or "start"
+        limit = min(self.cfg.deadlines.probe_s, self.stage_deadline(stage) * max(1, len(report.get("stages", []))))
+        if now - run.proc.started > limit:
+            run.proc.escalate(f"hang: probe stage {stage} exceeded {limit:g}s", grace)
+
+    # --- messages from the worker -----------------------------------------------------------------
+    def on_message(self, kind: str, body: P.Body, now: float) -> None:
+        """Lifecycle messages (hello, hb, stage, ready, dying); job messages go to the job runner,
+        which reports progress through `progressed`."""
+        self.last_seen = now
+        handler = getattr(self, f"on_{kind}", None)
+        if handler is not None:
+            handler(body, now)
+
+    def ignore(self, kind: str) -> None:
+        self.ignored[f"{kind}@{self.life.state.value}"] += 1
+        self.log.info("message_ignored", type=kind, state=self.life.state.value, generation=self.life.generation)
+
+    def on_hello(self, body: P.Hello, now: float) -> None:
+        if self.life.state is not S.SPAWNING:
+            return self.ignore(P.T.HELLO)
+        self.life.move(S.LOADING, "hello", stage="start")
+        self.last_progress = now
+        self.boots.append({"generation": self.life.generation, "rung": self.rung_label(), "pid": body.pid,
+                           "started_at": time.time(), "stages": [], "result": "loading"})
+
+    def on_hb(self, body: P.Heartbeat, now: float) -> None:
+        if body.rss is not None:
+            self.rss = body.rss
+
+    def on_stage(self, body: P.StageEvent, now: float) -> None:
+        if self.life.state is not S.LOADING or not self.boots:
+            return self.ignore(P.T.STAGE)
+        stages = self.boots[-1]["stages"]
+        if body.event == "start":
+            self.life.move(S.LOADING, "stage start", stage=body.name)
+            self.last_progress = now
+            stages.append({"name": body.name, "result": "running", "started_at": time.time()})
+        elif stages:
+            stages[-1].update(result="ok", duration_s=body.duration_s, rss_delta=body.rss_delta,
+                              gpu_delta=body.gpu_delta)
+        self.log.info("worker_stage", generation=self.life.generation, stage=body.name, phase=body.event,
+                      duration_s=body.duration_s)
+
+    def on_ready(self, body: P.Ready, now: float) -> None:
+        if self.life.state is not S.LOADING:
+            return self.ignore(P.T.READY)
+        self.life.move(S.READY, "engine loaded")
+        self.fatal = None
+        self.engine_info, self.joint_names, self.mesh_faces = body.engine, body.joint_names, body.mesh_faces
+        self.stage_names = body.stages or [stage["name"] for stage in self.boots[-1]["stages"]]
+        self.life.device = self.engine_info.get("device", self.life.device)
+        self.policy.healthy()
+        if self.boots:
+            self.boots[-1]["result"] = "ready"
+        self.log.info("worker_ready", generation=self.life.generation, engine=self.engine_info)
+
+    def on_dying(self, body: P.DyingReport, now: float) -> None:
+        self.reported = {k: v for k, v in vars_of(body).items() if v is not None}
+
+    def job_started(self, now: float) -> bool:
+        if self.life.state is not S.READY:
+            return False
+        self.life.move(S.BUSY, "job")
+        self.last_progress = now
+        self.pace.restart(now)
+        return True
+
+    def job_finished(self) -> None:
+        if self.life.state is S.BUSY:
+            self.life.move(S.READY, "job finished")
+
+    def progressed(self, now: float, frame: bool = False) -> None:
+        self.last_progress = now
+        if frame:
+            self.pace.frame(now)
+
+    # --- requests ------------------------------------------------------------------------------------
+    def restart(self, reason: str) -> None:
+        """Stop the worker (and a boot probe) gracefully; transition() starts the next one."""
+        if self.probe is not None and self.probe.purpose == "boot" and self.probe.proc.alive():
+            self.probe.proc.send(signal.SIGTERM, reason)
+        if self.proc is not None and self.proc.alive():
+            self.proc.send(signal.SIGTERM, reason)
+        if self.life.can_move(S.DRAINING) and (self.proc is not None or self.life.state is S.PROBING):
+            self.life.move(S.DRAINING, reason)
+        elif self.life.state in (S.FATAL, S.BACKOFF):
+            self.life.move(S.EXITED, reason)
+            self.backoff_until = 0.0
+
+    def worker_unreachable(self, reason: str) -> None:
+        """A send to the worker failed: it cannot be given work, so it is replaced (and the death
+        is named for what it was, not a hang found a minute later)."""
+        proc = self.proc
+        if proc is not None and proc.poll() is None and not proc.kill_reason:
+            proc.send(signal.SIGTERM, f"unreachable: {reason}")
+            self.life.move(S.DRAINING, "unreachable")
+
+    def reload(self) -> None:
+        """Start over from the top rung with a clean record (an operator asked for it)."""
+        self.policy.reset()
+        self.rung_index, self.fatal, self.degraded_reason = 0, None, None
+        self.probed_ok.clear()
+        self.restart("reload")
+
+    def stop(self, timeout_s: float) -> None:
+        self.stopping = True
+        if self.probe is not None and self.probe.proc.alive():
+            self.probe.proc.stop("shutdown", timeout_s)
+        if self.proc is not None and self.proc.alive():
+            self.proc.stop("shutdown", timeout_s)
+
+    # --- how processes end ------------------------------------------------------------------------------
+    def reap(self) -> None:
+        if self.probe is not None and self.probe.proc.poll() is not None:
+            run, self.probe = self.probe, None
+            self.finish_probe(run)
+        if self.proc is not None and self.proc.poll() is not None:
+            proc, self.proc = self.proc, None
+            self.finish_worker(proc)
+
+    def finish_worker(self, proc: ChildProcess) -> None:
+        if proc.kill_reason in GRACEFUL_STOPS or (proc.poll() == 0 and self.stopping):
+            self.events.worker_stopped(proc.kill_reason or "exit 0")
+            self.life.move(S.EXITED, proc.kill_reason or "exit 0")
+            return
+        crumb = self.spawner.crumb(self.life.generation)
+        reported = self.reported or {}
+        death = Death(returncode=proc.poll(), killed_by_us=proc.kill_reason, reported=self.reported,
+                      stage=reported.get("stage") or crumb.get("stage") or self.life.stage,
+                      stderr_tail=proc.stderr_tail(self.cfg.supervisor.stderr_tail_lines), rss=self.rss,
+                      system_memory=system_memory())
+        cause = decode_exit(death)
+        if self.boots and self.boots[-1]["generation"] == self.life.generation:
+            self.boots[-1]["result"] = cause.kind
+        frame = reported.get("frame", crumb.get("frame"))
+        self.events.worker_died(Ending("worker", cause, death, self.life.generation, self.rung_label(),
+                                       frame=frame if death.stage == "frame" else None,
+                                       detail={k: reported.get(k) for k in ("exc_type", "message", "traceback",
+                                                                            "error_code") if reported.get(k) is not None}))
+        self.life.move(S.EXITED, cause.kind)
+        self.apply_policy(cause)
+
+    def finish_probe(self, run: ProbeRun) -> None:
+        report = read_json(run.out)
+        if run.proc.poll() == 0 and report.get("ok"):
+            self.probed_ok.add(run.rung_index)
+            self.log.info("probe_ok", rung=self.rung_label(run.rung_index), stages=report.get("stages"))
+            return self.after_probe_ok(run)
+        if run.proc.kill_reason in GRACEFUL_STOPS:
+            if self.life.state is S.DRAINING and self.proc is None:
+                self.life.move(S.EXITED, run.proc.kill_reason)
+            return
+        death = Death(returncode=run.proc.poll(), killed_by_us=run.proc.kill_reason,
+                      reported=report if report.get("cause") else None, stage=report.get("stage"),
+                      stderr_tail=run.proc.stderr_tail(self.cfg.supervisor.stderr_tail_lines),
+                      system_memory=system_memory())
+        cause = decode_exit(death)
+        self.events.probe_died(Ending("probe", cause, death, self.life.generation, self.rung_label(run.rung_index),
+                                      detail={k: report.get(k) for k in ("exc_type", "message", "stages")
+                                              if report.get(k)}))
+        if run.purpose == "step_up":
+            self.stepped_down_at = self.clock()  # the rung above still fails: stay, try later
+            return
+        if self.life.state is not S.PROBING:
+            return
+        self.life.move(S.EXITED, f"probe failed: {cause.kind}")
+        if self.rung_index + 1 < len(self.ladder):
+            # this configuration crashed in isolation: never hand it to the long-lived worker
+            self.step_down(f"detector probe {cause.kind} at stage {death.stage}")
+        else:
+            self.apply_policy(cause)
+
+    def after_probe_ok(self, run: ProbeRun) -> None:
+        if run.purpose == "boot" and self.life.state is S.PROBING:
+            self.spawn()
+        elif run.purpose == "step_up" and run.rung_index < self.rung_index:
+            self.log.info("step_up", to=self.rung_label(run.rung_index))
+            self.rung_index = run.rung_index
+            self.degraded_reason = None if run.rung_index == 0 else self.degraded_reason
+            self.policy.reset()
+            self.restart("step_up")
+
+    def apply_policy(self, cause: Cause) -> None:
+        now = self.clock()
+        self.policy.record(now, cause.kind, cause.counts_toward_intensity)
+        decision = self.policy.decide(now, cause.kind, cause.retry, self.rung_index + 1 < len(self.ladder))
+        self.log.warning("restart_decision", action=decision.action, delay_s=decision.delay_s,
+                         reason=decision.reason, rung=self.rung_label())
+        if decision.action == "restart":
+            self.backoff_until = now + decision.delay_s
+            self.life.move(S.BACKOFF, decision.reason)
+        elif decision.action == "step_down":
+            self.step_down(decision.reason)
+        else:
+            self.go_fatal(decision.reason, restart_can_fix=cause.retry)
+
+    def step_down(self, reason: str) -> None:
+        self.rung_index += 1
+        self.policy.reset()
+        self.stepped_down_at = self.clock()
+        self.degraded_reason = f"stepped down to {self.rung_label()}: {reason}"
+        self.log.warning("step_down", rung=self.rung_label(), reason=reason)
+
+    def go_fatal(self, reason: str, restart_can_fix: bool) -> None:
+        earlier = self.fatal  # still set while a periodic retry runs: its count must survive it
+        retries = earlier.retries if earlier is not None and not restart_can_fix else 0
+        self.fatal = Fatal(reason, self.clock(), restart_can_fix, retries)
+        self.life.move(S.FATAL, reason)
+        self.events.went_fatal(reason)
+        self.log.error("fatal", reason=reason)
+
+    # --- views ------------------------------------------------------------------------------------------
+    @property
+    def is_fatal(self) -> bool:
+        return self.life.state is S.FATAL
+
+    def fatal_reason(self) -> Optional[str]:
+        fatal = self.fatal
+        if fatal is None or not self.is_fatal:
+            return None
+        if not fatal.restart_can_fix and fatal.retries >= 1:
+            return (f"{fatal.reason} (still so after a retry: a restart cannot fix this; fix the cause, "
+                    "see `pose-service diagnose`, then POST /v1/reload)")
+        return fatal.reason
+
+    def status_word(self) -> str:
+        if self.life.state is S.FATAL:
+            return "fatal"
+        if self.serving:
+            return "degraded" if self.rung_index > 0 else "ready"
+        return "loading"
+
+    def health(self) -> dict[str, Any]:
+        return {"status": self.status_word(), "worker": self.life.label(), "stage": self.life.stage,
+                "generation": self.life.generation, "rung": self.rung_label(), "rung_index": self.rung_index,
+                "engine_name": self.ladder[self.rung_index]["engine"],
+                "detector": (self.ladder[self.rung_index].get("options") or {}).get("detector"),
+                "device": self.life.device, "engine": self.engine_info,
+                "reason": self.fatal_reason() if self.is_fatal else self.degraded_reason}
+
+    def describe(self) -> dict[str, Any]:
+        return {"state": self.life.state.value, "stage": self.life.stage, "generation": self.life.generation,
+                "device": self.life.device, "pid": self.proc.pid if self.proc else None, "rss": self.rss,
+                "alive": self.life.state in WORKER_ALIVE,
+                "frame_deadline_s": round(self.pace.limit_s(), 3),
+                "ignored_messages": dict(self.ignored),
+                "transitions": [vars(t) for t in list(self.life.history)[-50:]],
+                "ladder": [self.rung_label(i) for i in range(len(self.ladder))],
+                "probed_ok": sorted(self.rung_label(i) for i in self.probed_ok),
+                "boots": list(self.boots)}
+
+
+def vars_of(body: P.Body) -> dict:
+    return {name: getattr(body, name) for name in body.__struct_fields__}
