@@ -2,6 +2,8 @@
 (gateway.legacy) on one port, with one supervisor client and one error middleware."""
 from __future__ import annotations
 
+import os
+import socket
 from contextlib import asynccontextmanager
 
 from aiohttp import web
@@ -43,5 +45,9 @@ async def supervisor_client(app: web.Application):
 def main(cfg) -> int:
     app = build_app(cfg)
     app[LOG_KEY].info("gateway_start", host=cfg.gateway.host, port=cfg.gateway.port)
-    web.run_app(app, host=cfg.gateway.host, port=cfg.gateway.port, print=None, shutdown_timeout=10)
+    handed_over = os.environ.get("POSE_SERVICE_LISTEN_FD")  # the service manager's listening socket
+    if handed_over:
+        web.run_app(app, sock=socket.socket(fileno=int(handed_over)), print=None, shutdown_timeout=10)
+    else:
+        web.run_app(app, host=cfg.gateway.host, port=cfg.gateway.port, print=None, shutdown_timeout=10)
     return 0

@@ -34,3 +34,12 @@ def stop_process(popen: subprocess.Popen, timeout_s: float, kill_wait_s: float =
         return popen.wait(kill_wait_s)
     except subprocess.TimeoutExpired:
         return None
+
+
+def parent_death_signal(parent_pid: int, sig: int = signal.SIGKILL):
+    """A Popen preexec_fn: the child gets `sig` when `parent_pid` dies, from its first instruction
+    (PDEATHSIG survives exec). Only for single-threaded parents, as preexec_fn requires."""
+    def arm() -> None:
+        if not die_with_parent(parent_pid, sig):
+            os._exit(1)  # the parent died before the signal was armed
+    return arm

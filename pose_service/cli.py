@@ -60,8 +60,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         overrides = [*overrides, f"state_dir={_temp_state_dir()}"]
     cfg = load_config(overrides, config_name=args.config_name)
     if args.verb == "serve":
-        from pose_service.service import ServiceManager
-        return ServiceManager(cfg, overrides, args.config_name).run()
+        from pose_service.service import main as serve
+        return serve(cfg, overrides, args.config_name)
     if args.verb == "supervisor":
         from supervisor.arbiter import main as supervisor_main
         return supervisor_main(cfg)

@@ -1,10 +1,16 @@
 """`pose-service serve`: the main process under systemd. It runs the supervisor and the gateway as
 two children and restarts either one that dies (with backoff), so killing the supervisor leaves the
-gateway answering 503 and killing the gateway leaves jobs running. It alone talks to systemd."""
+gateway answering 503 and killing the gateway leaves jobs running. It alone talks to systemd.
+
+It owns what must outlive its children: the state-dir lock (one serve per state dir), the HTTP
+listening socket (handed to each gateway, so a restart never refuses a connection), and the
+watchdog, which it feeds only while the supervisor's loop proves it is turning."""
 from __future__ import annotations
 
+import os
 import queue
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -12,45 +18,52 @@ import urllib.error
 import urllib.request
 from typing import Optional
 
+from pose_common import statelock
+from pose_common.children import parent_death_signal, stop_process
 from pose_common.logs import setup_logging
+from pose_common.runtime import RuntimeDir
 from pose_common.sdnotify import notify, watchdog_interval_s
+from pose_service.listener import HANDOVER_ENV, listening_socket
+from supervisor.policy import backoff_delay
+
+HEALTHY_AFTER_S = 60.0     # a child that ran this long starts its backoff afresh when it dies
+TICK_FRESH_MIN_S = 2.0     # the supervisor's loop counts as turning if it ticked this recently
 
 
 class Child:
-    def __init__(self, role: str, overrides: list[str], config_name: str):
-        self.role, self.overrides, self.config_name = role, overrides, config_name
+    def __init__(self, role: str, argv: list[str], listener: Optional[socket.socket] = None):
+        self.role, self.argv, self.listener = role, argv, listener
         self.popen: Optional[subprocess.Popen] = None
         self.restarts = 0
         self.next_start = 0.0
         self.started = 0.0
 
     def start(self) -> None:
-        argv = [sys.executable, "-m", "pose_service.cli", "--config-name", self.config_name, self.role,
-                *self.overrides]
-        self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL)
+        env, fds = dict(os.environ), ()
+        if self.listener is not None:
+            env[HANDOVER_ENV], fds = str(self.listener.fileno()), (self.listener.fileno(),)
+        self.popen = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, env=env, pass_fds=fds,
+                                      preexec_fn=parent_death_signal(os.getpid()))
         self.started = time.monotonic()
 
     def exited(self) -> Optional[int]:
         return None if self.popen is None else self.popen.poll()
 
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
     def schedule_restart(self, now: float) -> float:
-        if now - self.started > 60:
-            self.restarts = 0  # it had been healthy: start the backoff afresh
+        if now - self.started > HEALTHY_AFTER_S:
+            self.restarts = 0
         self.restarts += 1
-        delay = min(30.0, 0.25 * 2 ** min(self.restarts - 1, 7))
+        delay = backoff_delay(self.restarts, 0.25, 30.0)
         self.next_start = now + delay
         self.popen = None
         return delay
 
     def stop(self, timeout_s: float) -> None:
-        if self.popen is None or self.popen.poll() is not None:
-            return
-        self.popen.send_signal(signal.SIGTERM)
-        try:
-            self.popen.wait(timeout_s)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait(5)
+        if self.popen is not None:
+            stop_process(self.popen, timeout_s)
 
 
 class ServiceManager:
@@ -58,27 +71,29 @@ class ServiceManager:
                  signal_queue: Optional[queue.SimpleQueue] = None):
         self.cfg = cfg
         self.log = setup_logging("service", cfg.log_level)
-        self.children = [Child("supervisor", overrides, config_name), Child("gateway", overrides, config_name)]
+        self.lock = statelock.hold(os.path.join(cfg.state_dir, "serve.lock"), "pose-service serve")
+        self.listener = listening_socket(cfg.gateway.host, cfg.gateway.port)
+        self.tick_file = RuntimeDir(cfg.runtime_dir).supervisor_tick
+        base = [sys.executable, "-m", "pose_service.cli", "--config-name", config_name]
+        self.children = [Child("supervisor", [*base, "supervisor", *overrides]),
+                         Child("gateway", [*base, "gateway", *overrides], self.listener)]
         self.signals = signal_queue or queue.SimpleQueue()
         self.running = True
         self.ready_sent = False
+        self.watchdog_s = watchdog_interval_s()
+        self.last_ping = 0.0
 
     def run(self) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, _f: self.signals.put_nowait(signum))
         for child in self.children:
             child.start()
-        watchdog = watchdog_interval_s()
-        last_ping = 0.0
         while self.running:
             self.handle_signals()
             self.reap_children()
             self.start_due_children()
             self.announce_ready()
-            now = time.monotonic()
-            if watchdog and now - last_ping >= watchdog and self.all_running():
-                notify("WATCHDOG=1")
-                last_ping = now
+            self.feed_watchdog()
             time.sleep(0.2)
         notify("STOPPING=1")
         for child in reversed(self.children):
@@ -105,13 +120,26 @@ class ServiceManager:
             if child.popen is None and now >= child.next_start:
                 child.start()
 
-    def all_running(self) -> bool:
-        return all(c.popen is not None and c.popen.poll() is None for c in self.children)
+    def supervisor_turning(self) -> bool:
+        try:
+            age = time.time() - os.stat(self.tick_file).st_mtime
+        except OSError:
+            return False
+        return age <= max(TICK_FRESH_MIN_S, self.watchdog_s)
+
+    def feed_watchdog(self) -> None:
+        now = time.monotonic()
+        if not self.watchdog_s or now - self.last_ping < self.watchdog_s:
+            return
+        if self.supervisor_turning() and all(child.running() for child in self.children):
+            notify("WATCHDOG=1")
+            self.last_ping = now
 
     def announce_ready(self) -> None:
-        if self.ready_sent or not self.all_running():
+        if self.ready_sent or not all(child.running() for child in self.children):
             return
-        url = f"http://{self.cfg.gateway.host}:{self.cfg.gateway.port}/v1/health"
+        host = "127.0.0.1" if self.cfg.gateway.host in ("0.0.0.0", "") else self.cfg.gateway.host
+        url = f"http://{host}:{self.listener.getsockname()[1]}/v1/health"
         try:
             urllib.request.urlopen(url, timeout=1)
         except urllib.error.HTTPError:
@@ -121,3 +149,16 @@ class ServiceManager:
         notify("READY=1\nSTATUS=serving")
         self.ready_sent = True
         self.log.info("service_ready", url=url)
+
+
+def main(cfg, overrides: list[str], config_name: str) -> int:
+    try:
+        manager = ServiceManager(cfg, overrides, config_name)
+    except statelock.StateDirHeld as exc:
+        print(f"pose-service serve: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"pose-service serve: cannot listen on {cfg.gateway.host}:{cfg.gateway.port}: {exc.strerror}",
+              file=sys.stderr)
+        return 2
+    return manager.run()

@@ -206,3 +206,75 @@ def needs_shared_data():
     import pytest
     return pytest.mark.skipif(not CLIP.exists(), reason=f"shared test data not found at ../shared/data "
                                                         f"(a user's clone has none); {CLIP.name} is needed")
+
+
+class Served:
+    """`pose-service serve` as systemd runs it, with its own state dir and port; stopped by the test."""
+
+    def __init__(self, tmp: Path, overrides: list[str], env: Optional[dict] = None, port: Optional[int] = None,
+                 pass_fds: tuple = (), argv_prefix: Optional[list[str]] = None):
+        self.tmp, self.port = tmp, port or free_port()
+        self.state_dir = tmp / "state"
+        self.overrides = [f"state_dir={self.state_dir}", f"gateway.port={self.port}",
+                          f"jobs.allowed_roots=[{tmp.parent},{SHARED_DATA}]", *overrides]
+        self.log_path = tmp / "serve.log"
+        argv = [*(argv_prefix or []), sys.executable, "-m", "pose_service.cli", "serve", *self.overrides]
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=log, env={**os.environ, **(env or {})},
+                                         pass_fds=pass_fds)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def wait_ready(self, timeout: float = 60) -> dict:
+        return wait_for(lambda: (r := http("GET", self.url + "/v1/health", timeout=2))[0] == 200 and r[1], timeout,
+                        what="serve ready")
+
+    def diagnostics(self) -> dict:
+        return http("GET", self.url + "/v1/diagnostics", timeout=10)[1]
+
+    def job(self, job_id: str) -> dict:
+        status, body = http("GET", f"{self.url}/v1/jobs/{job_id}", timeout=5)
+        return body if status == 200 else {}
+
+    def wait_job(self, job_id: str, timeout: float = 60) -> dict:
+        return wait_for(lambda: (j := self.job(job_id)).get("status") in ("done", "error") and j, timeout,
+                        interval=0.2, what=f"job {job_id} to finish")
+
+    def stop(self, timeout: float = 30) -> Optional[int]:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(5)
+
+    def log_text(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+class NotifySocket:
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET: collects what the service says."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(self.path)
+        self.sock.setblocking(False)
+        self.seen: list[tuple[float, str]] = []
+
+    def drain(self) -> list[tuple[float, str]]:
+        while True:
+            try:
+                data = self.sock.recv(4096)
+            except BlockingIOError:
+                return self.seen
+            self.seen.extend((time.monotonic(), line) for line in data.decode().splitlines())
+
+    def lines(self, prefix: str) -> list[float]:
+        return [at for at, line in self.drain() if line.startswith(prefix)]
+
+    def close(self) -> None:
+        self.sock.close()
