@@ -164,3 +164,144 @@ def test_ledger_survives_reopen(tmp_path):
     again = Ledger(path)
     assert again.job(job.job_id).state == "queued"
     assert next(again.iter_frames(job.job_id))["persons"] == [{"track_id": 1}]
+
+
+# --- the worker slot, with fake processes and a fake clock ---------------------------------------------
+class FakeProc:
+    def __init__(self, pid: int):
+        self.pid, self.code, self.kill_reason, self.signalled_at, self.started = pid, None, None, None, 0.0
+        self.escalating = False
+
+    def poll(self):
+        return self.code
+
+    def alive(self) -> bool:
+        return self.code is None
+
+    def send(self, sig, reason):
+        self.kill_reason = self.kill_reason or reason
+
+    def escalate(self, reason, grace):
+        self.escalating, self.kill_reason = True, self.kill_reason or reason
+
+    def kill_if_stuck(self, grace):
+        pass
+
+    def stderr_tail(self, lines):
+        return ""
+
+
+class FakeSpawner:
+    def __init__(self):
+        self.spawned: list[FakeProc] = []
+
+    def worker(self, generation, rung):
+        self.spawned.append(FakeProc(1000 + generation))
+        return self.spawned[-1]
+
+    def probe(self, rung, tag):
+        raise AssertionError("probe disabled in these tests")
+
+    def crumb(self, generation):
+        return {}
+
+
+class Events:
+    def __init__(self):
+        self.seen: list[tuple] = []
+
+    def worker_stopped(self, reason):
+        self.seen.append(("stopped", reason))
+
+    def worker_died(self, ending):
+        self.seen.append(("died", ending.cause.kind))
+
+    def probe_died(self, ending):
+        self.seen.append(("probe_died", ending.cause.kind))
+
+    def went_fatal(self, reason):
+        self.seen.append(("fatal", reason))
+
+
+class Log:
+    def __getattr__(self, _name):
+        return lambda *a, **k: None
+
+
+@pytest.fixture
+def slot_parts():
+    from configs import load_config
+    from supervisor.slot import WorkerSlot
+
+    cfg = load_config(["engine.name=noop", "probe.enabled=false", "supervisor.fatal_retry_s=10"])
+    clock = [100.0]
+    generations = iter(range(1, 1000))
+    spawner, events = FakeSpawner(), Events()
+    slot = WorkerSlot(cfg, [{"engine": "noop", "device": "cpu"}], spawner, events, lambda: next(generations), Log(),
+                      clock=lambda: clock[0])
+    return slot, spawner, events, clock
+
+
+def hello_ready(slot, now):
+    slot.on_message(P.T.HELLO, P.Hello(pid=1), now)
+    slot.on_message(P.T.READY, P.Ready(engine={"name": "noop"}, stages=["runtime", "model"]), now)
+
+
+def test_slot_ignores_and_counts_messages_that_do_not_fit_its_state(slot_parts):
+    slot, spawner, events, clock = slot_parts
+    slot.transition(clock[0])
+    assert slot.state is S.SPAWNING
+    slot.on_message(P.T.READY, P.Ready(engine={}), clock[0])          # READY before HELLO
+    slot.restart("reload")                                               # a reload while spawning
+    assert slot.state is S.DRAINING
+    slot.on_message(P.T.HELLO, P.Hello(pid=1), clock[0])                # the drained worker says hello late
+    slot.on_message(P.T.STAGE, P.StageEvent(name="model", event="start"), clock[0])
+    assert slot.ignored == {"ready@spawning": 1, "hello@draining": 1, "stage@draining": 1}
+    spawner.spawned[-1].code = 0
+    slot.transition(clock[0])
+    assert events.seen == [("stopped", "reload")] and slot.state is S.SPAWNING and slot.generation == 2
+
+
+def test_slot_death_goes_exit_cause_policy_and_backs_off(slot_parts):
+    slot, spawner, events, clock = slot_parts
+    slot.transition(clock[0])
+    hello_ready(slot, clock[0])
+    assert slot.ready and slot.stage_names == ["runtime", "model"]
+    spawner.spawned[-1].code = -signal.SIGSEGV
+    slot.transition(clock[0])
+    assert events.seen == [("died", "segfault")]
+    assert slot.state is S.SPAWNING and slot.generation == 2  # the first restart is immediate
+
+
+def test_slot_load_failure_is_fatal_and_retried_once_not_forever(slot_parts):
+    slot, spawner, events, clock = slot_parts
+    for round_ in range(3):
+        slot.transition(clock[0])
+        slot.on_message(P.T.HELLO, P.Hello(pid=1), clock[0])
+        spawner.spawned[-1].code = exitcodes.EX_LOAD_FAILED
+        slot.transition(clock[0])
+        assert slot.state is S.FATAL
+        clock[0] += 11  # past supervisor.fatal_retry_s
+        slot.transition(clock[0])
+        if round_ == 0:
+            assert slot.state is S.EXITED  # one retry, in case someone fixed the files
+    assert slot.state is S.FATAL and "a restart cannot fix this" in slot.health()["reason"]
+    assert len(spawner.spawned) == 2
+
+
+def test_frame_pace_keeps_the_long_deadline_for_the_first_frames_then_adapts():
+    from supervisor.slot import FramePace
+
+    pace = FramePace(first_s=60, warmup=5, floor_s=3, factor=20)
+    pace.restart(0.0)
+    for i in range(4):
+        pace.frame(0.04 * (i + 1))
+    assert pace.limit_s() == 60
+    for i in range(4, 30):
+        pace.frame(0.04 * (i + 1))
+    assert pace.limit_s() == 3  # 20 x 40 ms is below the floor
+    slow = FramePace(first_s=60, warmup=5, floor_s=3, factor=20)
+    slow.restart(0.0)
+    for i in range(10):
+        slow.frame(0.5 * (i + 1))
+    assert slow.limit_s() == pytest.approx(10.0)  # a healthy 0.5 s/frame GPU worker gets 10 s
