@@ -31,6 +31,12 @@ class JobsConfig:
     map_windows_paths: bool = True
     # draw the poses on the video after each job (the legacy API's output_path)
     render_overlay: bool = True
+    # finished jobs' files (upload, result, overlay) are removed after this long (0 = never) ...
+    keep_finished_s: float = 30 * 86400.0
+    # ... and, oldest first, while all of them together are larger than this (0 = no limit)
+    keep_max_mb: int = 20_000
+    # how often the supervisor looks for jobs to remove
+    retention_sweep_s: float = 300.0
 
 
 @dataclass

@@ -24,9 +24,10 @@ from pose_common.hostinfo import gpu_facts, host_facts, package_versions
 from pose_common.logs import setup_logging
 from pose_common.runtime import RuntimeDir
 from supervisor.jobs import JobRunner, PendingImages
-from supervisor.ledger import Ledger
+from pose_common.ledger import Ledger
 from supervisor.process import Spawner, kill_stale_worker
 from supervisor.reports import death_report, incident_report
+from supervisor.retention import Retention
 from supervisor.slot import Ending, WorkerSlot
 
 JOB_MESSAGES = frozenset({P.T.VIDEO, P.T.FRAME, P.T.JOB_DONE, P.T.JOB_FAILED})
@@ -54,6 +55,8 @@ class Supervisor:
         self.slot = WorkerSlot(cfg, rungs(cfg), spawner, self, self.ledger.next_generation, self.log)
         self.jobs = JobRunner(cfg, self.ledger, self.slot, self.send_worker, self.log)
         self.images = PendingImages(self.reply)
+        self.retention = Retention(self.ledger, self.jobs.results_dir, cfg.jobs.keep_finished_s,
+                                   cfg.jobs.keep_max_mb << 20, cfg.jobs.retention_sweep_s, self.log)
         self.dropped: Counter = Counter()
         self.running = True
         self.crash_next_tick = False
@@ -85,6 +88,7 @@ class Supervisor:
         self.jobs.enforce_cancels(now)
         self.images.expire(now)
         self.jobs.reap_renders()
+        self.retention.maybe_sweep()
         self.prove_alive()
 
     def install_signal_handlers(self) -> None:
@@ -107,12 +111,14 @@ class Supervisor:
     def boot(self) -> None:
         stale = kill_stale_worker(self.runtime.worker_pidfile)
         requeued = self.ledger.requeue_running()
+        self.jobs.resume_renders()
         self.log.info("supervisor_boot", pid=os.getpid(), stale_worker_killed=stale, jobs_requeued=requeued,
                       ladder=[self.slot.rung_label(i) for i in range(len(self.slot.ladder))])
 
     def shutdown(self) -> None:
         self.log.info("supervisor_shutdown", running_job=self.jobs.current)
         self.slot.stop(5)
+        self.jobs.stop_renders()  # a job left `rendering` gets its artifacts at the next boot
         if self.jobs.current:
             self.ledger.mark_queued(self.jobs.current)  # resumed by the next boot
         self.front.close()
@@ -219,6 +225,9 @@ class Supervisor:
     def worker_died(self, ending: Ending) -> None:
         job_id = self.jobs.current
         self.record(death_report(ending, job_id, self.slot.rss, self.slot.pids()))
+        if job_id:
+            self.ledger.add_event(job_id, "restart", {"cause": ending.cause.kind, "frame": ending.frame,
+                                                      "worker_generation": ending.generation})
         if job_id and ending.frame is not None:
             self.ledger.record_frame_death(job_id, int(ending.frame), ending.cause.kind)
         self.jobs.requeue_current()
@@ -252,7 +261,7 @@ class Supervisor:
         if refusal:
             self.log.warning("submit_refused", reason=refusal)
             return self.reply(identity, env, 403, error=refusal)
-        job, created = self.ledger.accept(body.video_path, body.source, body.idempotency_key)
+        job, created = self.ledger.accept(body.video_path, body.source, body.idempotency_key, body.max_frames)
         self.log.info("job_accepted", job_id=job.job_id, created=created)
         self.reply(identity, env, 202 if created else 200, job={**self.jobs.view(job.job_id), "created": created})
 
