@@ -71,7 +71,8 @@ JPEG_QUALITY = 90
 RESULT_CACHE_KEY = web.AppKey("legacy_result_cache", OrderedDict)
 RESULT_CACHE_SIZE = 4
 KNOWN_MODELS = ("hmr2", "vitdet", "phalp", "mediapipe")
-STATE_WORDS = {"queued": "queued", "running": "processing", "done": "complete", "error": "error"}
+STATE_WORDS = {"queued": "queued", "running": "processing", "rendering": "processing", "done": "complete",
+               "error": "error"}
 IMAGE_FIELDS = ("frame", "image", "file")
 
 routes = web.RouteTableDef()

@@ -32,6 +32,7 @@ from pose_common.video import TruncatedVideo, VideoError, frames
 from pose_common import protocol as P
 from pose_common.children import die_with_parent
 from pose_common.runtime import RuntimeDir
+from pose_common.sampling import sampled_indices
 from pose_common.logs import setup_logging
 
 class Dying(Exception):
@@ -189,7 +190,7 @@ class Worker:
         decoded = start
         began = False
         try:
-            for meta, index, pts, rgb in frames(body["path"], start):
+            for meta, index, pts, rgb in only_sampled(frames(body["path"], start), body.get("max_frames")):
                 if not began:
                     self.send(P.T.VIDEO, job=self.job, meta=meta.as_dict())
                     self.engine.begin_video(meta.width, meta.height, meta.fps)
@@ -291,6 +292,19 @@ class Worker:
         self.sock.setsockopt(zmq.LINGER, 2000)  # let the report leave before we do
         self.sock.close()
         return dying.code
+
+
+def only_sampled(decoded, max_frames: Optional[int]):
+    """With max_frames, only the frames the supervisor expects (spread evenly, pose_common.sampling);
+    when the container does not say how long it is, the first max_frames."""
+    selected: Optional[set[int]] = None
+    for meta, index, pts, rgb in decoded:
+        if max_frames and selected is None and meta.frame_count:
+            selected = set(sampled_indices(meta.frame_count, max_frames))
+        if max_frames and selected is None and index >= max_frames:
+            return
+        if selected is None or index in selected:
+            yield meta, index, pts, rgb
 
 
 def peak_rss() -> int:

@@ -1,35 +1,51 @@
-"""Overlay video: the source frames with the stored poses drawn on, one output frame per input
-frame, at the source frame rate. Run by the supervisor in its own process after a job completes
-(`python -m pose_common.overlay VIDEO RESULT OUT`); it reads the finished result, never the GPU."""
+"""Overlay video: the source frames of a job's result with the stored poses drawn on, at the source
+frame rate (every frame, or the sampled ones for a max_frames job). Run by the supervisor in its own
+process after the job's frames are stored (`python -m pose_common.overlay LEDGER JOB VIDEO OUT`);
+it reads the ledger frame by frame, never the GPU, and writes to a temporary name first, so the
+overlay either exists whole or not at all."""
 from __future__ import annotations
 
-import json
 import os
 import sys
+from typing import Iterator, Optional
 
 import av
 import numpy as np
 
-from pose_common.video import frames
 from pose_common.drawing import draw_persons
+from pose_common.ledger import Ledger
+from pose_common.video import TruncatedVideo, frames
 
 
-def render_overlay(video: str, result_path: str, out: str) -> int:
-    with open(result_path) as fh:
-        result = json.load(fh)
-    persons = {f["frame_index"]: f["persons"] for f in result["frames"]}
-    names = result.get("joint_names") or []
+def render_overlay(ledger_path: str, job_id: str, video: str, out: str) -> int:
+    """-> the number of frames written."""
+    ledger = Ledger(ledger_path, readonly=True)
+    try:
+        job = ledger.job(job_id)
+        names = (job.engine() if job else {}).get("joint_names") or []
+        return _render(video, ledger.iter_frames(job_id), names, out)
+    finally:
+        ledger.close()
+
+
+def _render(video: str, stored: Iterator[dict], names: list, out: str) -> int:
     tmp = out + ".tmp.mp4"
     count = 0
+    entry: Optional[dict] = next(stored, None)
     with av.open(tmp, "w") as container:
         stream = None
-        for meta, index, _pts, rgb in frames(video):
+        for meta, index, _pts, rgb in decoded(video):
+            while entry is not None and entry["frame_index"] < index:
+                entry = next(stored, None)
+            if entry is None:
+                break
+            if entry["frame_index"] != index:
+                continue  # not part of the result (a sampled job)
             if stream is None:
                 stream = _open_stream(container, meta.fps, rgb.shape[1], rgb.shape[0])
-            bgr = np.ascontiguousarray(rgb[:, :, ::-1])
-            drawn = draw_persons(bgr, persons.get(index, []), names)
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(drawn[:, :, ::-1]), format="rgb24")
-            for packet in stream.encode(frame):
+            drawn = draw_persons(np.ascontiguousarray(rgb[:, :, ::-1]), entry["persons"], names)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(drawn[:, :, ::-1]),
+                                                                   format="rgb24")):
                 container.mux(packet)
             count += 1
         if stream is not None:
@@ -37,6 +53,14 @@ def render_overlay(video: str, result_path: str, out: str) -> int:
                 container.mux(packet)
     os.replace(tmp, out)
     return count
+
+
+def decoded(video: str):
+    """The video's frames up to where decoding stops (a truncated file's result ends there too)."""
+    try:
+        yield from frames(video)
+    except TruncatedVideo:
+        return
 
 
 def _open_stream(container, fps: float, width: int, height: int):
@@ -56,4 +80,4 @@ def overlay_path(result_path: str) -> str:
 
 
 if __name__ == "__main__":
-    sys.exit(0 if render_overlay(*sys.argv[1:4]) >= 0 else 1)
+    sys.exit(0 if render_overlay(*sys.argv[1:5]) > 0 else 1)

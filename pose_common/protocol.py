@@ -149,6 +149,7 @@ class Submit(Request, kw_only=True):
     video_path: Path
     source: Literal["path", "upload", "cli"] = "path"
     idempotency_key: Optional[Annotated[str, Meta(min_length=1, max_length=256)]] = None
+    max_frames: Optional[Annotated[int, Meta(ge=1, le=1_000_000)]] = None  # sample this many, evenly
 
 
 class JobRef(Request, kw_only=True):

@@ -1,6 +1,10 @@
 """Jobs on the worker: dispatch from the ledger, frames into the ledger, completion, cancel, and the
 single-image requests that interleave with them. The worker's life is the slot's; this module only
-asks it whether a job may start and tells it about progress."""
+asks it whether a job may start and tells it about progress.
+
+A job is `done` only when every artifact its answer names exists and is whole: when the worker has
+sent its last frame the job enters `rendering`, the result file and the overlay video are written
+by a side process (never on the worker), and only then is the job finished."""
 from __future__ import annotations
 
 import os
@@ -11,24 +15,32 @@ from typing import Any, Callable, Optional
 import structlog
 
 from pose_common import protocol as P
+from pose_common.children import parent_death_signal
+from pose_common.ledger import Job, Ledger
 from pose_common.overlay import overlay_path
-from supervisor.ledger import Ledger
-from supervisor.results import write_result
+from pose_common.results import mesh_faces_key, split_meshes, write_result
 from supervisor.slot import WorkerSlot
 
 SendWorker = Callable[..., bool]
 Reply = Callable[..., None]
+PROGRESS_EVERY_S = 0.5   # at most this often a progress event per job (SSE reads them)
 
 
 class JobRunner:
     def __init__(self, cfg, ledger: Ledger, slot: WorkerSlot, send_worker: SendWorker, log):
         self.cfg, self.ledger, self.slot, self.send_worker, self.log = cfg, ledger, slot, send_worker, log
         self.results_dir = os.path.join(cfg.state_dir, "results")
-        os.makedirs(self.results_dir, exist_ok=True)
+        os.makedirs(self.results_dir, mode=0o700, exist_ok=True)
         self.current: Optional[str] = None
         self.cancelled_at: Optional[float] = None
-        self.renders: list[subprocess.Popen] = []
+        self.renders: dict[str, subprocess.Popen] = {}
+        self.progress = Progress()
         self.stale = 0
+
+    def resume_renders(self) -> None:
+        """On boot: jobs whose frames were all stored when the supervisor stopped get their artifacts."""
+        for job in self.ledger.rendering():
+            self.start_render(job)
 
     # --- dispatch -------------------------------------------------------------------------------
     def dispatch(self, now: float) -> None:
@@ -37,18 +49,20 @@ class JobRunner:
         job = self.ledger.next_job()
         if job is None:
             return
-        start = self.ledger.next_frame(job.job_id)
+        start = self.ledger.next_frame(job.job_id, job.selected_frames())
         poison = self.ledger.poison_frames(job.job_id, self.cfg.jobs.poison_frame_deaths)
         sent = self.send_worker(P.T.RUN_JOB, job=job.job_id, path=job.video_path, start_frame=start,
+                                max_frames=job.max_frames,
                                 poison={str(k): v for k, v in poison.items() if k >= start})
         if not sent:
             self.log.error("dispatch_failed", job_id=job.job_id, generation=self.slot.generation)
             self.slot.worker_unreachable("the worker's socket refused the job")
             return  # the job stays queued; its attempt is not spent
-        self.ledger.mark_running(job.job_id)
-        self.ledger.set_engine_meta(job.job_id, self.slot.engine_info)
+        self.ledger.mark_running(job.job_id, self.slot.generation)
+        self.ledger.set_engine_meta(job.job_id, {**self.slot.engine_info, "joint_names": self.slot.joint_names})
         self.current = job.job_id
         self.slot.job_started(now)
+        self.progress.start(job, now, self.ledger.frames_done(job.job_id))
         structlog.contextvars.bind_contextvars(job_id=job.job_id)
         self.log.info("job_dispatched", job_id=job.job_id, generation=self.slot.generation, start_frame=start,
                       attempt=job.attempts + 1, poison=sorted(poison))
@@ -62,12 +76,17 @@ class JobRunner:
 
     # --- job messages from the worker -------------------------------------------------------------
     def on_video(self, job_id: str, body: P.VideoFound, now: float) -> None:
-        self.ledger.set_video_meta(job_id, {name: getattr(body.meta, name) for name in body.meta.__struct_fields__})
+        meta = {name: getattr(body.meta, name) for name in body.meta.__struct_fields__}
+        self.ledger.set_video_meta(job_id, meta)
+        self.progress.frames_total = meta["frame_count"] or None
         self.slot.progressed(now)
 
     def on_frame(self, job_id: str, body: P.Frame, now: float) -> None:
-        self.ledger.add_frame(job_id, body.index, body.pts, body.persons, body.error)
+        persons = body.persons
+        stored = self.ledger.add_frame(job_id, body.index, body.pts, persons, body.error, split_meshes(persons))
         self.slot.progressed(now, frame=True)
+        if stored and (event := self.progress.frame(now)):
+            self.ledger.add_event(job_id, "progress", event)
 
     def on_done(self, job_id: str, body: P.JobDone) -> None:
         if self.cancelled_at is None:
@@ -86,18 +105,65 @@ class JobRunner:
         self.slot.job_finished()
 
     def finalize(self, job_id: str, frames_decoded: int, warning: Optional[str], run_facts: dict) -> None:
-        stored = self.ledger.frames_done(job_id)
-        if stored != frames_decoded or self.ledger.next_frame(job_id) != frames_decoded:
-            self.ledger.fail(job_id, f"internal: {stored} frames stored for {frames_decoded} decoded")
-            return
         job = self.ledger.job(job_id)
-        path = os.path.join(self.results_dir, f"{job_id}.json")
-        write_result(path, job, self.ledger, self.slot.joint_names, warning, {**run_facts, "attempts": job.attempts},
-                     self.slot.mesh_faces)
-        self.ledger.finish(job_id, frames_decoded, path, warning)
-        self.log.info("job_done", job_id=job_id, frames=frames_decoded, warning=warning)
-        if self.cfg.jobs.render_overlay:
-            self.start_overlay(job.video_path, path)
+        expected = [i for i in (job.selected_frames() or range(frames_decoded)) if i < frames_decoded]
+        stored = self.ledger.stored_indices(job_id)
+        if set(expected) != stored:
+            self.ledger.fail(job_id, f"internal: {len(stored)} frames stored for {len(expected)} expected")
+            return
+        warning = self.note_truncation(job, frames_decoded, warning)
+        if self.slot.mesh_faces is not None:
+            self.ledger.put_blob(mesh_faces_key(self.slot.engine_info.get("name") or ""), self.slot.mesh_faces)
+        self.ledger.mark_rendering(job_id, len(stored), os.path.join(self.results_dir, f"{job_id}.json"), warning,
+                                   {**run_facts, "frames_decoded": frames_decoded})
+        self.log.info("job_frames_complete", job_id=job_id, frames=len(stored), warning=warning)
+        self.start_render(self.ledger.job(job_id))
+
+    def note_truncation(self, job: Job, decoded: int, warning: Optional[str]) -> Optional[str]:
+        """Compare what was decoded with what the container declares: a cut or damaged file says so."""
+        meta = job.meta()
+        declared = int(meta.get("frame_count") or 0)
+        selected = job.selected_frames()
+        meta.update(frames_decoded=decoded, frames_expected=len(selected) if selected else declared or None)
+        cut = any(i >= decoded for i in selected) if selected else declared and decoded < declared
+        if cut:
+            meta["truncated"] = True
+            reason = f"video truncated or damaged: decoded {decoded} of the {declared} frames its container declares"
+            warning = f"{reason} ({warning})" if warning else reason
+        self.ledger.set_video_meta(job.job_id, meta)
+        return warning
+
+    # --- artifacts ----------------------------------------------------------------------------------
+    def start_render(self, job: Job) -> None:
+        """Off the loop and off the worker: a short-lived process writes the result file and the
+        overlay; the job is done when it has."""
+        write_result(job.result_path, job, self.ledger)
+        if not self.cfg.jobs.render_overlay:
+            self.ledger.finish(job.job_id)
+            return
+        with open(os.path.join(self.cfg.runtime_dir, "overlay.stderr"), "ab") as log:
+            self.renders[job.job_id] = subprocess.Popen(
+                [sys.executable, "-m", "pose_common.overlay", self.ledger.path, job.job_id, job.video_path,
+                 overlay_path(job.result_path)],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                preexec_fn=parent_death_signal(os.getpid()))
+
+    def reap_renders(self) -> None:
+        for job_id, proc in list(self.renders.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del self.renders[job_id]
+            job = self.ledger.job(job_id)
+            if code == 0:
+                self.ledger.finish(job_id, overlay_path=overlay_path(job.result_path))
+            else:
+                self.ledger.finish(job_id, warning=f"the overlay video could not be rendered (exit {code})")
+            self.log.info("job_done", job_id=job_id, overlay=code == 0)
+
+    def stop_renders(self) -> None:
+        for proc in self.renders.values():
+            proc.kill()
 
     # --- when the worker goes ---------------------------------------------------------------------------
     def requeue_current(self) -> Optional[str]:
@@ -128,33 +194,53 @@ class JobRunner:
             self.cancelled_at = None
             self.slot.restart("cancel")
 
-    # --- overlay renders ----------------------------------------------------------------------------
-    def start_overlay(self, video: str, result_path: str) -> None:
-        """Off the loop and out of the worker: a short-lived process draws the overlay video."""
-        with open(os.path.join(self.cfg.runtime_dir, "overlay.stderr"), "ab") as log:
-            self.renders.append(subprocess.Popen(
-                [sys.executable, "-m", "pose_common.overlay", video, result_path, overlay_path(result_path)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log))
-
-    def reap_renders(self) -> None:
-        self.renders = [p for p in self.renders if p.poll() is None]
-
     # --- views -----------------------------------------------------------------------------------------
     def view(self, job_id: str) -> Optional[dict[str, Any]]:
         job = self.ledger.job(job_id)
-        if job is None:
+        return None if job is None else job_view(job, self.ledger)
+
+
+def job_view(job: Job, ledger: Ledger) -> dict[str, Any]:
+    """What a client sees of a job. `status` is queued|running|done|error; while the result's files are
+    written the job is still `running`, with `phase: rendering`."""
+    view = {k: getattr(job, k) for k in ("job_id", "state", "video_path", "created_at", "started_at",
+                                         "finished_at", "attempts", "frames_total", "error", "warning",
+                                         "result_path", "source", "max_frames")}
+    view["status"] = "running" if job.state == "rendering" else job.state
+    view["phase"] = "rendering" if job.state == "rendering" else None
+    view["frames_done"] = ledger.frames_done(job.job_id)
+    view["video"] = job.meta()
+    if job.overlay_path and job.state == "done":
+        view["overlay_path"] = job.overlay_path
+    if job.state in ("queued", "running"):
+        view["queue_position"] = ledger.queue_position(job.job_id)
+    if job.removed_at:
+        view["removed"] = {"at": job.removed_at, "reason": job.removed_reason}
+    return view
+
+
+class Progress:
+    """Throttled progress of the job on the worker: frames done and total, frames per second, ETA."""
+
+    def __init__(self):
+        self.started = self.last_event = 0.0
+        self.done = self.stored = 0
+        self.frames_total: Optional[int] = None
+
+    def start(self, job: Job, now: float, stored: int) -> None:
+        self.started, self.last_event, self.done, self.stored = now, 0.0, 0, stored
+        selected = job.selected_frames()
+        self.frames_total = len(selected) if selected else (job.frames_total or None)
+
+    def frame(self, now: float) -> Optional[dict]:
+        self.done += 1
+        if now - self.last_event < PROGRESS_EVERY_S:
             return None
-        view = {k: getattr(job, k) for k in ("job_id", "state", "video_path", "created_at", "started_at",
-                                             "finished_at", "attempts", "frames_total", "error", "warning",
-                                             "result_path", "source")}
-        view["status"] = job.state
-        view["frames_done"] = self.ledger.frames_done(job_id)
-        view["video"] = job.meta()
-        if job.result_path and os.path.exists(overlay_path(job.result_path)):
-            view["overlay_path"] = overlay_path(job.result_path)
-        if job.state in ("queued", "running"):
-            view["queue_position"] = self.ledger.queue_position(job_id)
-        return view
+        self.last_event = now
+        fps = self.done / max(now - self.started, 1e-6)
+        left = (self.frames_total - self.stored - self.done) if self.frames_total else None
+        return {"frames_done": self.stored + self.done, "frames_total": self.frames_total, "fps": round(fps, 2),
+                "eta_s": round(left / fps, 1) if left is not None and fps > 0 else None}
 
 
 class PendingImages:
@@ -182,3 +268,4 @@ class PendingImages:
         for req, (identity, _) in self.waiting.items():
             self.reply(identity, P.Envelope(P.T.IMAGE, req=req), 503, error=reason)
         self.waiting.clear()
+

@@ -11,7 +11,7 @@ from pose_common import exitcodes
 from gpu_worker.errors import classify
 from pose_common import protocol as P
 from supervisor.causes import Death, decode_exit
-from supervisor.ledger import Ledger
+from pose_common.ledger import Ledger
 from supervisor.policy import RestartPolicy
 from supervisor.states import IllegalTransition, WorkerLifecycle, WorkerState as S
 
