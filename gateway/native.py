@@ -106,35 +106,17 @@ async def get_diagnostics(request: web.Request) -> web.Response:
 
 @routes.get("/metrics")
 async def metrics(request: web.Request) -> web.Response:
-    """Prometheus text format, built from the supervisor's counters (nothing kept in the gateway)."""
-    from prometheus_client import CollectorRegistry, Gauge, generate_latest
-
-    registry = CollectorRegistry()
-    up = Gauge("pose_supervisor_up", "1 when the supervisor answered", registry=registry)
+    """Prometheus text: the supervisor's own exposition (it keeps the counters), plus whether it
+    answered. Nothing is counted in the gateway, which may restart at any time."""
     try:
         _, body = await ask(request, "metrics")
+        up, text = 1, body.get("text", "")
     except Unavailable:
-        up.set(0)
-        return web.Response(body=generate_latest(registry), content_type="text/plain")
-    up.set(1)
-    health = body["health"]
-    status = Gauge("pose_status", "service status (1 for the current one)", ["status"], registry=registry)
-    for word in ("ready", "degraded", "loading", "fatal"):
-        status.labels(word).set(1 if health["status"] == word else 0)
-    Gauge("pose_worker_generation", "worker generation", registry=registry).set(health["generation"])
-    Gauge("pose_rung_index", "fallback ladder rung (0 = top)", registry=registry).set(health["rung_index"])
-    Gauge("pose_queue_depth", "jobs queued or running", registry=registry).set(health["queue_depth"])
-    Gauge("pose_worker_rss_bytes", "worker RSS", registry=registry).set(body.get("worker_rss") or 0)
-    deaths = Gauge("pose_worker_deaths", "recorded worker/probe deaths and incidents", ["cause"], registry=registry)
-    for cause, count in body["restarts_by_cause"].items():
-        deaths.labels(cause).set(count)
-    jobs = Gauge("pose_jobs", "jobs in the ledger", ["state"], registry=registry)
-    for state, count in body["jobs_by_state"].items():
-        jobs.labels(state).set(count)
-    dropped = Gauge("pose_messages_dropped", "undecodable or stale messages", ["kind"], registry=registry)
-    for kind, count in body["messages"].items():
-        dropped.labels(kind).set(count)
-    return web.Response(body=generate_latest(registry), content_type="text/plain")
+        up, text = 0, ""
+    text += ("# HELP pose_supervisor_up 1 when the supervisor answered the gateway\n"
+             f"# TYPE pose_supervisor_up gauge\npose_supervisor_up {up}\n")
+    return web.Response(text=text, content_type="text/plain", charset="utf-8",
+                        headers={"X-Content-Type-Options": "nosniff"})
 
 
 @routes.post("/v1/drill")

@@ -21,10 +21,11 @@ from configs import dump_config, rungs
 from pose_common import exitcodes, faults, statelock
 from pose_common import protocol as P
 from pose_common.hostinfo import gpu_facts, host_facts, package_versions
+from pose_common.ledger import Ledger
 from pose_common.logs import setup_logging
 from pose_common.runtime import RuntimeDir
 from supervisor.jobs import JobRunner, PendingImages
-from pose_common.ledger import Ledger
+from supervisor.metrics import Metrics
 from supervisor.process import Spawner, kill_stale_worker
 from supervisor.reports import death_report, incident_report
 from supervisor.retention import Retention
@@ -52,12 +53,15 @@ class Supervisor:
         self.poller.register(self.front, zmq.POLLIN)
         self.poller.register(self.back, zmq.POLLIN)
         spawner = Spawner(self.runtime, lambda path: dump_config(self.cfg, path), cfg.supervisor.keep_generations)
-        self.slot = WorkerSlot(cfg, rungs(cfg), spawner, self, self.ledger.next_generation, self.log)
+        self.metrics = Metrics()
+        self.slot = WorkerSlot(cfg, rungs(cfg), spawner, self, self.ledger.next_generation, self.log,
+                               metrics=self.metrics)
         self.jobs = JobRunner(cfg, self.ledger, self.slot, self.send_worker, self.log)
         self.images = PendingImages(self.reply)
         self.retention = Retention(self.ledger, self.jobs.results_dir, cfg.jobs.keep_finished_s,
                                    cfg.jobs.keep_max_mb << 20, cfg.jobs.retention_sweep_s, self.log)
         self.dropped: Counter = Counter()
+        self.metrics.watch(self.metric_state)
         self.running = True
         self.crash_next_tick = False
         self.started_at = time.time()
@@ -81,7 +85,8 @@ class Supervisor:
         if self.crash_next_tick:
             self.crash_next_tick = False
             raise RuntimeError("injected: drill raise at supervisor")
-        self.route_messages(timeout_ms=int(self.cfg.supervisor.tick_s * 1000))
+        started = time.monotonic()
+        waited = self.route_messages(timeout_ms=int(self.cfg.supervisor.tick_s * 1000))
         now = time.monotonic()
         self.slot.transition(now)
         self.jobs.dispatch(now)
@@ -90,6 +95,7 @@ class Supervisor:
         self.jobs.reap_renders()
         self.retention.maybe_sweep()
         self.prove_alive()
+        self.metrics.ticked(time.monotonic() - started - waited)
 
     def install_signal_handlers(self) -> None:
         for sig in self.SIGNALS:
@@ -128,14 +134,19 @@ class Supervisor:
         self.lock.close()
 
     # --- messages ---------------------------------------------------------------------------------
-    def route_messages(self, timeout_ms: int) -> None:
-        for sock, _ in self.poller.poll(timeout_ms):
+    def route_messages(self, timeout_ms: int) -> float:
+        """-> seconds spent waiting for messages (the rest of a tick is work)."""
+        polled = time.monotonic()
+        ready = self.poller.poll(timeout_ms)
+        waited = time.monotonic() - polled
+        for sock, _ in ready:
             for _ in range(100):  # bounded burst per socket per tick
                 try:
                     parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     break
                 self.route(sock, parts)
+        return waited
 
     def route(self, sock: zmq.Socket, parts: list) -> None:
         identity = parts[0].bytes
@@ -296,9 +307,14 @@ class Supervisor:
         self.reply(identity, env, 200, **self.diagnostics())
 
     def request_metrics(self, identity: bytes, env: P.Envelope, body: P.Request) -> None:
-        self.reply(identity, env, 200, health=self.health(), restarts_by_cause=self.ledger.crash_counts(),
-                   jobs_by_state=self.ledger.count_by_state(), worker_rss=self.slot.rss,
-                   messages=self.message_counts())
+        self.reply(identity, env, 200, text=self.metrics.exposition())
+
+    def metric_state(self) -> dict:
+        gpu = gpu_facts(self.slot.pids())
+        return {**self.health(), "worker_rss": self.slot.rss, "jobs_by_state": self.ledger.count_by_state(),
+                "deaths_by_cause": self.ledger.crash_counts(), "messages": self.message_counts(),
+                "job_fps": self.jobs.progress.fps(time.monotonic()) if self.jobs.current else None,
+                "gpu_devices": gpu.get("devices") if gpu.get("available") else []}
 
     def request_image(self, identity: bytes, env: P.Envelope, body: P.ImageRequest) -> None:
         if not env.blobs:

@@ -85,7 +85,10 @@ class JobRunner:
         persons = body.persons
         stored = self.ledger.add_frame(job_id, body.index, body.pts, persons, body.error, split_meshes(persons))
         self.slot.progressed(now, frame=True)
-        if stored and (event := self.progress.frame(now)):
+        if not stored:
+            return  # recomputed after a resume: it was counted the first time
+        self.slot.metrics.frame_stored()
+        if event := self.progress.frame(now):
             self.ledger.add_event(job_id, "progress", event)
 
     def on_done(self, job_id: str, body: P.JobDone) -> None:
@@ -231,6 +234,9 @@ class Progress:
         self.started, self.last_event, self.done, self.stored = now, 0.0, 0, stored
         selected = job.selected_frames()
         self.frames_total = len(selected) if selected else (job.frames_total or None)
+
+    def fps(self, now: float) -> Optional[float]:
+        return round(self.done / max(now - self.started, 1e-6), 2) if self.done else None
 
     def frame(self, now: float) -> Optional[dict]:
         self.done += 1

@@ -17,9 +17,11 @@ from typing import Any, Callable, Optional, Protocol
 from pose_common import protocol as P
 from pose_common.hostinfo import system_memory
 from supervisor.causes import Cause, Death, decode_exit
+from supervisor.metrics import Metrics
 from supervisor.policy import RestartPolicy
 from supervisor.process import ChildProcess, Spawner, read_json
-from supervisor.states import WORKER_ALIVE, WorkerLifecycle, WorkerState as S
+from supervisor.states import WORKER_ALIVE, WorkerLifecycle
+from supervisor.states import WorkerState as S
 
 # a worker we stopped on purpose: its end is not a crash and not a restart decision
 GRACEFUL_STOPS = frozenset({"shutdown", "reload", "step_up", "drill", "cancel"})
@@ -89,9 +91,11 @@ class FramePace:
 
 class WorkerSlot:
     def __init__(self, cfg, ladder: list[dict], spawner: Spawner, events: SlotEvents,
-                 next_generation: Callable[[], int], log, clock: Callable[[], float] = time.monotonic):
+                 next_generation: Callable[[], int], log, clock: Callable[[], float] = time.monotonic,
+                 metrics: Optional[Metrics] = None):
         self.cfg, self.ladder, self.spawner, self.events, self.log, self.clock = \
             cfg, ladder, spawner, events, log, clock
+        self.metrics = metrics or Metrics()
         self.next_generation = next_generation
         sup, deadlines = cfg.supervisor, cfg.deadlines
         self.policy = RestartPolicy(sup.backoff_initial_s, sup.backoff_max_s, sup.intensity, sup.period_s)
@@ -284,6 +288,8 @@ class WorkerSlot:
         elif stages:
             stages[-1].update(result="ok", duration_s=body.duration_s, rss_delta=body.rss_delta,
                               gpu_delta=body.gpu_delta)
+            if body.duration_s is not None:
+                self.metrics.stage_loaded(body.name, body.duration_s)
         self.log.info("worker_stage", generation=self.life.generation, stage=body.name, phase=body.event,
                       duration_s=body.duration_s)
 
@@ -388,7 +394,10 @@ class WorkerSlot:
 
     def finish_probe(self, run: ProbeRun) -> None:
         report = read_json(run.out)
-        if run.proc.poll() == 0 and report.get("ok"):
+        ok = run.proc.poll() == 0 and bool(report.get("ok"))
+        if run.proc.kill_reason not in GRACEFUL_STOPS:
+            self.metrics.probe_finished(ok)
+        if ok:
             self.probed_ok.add(run.rung_index)
             self.log.info("probe_ok", rung=self.rung_label(run.rung_index), stages=report.get("stages"))
             return self.after_probe_ok(run)
