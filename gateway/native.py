@@ -114,7 +114,7 @@ async def metrics(request: web.Request) -> web.Response:
     except Unavailable:
         up, text = 0, ""
     text += ("# HELP pose_supervisor_up 1 when the supervisor answered the gateway\n"
-             f"# TYPE pose_supervisor_up gauge\npose_supervisor_up {up}\n")
+             f"# TYPE pose_supervisor_up gauge\npose_supervisor_up {float(up)}\n")
     return web.Response(text=text, content_type="text/plain", charset="utf-8",
                         headers={"X-Content-Type-Options": "nosniff"})
 
