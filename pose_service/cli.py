@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
     diagnose.add_argument("--device", default=None)
     diagnose.add_argument("--json", action="store_true")
 
+    install = verbs.add_parser("install-service", help="write the systemd units for this checkout and venv")
+    install.add_argument("--dry-run", action="store_true", help="print what would be written and run")
+    install.add_argument("--user-unit", action="store_true", help="a per-user unit (no root)")
+    install.add_argument("--gpu", type=int, action="append", help="per-GPU units pose-service@N (repeatable)")
+    install.add_argument("--unit-dir", default=None, help="write the units here instead of systemd's directory")
+    install.add_argument("--no-start", action="store_true", help="write the units only")
+
     models = verbs.add_parser("models", help="model files")
     models_verbs = models.add_subparsers(dest="models_verb", required=True)
     verify = models_verbs.add_parser("verify", help="list every file the engine needs: present, missing, truncated")
@@ -77,6 +84,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.verb == "diagnose":
         from pose_service.commands import diagnose
         return diagnose(cfg, args)
+    if args.verb == "install-service":
+        from pose_service.install import install_service
+        return install_service(args)
     if args.verb == "models":
         from pose_service.commands import models_verify
         return models_verify(cfg, args)
