@@ -24,7 +24,21 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "pose_service"
     if not cfg.runtime_dir:
         cfg.runtime_dir = os.path.join(cfg.state_dir, "run")
     cfg.runtime_dir = os.path.abspath(os.path.expanduser(cfg.runtime_dir))
+    cfg.storage_dir = os.path.abspath(os.path.expanduser(cfg.storage_dir or cfg.state_dir))
     return cfg
+
+
+def uploads_dir(cfg: DictConfig) -> str:
+    return os.path.join(cfg.storage_dir, "uploads")
+
+
+def results_dir(cfg: DictConfig) -> str:
+    return os.path.join(cfg.storage_dir, "results")
+
+
+def ledger_path(cfg: DictConfig) -> str:
+    """The SQLite ledger (used when ledger.url is unset)."""
+    return os.path.join(cfg.state_dir, "ledger.sqlite3")
 
 
 def rungs(cfg: DictConfig) -> list[dict]:

@@ -112,9 +112,21 @@ class ProbeConfig:
 
 
 @dataclass
+class LedgerConfig:
+    # unset: SQLite in state_dir (one machine); postgresql://user@host/db: one database shared by
+    # every daemon of a deployment (see docs/many-hosts.md)
+    url: Optional[str] = None
+    # a claimed job's lease, renewed every lease_s/3: a dead host's job is taken over after this
+    lease_s: float = 15.0
+
+
+@dataclass
 class Config:
     state_dir: str = "~/.local/state/pose-service"
     runtime_dir: Optional[str] = None
+    # uploads/ and results/ (with overlays) live here; default state_dir. With a shared ledger it
+    # must be shared storage (NFS/SMB) mounted at the same path on every host
+    storage_dir: Optional[str] = None
     log_level: str = "info"
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)
@@ -125,3 +137,4 @@ class Config:
     ladder: list[RungConfig] = field(default_factory=list)
     fault: FaultConfig = field(default_factory=FaultConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
+    ledger: LedgerConfig = field(default_factory=LedgerConfig)

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from aiohttp import web
 
+from configs import uploads_dir
 from gateway import validation
 from gateway.errors import json_error
 from pose_common.client import SupervisorClient
@@ -50,7 +51,7 @@ async def accept_video_path(request: web.Request, raw_path: Any, source: str = "
         cfg.jobs.map_windows_paths else raw_path
     roots = list(cfg.jobs.allowed_roots)
     if source == "upload":
-        roots = [os.path.join(cfg.state_dir, "uploads")]
+        roots = [uploads_dir(cfg)]
     path = validation.check_video_path(mapped, roots)
     await asyncio.get_running_loop().run_in_executor(None, validation.probe_video_or_400, path)
     return await submit(request, path, source, idempotency_key)
@@ -77,7 +78,7 @@ async def receive_upload(request: web.Request, field_names: tuple[str, ...] = ("
     path, fields = None, {}
     while (part := await reader.next()) is not None:
         if part.name in field_names and part.filename is not None and path is None:
-            path = await validation.save_upload(part, os.path.join(cfg.state_dir, "uploads"),
+            path = await validation.save_upload(part, uploads_dir(cfg),
                                                 cfg.gateway.max_upload_mb << 20)
         elif part.name:
             fields[part.name] = (await part.read(decode=True)).decode("utf-8", "replace")

@@ -54,12 +54,24 @@ from typing import Any, Optional, Sequence
 
 from aiohttp import web
 
+from configs import uploads_dir
 from gateway import validation
-from gateway.helpers import (accept_video_path, ask, config, finished_job, job_status, load_result, open_multipart,
-                             read_json_body, receive_upload, submit)
 from gateway.errors import json_error
+from gateway.helpers import (
+    accept_video_path,
+    ask,
+    config,
+    finished_job,
+    job_status,
+    load_result,
+    open_multipart,
+    read_json_body,
+    receive_upload,
+    submit,
+)
 from pose_common.client import Unavailable
-from pose_common.drawing import draw_persons, number_or as _num
+from pose_common.drawing import draw_persons
+from pose_common.drawing import number_or as _num
 from pose_common.hostinfo import is_wsl
 
 SERVICE = "pose-service"
@@ -534,7 +546,7 @@ async def submit_upload(request: web.Request, path: str) -> dict:
     """Roots check, then the queue; the decodability check is left to the worker (see module doc)."""
     cfg = config(request)
     try:
-        real = validation.check_video_path(path, [os.path.join(cfg.state_dir, "uploads")])
+        real = validation.check_video_path(path, [uploads_dir(cfg)])
         return await submit(request, real, "upload", None)
     except Exception:
         os.unlink(path)

@@ -1,9 +1,12 @@
-"""The durable job ledger (SQLite, WAL). The supervisor is its only writer; gateways open it
-read-only to stream results and events without loading them whole.
+"""The durable job ledger: SQLite (WAL) on one machine, PostgreSQL (`ledger.url`) shared by many.
 
-A job is accepted once its row is committed; frames are appended as they arrive, keyed by
-(job, frame_index), so a resumed job can never store a frame twice. The schema is versioned
-(PRAGMA user_version) and migrated forward when the ledger opens."""
+The supervisors are its writers; gateways and render processes open it read-only. A job is
+accepted once its row is committed. A supervisor claims a job with a lease (owner, expiry, and a
+generation that grows with every claim) and renews it from its loop; every write it makes for the
+job is fenced by that lease, so a supervisor that lost its lease (a partition, a long pause) can no
+longer store anything for the job, and two hosts never both own it. Frames are keyed by
+(job, frame_index), so a resumed job never stores a frame twice. The schema is versioned and
+migrated forward when the ledger opens."""
 from __future__ import annotations
 
 import json
@@ -11,6 +14,7 @@ import os
 import sqlite3
 import time
 import uuid
+from contextlib import contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, Iterator, Optional, Sequence
 
@@ -19,95 +23,10 @@ import msgpack
 from pose_common.sampling import sampled_indices
 
 ACTIVE_STATES = ("queued", "running")
-FINISHED_STATES = ("done", "error")
-TERMINAL_EVENT_TYPES = ("done", "error")
 
-MIGRATIONS: list[str] = [
-    # 1: jobs, frames, poison frames, crash reports, meta
-    """
-    CREATE TABLE IF NOT EXISTS jobs (
-        job_id TEXT PRIMARY KEY,
-        idempotency_key TEXT UNIQUE,
-        video_path TEXT NOT NULL,
-        source TEXT NOT NULL DEFAULT 'path',
-        kind TEXT NOT NULL DEFAULT 'video',
-        state TEXT NOT NULL,
-        created_at REAL NOT NULL,
-        started_at REAL,
-        finished_at REAL,
-        attempts INTEGER NOT NULL DEFAULT 0,
-        frames_total INTEGER,
-        frames_decoded INTEGER,
-        error TEXT,
-        warning TEXT,
-        video_meta TEXT,
-        engine_meta TEXT,
-        result_path TEXT
-    );
-    CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created_at);
-    CREATE TABLE IF NOT EXISTS frames (
-        job_id TEXT NOT NULL,
-        frame_index INTEGER NOT NULL,
-        pts_s REAL,
-        persons BLOB NOT NULL,
-        error TEXT,
-        PRIMARY KEY (job_id, frame_index)
-    ) WITHOUT ROWID;
-    CREATE TABLE IF NOT EXISTS frame_deaths (
-        job_id TEXT NOT NULL,
-        frame_index INTEGER NOT NULL,
-        deaths INTEGER NOT NULL,
-        last_cause TEXT,
-        PRIMARY KEY (job_id, frame_index)
-    );
-    CREATE TABLE IF NOT EXISTS crashes (
-        id INTEGER PRIMARY KEY AUTOINCREMENT,
-        at REAL NOT NULL,
-        generation INTEGER,
-        process TEXT NOT NULL,
-        rung TEXT,
-        stage TEXT,
-        job_id TEXT,
-        frame_index INTEGER,
-        cause TEXT NOT NULL,
-        summary TEXT,
-        exit_code INTEGER,
-        signal TEXT,
-        remedy TEXT,
-        stderr_tail TEXT,
-        worker_rss INTEGER,
-        system_memory TEXT,
-        gpu_memory TEXT,
-        detail TEXT
-    );
-    CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT);
-    """,
-    # 2: sampling (max_frames), the rendering phase, tombstones, job events, compact meshes
-    """
-    ALTER TABLE jobs ADD COLUMN max_frames INTEGER;
-    ALTER TABLE jobs ADD COLUMN overlay_path TEXT;
-    ALTER TABLE jobs ADD COLUMN removed_at REAL;
-    ALTER TABLE jobs ADD COLUMN removed_reason TEXT;
-    ALTER TABLE jobs ADD COLUMN run_facts TEXT;
-    CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at);
-    CREATE TABLE IF NOT EXISTS job_events (
-        job_id TEXT NOT NULL,
-        seq INTEGER NOT NULL,
-        at REAL NOT NULL,
-        type TEXT NOT NULL,
-        data TEXT NOT NULL,
-        PRIMARY KEY (job_id, seq)
-    ) WITHOUT ROWID;
-    CREATE TABLE IF NOT EXISTS frame_meshes (
-        job_id TEXT NOT NULL,
-        frame_index INTEGER NOT NULL,
-        track_id INTEGER NOT NULL,
-        vertices BLOB NOT NULL,
-        PRIMARY KEY (job_id, frame_index, track_id)
-    ) WITHOUT ROWID;
-    """,
-]
-SCHEMA_VERSION = len(MIGRATIONS)
+
+class LedgerUnavailable(RuntimeError):
+    """The database cannot be reached right now; what was accepted before is safe in it."""
 
 
 @dataclass
@@ -134,6 +53,9 @@ class Job:
     removed_at: Optional[float] = None
     removed_reason: Optional[str] = None
     run_facts: Optional[str] = None
+    owner: Optional[str] = None
+    lease_until: Optional[float] = None
+    lease_gen: int = 0
 
     def meta(self) -> dict:
         return json.loads(self.video_meta) if self.video_meta else {}
@@ -151,89 +73,169 @@ class Job:
         count = int(self.meta().get("frame_count") or 0)
         return sampled_indices(count, self.max_frames) if count else None
 
+    @property
+    def lease(self) -> "Lease":
+        return Lease(self.job_id, self.owner or "", self.lease_gen)
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Proof of ownership of a job: every write for the job carries it."""
+    job_id: str
+    owner: str
+    gen: int
+
 
 JOB_COLUMNS = tuple(f.name for f in fields(Job))
 SELECT_JOB = f"SELECT {', '.join(JOB_COLUMNS)} FROM jobs"
+FENCE = "EXISTS (SELECT 1 FROM jobs WHERE job_id=? AND owner=? AND lease_gen=?)"
 
 
-class Ledger:
-    def __init__(self, path: str, readonly: bool = False):
-        self.path = path
-        if readonly:
-            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
-                                      check_same_thread=False)
-        else:
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode survives any process crash; acceptance commits use FULL (see accept)
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.migrate()
-        self.db.execute("PRAGMA busy_timeout=5000")
+def migrations(blob: str, real: str, serial: str) -> list[str]:
+    """The schema, step by step, with the two dialects' names for bytes, floats and row ids."""
+    return [
+        # 1: jobs, frames, poison frames, crash reports, meta
+        f"""
+        CREATE TABLE IF NOT EXISTS jobs (
+            job_id TEXT PRIMARY KEY, idempotency_key TEXT UNIQUE, video_path TEXT NOT NULL,
+            source TEXT NOT NULL DEFAULT 'path', kind TEXT NOT NULL DEFAULT 'video', state TEXT NOT NULL,
+            created_at {real} NOT NULL, started_at {real}, finished_at {real}, attempts INTEGER NOT NULL DEFAULT 0,
+            frames_total INTEGER, frames_decoded INTEGER, error TEXT, warning TEXT, video_meta TEXT,
+            engine_meta TEXT, result_path TEXT);
+        CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state, created_at);
+        CREATE TABLE IF NOT EXISTS frames (
+            job_id TEXT NOT NULL, frame_index INTEGER NOT NULL, pts_s {real}, persons {blob} NOT NULL, error TEXT,
+            PRIMARY KEY (job_id, frame_index));
+        CREATE TABLE IF NOT EXISTS frame_deaths (
+            job_id TEXT NOT NULL, frame_index INTEGER NOT NULL, deaths INTEGER NOT NULL, last_cause TEXT,
+            PRIMARY KEY (job_id, frame_index));
+        CREATE TABLE IF NOT EXISTS crashes (
+            id {serial} PRIMARY KEY, at {real} NOT NULL, generation INTEGER, process TEXT NOT NULL, rung TEXT,
+            stage TEXT, job_id TEXT, frame_index INTEGER, cause TEXT NOT NULL, summary TEXT, exit_code BIGINT,
+            signal TEXT, remedy TEXT, stderr_tail TEXT, worker_rss BIGINT, system_memory TEXT, gpu_memory TEXT,
+            detail TEXT);
+        CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value {blob});
+        """,
+        # 2: sampling, the rendering phase, tombstones, leases, job events, compact meshes
+        f"""
+        ALTER TABLE jobs ADD COLUMN max_frames INTEGER;
+        ALTER TABLE jobs ADD COLUMN overlay_path TEXT;
+        ALTER TABLE jobs ADD COLUMN removed_at {real};
+        ALTER TABLE jobs ADD COLUMN removed_reason TEXT;
+        ALTER TABLE jobs ADD COLUMN run_facts TEXT;
+        ALTER TABLE jobs ADD COLUMN owner TEXT;
+        ALTER TABLE jobs ADD COLUMN lease_until {real};
+        ALTER TABLE jobs ADD COLUMN lease_gen INTEGER NOT NULL DEFAULT 0;
+        CREATE INDEX IF NOT EXISTS jobs_finished ON jobs(finished_at);
+        CREATE TABLE IF NOT EXISTS job_events (
+            id {serial} PRIMARY KEY, job_id TEXT NOT NULL, at {real} NOT NULL, type TEXT NOT NULL, data TEXT NOT NULL);
+        CREATE INDEX IF NOT EXISTS job_events_job ON job_events(job_id, id);
+        CREATE TABLE IF NOT EXISTS frame_meshes (
+            job_id TEXT NOT NULL, frame_index INTEGER NOT NULL, track_id INTEGER NOT NULL, vertices {blob} NOT NULL,
+            PRIMARY KEY (job_id, frame_index, track_id));
+        """,
+    ]
 
-    def migrate(self) -> int:
-        """Apply every migration newer than the file's version, each in its own transaction."""
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        if version == 0 and self.db.execute("SELECT 1 FROM sqlite_master WHERE name='jobs'").fetchone():
-            version = 1  # a ledger written before versioning: it has the first schema
-        for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
-            self.db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
-        return self.schema_version()
 
-    def schema_version(self) -> int:
-        return self.db.execute("PRAGMA user_version").fetchone()[0]
+class SqlLedger:
+    """Everything both dialects share; subclasses connect, run statements and migrate."""
+
+    path: str = ""
+    skip_locked = ""  # PostgreSQL: concurrent claimers pass over rows another one is taking
+
+    # --- the dialect's part -------------------------------------------------------------------
+    def exec(self, sql: str, args: Sequence = ()) -> int:
+        raise NotImplementedError
+
+    def one(self, sql: str, args: Sequence = ()) -> Optional[tuple]:
+        raise NotImplementedError
+
+    def all(self, sql: str, args: Sequence = ()) -> list[tuple]:
+        raise NotImplementedError
+
+    def transaction(self):
+        raise NotImplementedError
 
     def close(self) -> None:
-        self.db.close()
+        raise NotImplementedError
+
+    def ping(self) -> None:
+        self.one("SELECT 1")
 
     # --- jobs -----------------------------------------------------------------------------------
     def accept(self, video_path: str, source: str = "path", idempotency_key: Optional[str] = None,
                max_frames: Optional[int] = None) -> tuple[Job, bool]:
         """Commit a new job (durably) or return the existing one for this idempotency key."""
-        if idempotency_key:
-            existing = self.job_by_key(idempotency_key)
-            if existing:
-                return existing, False
+        if idempotency_key and (existing := self.job_by_key(idempotency_key)):
+            return existing, False
         job_id = uuid.uuid4().hex[:16]
-        now = time.time()
-        self.db.execute("PRAGMA synchronous=FULL")
-        try:
-            self.db.execute("BEGIN")
-            self.db.execute(
-                "INSERT INTO jobs (job_id, idempotency_key, video_path, source, state, created_at, max_frames)"
-                " VALUES (?, ?, ?, ?, 'queued', ?, ?) ON CONFLICT DO NOTHING",
-                (job_id, idempotency_key, video_path, source, now, max_frames))
-            self._event(job_id, "queued", {"status": "queued"})
-            self.db.execute("COMMIT")
-        finally:
-            self.db.execute("PRAGMA synchronous=NORMAL")
+        with self.transaction(durable=True):
+            self.exec("INSERT INTO jobs (job_id, idempotency_key, video_path, source, state, created_at, max_frames)"
+                      " VALUES (?, ?, ?, ?, 'queued', ?, ?) ON CONFLICT DO NOTHING",
+                      (job_id, idempotency_key, video_path, source, time.time(), max_frames))
+            self.add_event(job_id, "queued", {"status": "queued"})
         if idempotency_key:
             return self.job_by_key(idempotency_key), True
         return self.job(job_id), True
 
     def job(self, job_id: str) -> Optional[Job]:
-        row = self.db.execute(f"{SELECT_JOB} WHERE job_id=?", (job_id,)).fetchone()
+        row = self.one(f"{SELECT_JOB} WHERE job_id=?", (job_id,))
         return Job(*row) if row else None
 
     def job_by_key(self, key: str) -> Optional[Job]:
-        row = self.db.execute(f"{SELECT_JOB} WHERE idempotency_key=?", (key,)).fetchone()
+        row = self.one(f"{SELECT_JOB} WHERE idempotency_key=?", (key,))
         return Job(*row) if row else None
 
-    def next_job(self) -> Optional[Job]:
-        row = self.db.execute(f"{SELECT_JOB} WHERE state IN ('queued', 'running') ORDER BY created_at LIMIT 1"
-                              ).fetchone()
-        return Job(*row) if row else None
+    def claim(self, owner: str, lease_s: float) -> Optional[Job]:
+        """Take the oldest job nobody holds: queued, or running/rendering under an expired lease.
+        A job this owner held before (an outage) comes back to it first."""
+        now = time.time()
+        with self.transaction():
+            row = self.one(
+                "SELECT job_id FROM jobs WHERE (state='queued' OR (state='running' AND (owner=? OR lease_until<?)))"
+                f" ORDER BY CASE WHEN owner=? THEN 0 ELSE 1 END, created_at LIMIT 1{self.skip_locked}",
+                (owner, now, owner))
+            if row is None:
+                return None
+            self.exec("UPDATE jobs SET state='running', owner=?, lease_until=?, lease_gen=lease_gen+1,"
+                      " attempts=attempts+1, started_at=COALESCE(started_at, ?) WHERE job_id=?",
+                      (owner, now + lease_s, now, row[0]))
+        return self.job(row[0])
+
+    def claim_render(self, owner: str, lease_s: float) -> Optional[Job]:
+        """A job whose frames are all stored but whose artifacts were left unwritten by a supervisor
+        that stopped (its lease expired): taken over to finish them."""
+        now = time.time()
+        with self.transaction():
+            row = self.one(f"SELECT job_id FROM jobs WHERE state='rendering' AND COALESCE(lease_until, 0)<?"
+                           f" ORDER BY created_at LIMIT 1{self.skip_locked}", (now,))
+            if row is None:
+                return None
+            self.exec("UPDATE jobs SET owner=?, lease_until=?, lease_gen=lease_gen+1 WHERE job_id=?",
+                      (owner, now + lease_s, row[0]))
+        return self.job(row[0])
+
+    def renew(self, lease: Lease, lease_s: float) -> bool:
+        """-> False when the lease is gone (taken over, cancelled, finished): stop writing for the job."""
+        return self.exec("UPDATE jobs SET lease_until=? WHERE job_id=? AND owner=? AND lease_gen=?"
+                         " AND state IN ('running', 'rendering')",
+                         (time.time() + lease_s, lease.job_id, lease.owner, lease.gen)) == 1
+
+    def release(self, lease: Lease) -> bool:
+        """Back to the queue (it resumes at the first unstored frame), for anyone to claim."""
+        return self.exec("UPDATE jobs SET state='queued', owner=NULL, lease_until=NULL WHERE job_id=? AND owner=?"
+                         " AND lease_gen=? AND state='running'", (lease.job_id, lease.owner, lease.gen)) == 1
 
     def queue(self) -> list[str]:
-        return [r[0] for r in self.db.execute(
-            "SELECT job_id FROM jobs WHERE state IN ('queued','running') ORDER BY created_at")]
+        return [r[0] for r in self.all("SELECT job_id FROM jobs WHERE state IN ('queued','running')"
+                                       " ORDER BY created_at")]
 
     def queue_position(self, job_id: str) -> int:
         queue = self.queue()
         return queue.index(job_id) if job_id in queue else -1
 
     def count_by_state(self) -> dict[str, int]:
-        return dict(self.db.execute("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
+        return dict(self.all("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
 
     def list_jobs(self, state: Optional[str] = None, limit: int = 50, before: Optional[float] = None) -> list[Job]:
         """Newest first; page with `before` = the created_at of the last job of the previous page."""
@@ -245,57 +247,57 @@ class Ledger:
             where.append("created_at<?")
             args.append(before)
         clause = f" WHERE {' AND '.join(where)}" if where else ""
-        rows = self.db.execute(f"{SELECT_JOB}{clause} ORDER BY created_at DESC LIMIT ?", (*args, limit))
-        return [Job(*row) for row in rows]
+        return [Job(*row) for row in self.all(f"{SELECT_JOB}{clause} ORDER BY created_at DESC LIMIT ?",
+                                              (*args, limit))]
 
     def requeue_running(self) -> int:
-        """On boot: every job that was running when the supervisor died goes back to the queue."""
-        return self.db.execute("UPDATE jobs SET state='queued' WHERE state='running'").rowcount
+        """One machine, on boot: what its dead supervisor was running goes back to the queue, and the
+        artifacts it was writing are free to be taken over."""
+        with self.transaction():
+            self.exec("UPDATE jobs SET lease_until=NULL WHERE state='rendering'")
+            return self.exec("UPDATE jobs SET state='queued', owner=NULL, lease_until=NULL WHERE state='running'")
 
-    def rendering(self) -> list[Job]:
-        """Jobs whose frames are all stored and whose artifacts were being written (resumed on boot)."""
-        return [Job(*row) for row in self.db.execute(f"{SELECT_JOB} WHERE state='rendering'")]
+    def set_video_meta(self, lease: Lease, meta: dict) -> bool:
+        return self.exec(f"UPDATE jobs SET video_meta=?, frames_total=? WHERE job_id=? AND {FENCE}",
+                         (json.dumps(meta), meta.get("frame_count") or None, lease.job_id, *fence(lease))) == 1
 
-    def mark_running(self, job_id: str, generation: Optional[int] = None) -> None:
-        self.db.execute("UPDATE jobs SET state='running', attempts=attempts+1,"
-                        " started_at=COALESCE(started_at, ?) WHERE job_id=?", (time.time(), job_id))
-        job = self.job(job_id)
-        self.add_event(job_id, "running", {"status": "running", "attempt": job.attempts if job else None,
-                                           "worker_generation": generation})
+    def set_engine_meta(self, lease: Lease, engine: dict) -> bool:
+        return self.exec(f"UPDATE jobs SET engine_meta=? WHERE job_id=? AND {FENCE}",
+                         (json.dumps(engine), lease.job_id, *fence(lease))) == 1
 
-    def mark_queued(self, job_id: str) -> None:
-        self.db.execute("UPDATE jobs SET state='queued' WHERE job_id=? AND state='running'", (job_id,))
+    def mark_rendering(self, lease: Lease, frames_decoded: int, result_path: Optional[str],
+                       warning: Optional[str], run_facts: dict) -> bool:
+        with self.transaction():
+            changed = self.exec(f"UPDATE jobs SET state='rendering', frames_decoded=?, result_path=?, warning=?,"
+                                f" run_facts=? WHERE job_id=? AND state='running' AND {FENCE}",
+                                (frames_decoded, result_path, warning, json.dumps(run_facts), lease.job_id,
+                                 *fence(lease)))
+            if changed:
+                self.add_event(lease.job_id, "rendering", {"status": "running", "phase": "rendering"})
+        return changed == 1
 
-    def set_video_meta(self, job_id: str, meta: dict) -> None:
-        self.db.execute("UPDATE jobs SET video_meta=?, frames_total=? WHERE job_id=?",
-                        (json.dumps(meta), meta.get("frame_count") or None, job_id))
-
-    def set_engine_meta(self, job_id: str, engine: dict) -> None:
-        self.db.execute("UPDATE jobs SET engine_meta=? WHERE job_id=?", (json.dumps(engine), job_id))
-
-    def mark_rendering(self, job_id: str, frames_decoded: int, result_path: Optional[str],
-                       warning: Optional[str], run_facts: dict) -> None:
-        self.db.execute("UPDATE jobs SET state='rendering', frames_decoded=?, result_path=?, warning=?, run_facts=?"
-                        " WHERE job_id=? AND state='running'",
-                        (frames_decoded, result_path, warning, json.dumps(run_facts), job_id))
-        self.add_event(job_id, "rendering", {"status": "running", "phase": "rendering"})
-
-    def finish(self, job_id: str, overlay_path: Optional[str] = None, warning: Optional[str] = None) -> None:
+    def finish(self, lease: Lease, overlay_path: Optional[str] = None, warning: Optional[str] = None) -> bool:
         """Every artifact the job's answer names exists: it is done."""
-        self.db.execute("UPDATE jobs SET state='done', finished_at=?, overlay_path=?,"
-                        " warning=COALESCE(?, warning) WHERE job_id=? AND state IN ('running', 'rendering')",
-                        (time.time(), overlay_path, warning, job_id))
-        job = self.job(job_id)
-        self.add_event(job_id, "done", {"status": "done", "frames": job.frames_decoded if job else None,
-                                        "warning": job.warning if job else None})
+        with self.transaction():
+            changed = self.exec(f"UPDATE jobs SET state='done', finished_at=?, overlay_path=?,"
+                                f" warning=COALESCE(?, warning), owner=NULL, lease_until=NULL WHERE job_id=?"
+                                f" AND state IN ('running', 'rendering') AND {FENCE}",
+                                (time.time(), overlay_path, warning, lease.job_id, *fence(lease)))
+            if changed:
+                frames = self.one("SELECT frames_decoded, warning FROM jobs WHERE job_id=?", (lease.job_id,))
+                self.add_event(lease.job_id, "done", {"status": "done", "frames": frames[0], "warning": frames[1]})
+        return changed == 1
 
-    def fail(self, job_id: str, reason: str) -> bool:
-        changed = self.db.execute("UPDATE jobs SET state='error', finished_at=?, error=? WHERE job_id=?"
-                                  " AND state IN ('queued','running','rendering')",
-                                  (time.time(), reason, job_id)).rowcount
-        if changed:
-            self.add_event(job_id, "error", {"status": "error", "error": reason})
-        return bool(changed)
+    def fail(self, job_id: str, reason: str, lease: Optional[Lease] = None) -> bool:
+        """A worker's verdict is fenced by its lease; an operator's cancel or a fatal service is not."""
+        fenced, args = (f" AND {FENCE}", fence(lease)) if lease else ("", ())
+        with self.transaction():
+            changed = self.exec("UPDATE jobs SET state='error', finished_at=?, error=?, owner=NULL, lease_until=NULL"
+                                f" WHERE job_id=? AND state IN ('queued','running','rendering'){fenced}",
+                                (time.time(), reason, job_id, *args))
+            if changed:
+                self.add_event(job_id, "error", {"status": "error", "error": reason})
+        return changed == 1
 
     def fail_all_active(self, reason: str) -> list[str]:
         ids = self.queue()
@@ -306,43 +308,40 @@ class Ledger:
     # --- retention ---------------------------------------------------------------------------------
     def finished_jobs(self, finished_before: Optional[float] = None) -> list[Job]:
         """Finished jobs whose files have not been removed, oldest first."""
-        where = "state IN ('done','error') AND removed_at IS NULL"
-        args: tuple = ()
+        where, args = "state IN ('done','error') AND removed_at IS NULL", ()
         if finished_before is not None:
-            where += " AND finished_at<?"
-            args = (finished_before,)
-        return [Job(*row) for row in self.db.execute(f"{SELECT_JOB} WHERE {where} ORDER BY finished_at", args)]
+            where, args = where + " AND finished_at<?", (finished_before,)
+        return [Job(*row) for row in self.all(f"{SELECT_JOB} WHERE {where} ORDER BY finished_at", args)]
 
     def mark_removed(self, job_id: str, reason: str) -> None:
         """A tombstone: the row stays (so the job answers 410 with the reason), its data goes."""
-        self.db.execute("BEGIN")
-        self.db.execute("UPDATE jobs SET removed_at=?, removed_reason=? WHERE job_id=?", (time.time(), reason, job_id))
-        for table in ("frames", "frame_meshes", "frame_deaths"):
-            self.db.execute(f"DELETE FROM {table} WHERE job_id=?", (job_id,))
-        self.db.execute("COMMIT")
+        with self.transaction():
+            self.exec("UPDATE jobs SET removed_at=?, removed_reason=? WHERE job_id=?", (time.time(), reason, job_id))
+            for table in ("frames", "frame_meshes", "frame_deaths"):
+                self.exec(f"DELETE FROM {table} WHERE job_id=?", (job_id,))
 
     # --- frames -----------------------------------------------------------------------------------
-    def add_frame(self, job_id: str, index: int, pts_s: Optional[float], persons: list,
-                  error: Optional[str] = None, meshes: Optional[dict[int, bytes]] = None) -> bool:
-        """Store a frame once; a repeat (recomputed after a crash) is ignored. -> stored?"""
-        self.db.execute("BEGIN")
-        cur = self.db.execute(
-            "INSERT INTO frames (job_id, frame_index, pts_s, persons, error) VALUES (?, ?, ?, ?, ?)"
-            " ON CONFLICT DO NOTHING",
-            (job_id, index, pts_s, msgpack.packb(persons, use_bin_type=True), error))
-        stored = cur.rowcount == 1
-        if stored and meshes:
-            self.db.executemany("INSERT INTO frame_meshes (job_id, frame_index, track_id, vertices)"
-                                " VALUES (?, ?, ?, ?) ON CONFLICT DO NOTHING",
-                                [(job_id, index, track, blob) for track, blob in meshes.items()])
-        self.db.execute("COMMIT")
-        return stored
+    def add_frame(self, lease: Lease, index: int, pts_s: Optional[float], persons: list,
+                  error: Optional[str] = None, meshes: Optional[dict[int, bytes]] = None) -> Optional[bool]:
+        """Store a frame once. -> True stored, False a repeat (recomputed after a crash, ignored),
+        None refused: the lease is no longer this writer's."""
+        with self.transaction():
+            stored = self.exec(f"INSERT INTO frames (job_id, frame_index, pts_s, persons, error)"
+                               f" SELECT ?, ?, ?, ?, ? WHERE {FENCE} ON CONFLICT DO NOTHING",
+                               (lease.job_id, index, pts_s, msgpack.packb(persons, use_bin_type=True), error,
+                                *fence(lease)))
+            if not stored:
+                return False if self.one(f"SELECT 1 WHERE {FENCE}", fence(lease)) else None
+            for track, blob in (meshes or {}).items():
+                self.exec("INSERT INTO frame_meshes (job_id, frame_index, track_id, vertices) VALUES (?, ?, ?, ?)"
+                          " ON CONFLICT DO NOTHING", (lease.job_id, index, track, blob))
+        return True
 
     def frames_done(self, job_id: str) -> int:
-        return self.db.execute("SELECT COUNT(*) FROM frames WHERE job_id=?", (job_id,)).fetchone()[0]
+        return self.one("SELECT COUNT(*) FROM frames WHERE job_id=?", (job_id,))[0]
 
     def stored_indices(self, job_id: str) -> set[int]:
-        return {r[0] for r in self.db.execute("SELECT frame_index FROM frames WHERE job_id=?", (job_id,))}
+        return {r[0] for r in self.all("SELECT frame_index FROM frames WHERE job_id=?", (job_id,))}
 
     def next_frame(self, job_id: str, selected: Optional[Sequence[int]] = None) -> int:
         """The first frame not yet stored (where a resumed job starts); for a job that processes
@@ -350,26 +349,24 @@ class Ledger:
         if selected is not None:
             stored = self.stored_indices(job_id)
             return next((i for i in selected if i not in stored), (selected[-1] + 1) if selected else 0)
-        if not self.db.execute("SELECT 1 FROM frames WHERE job_id=? AND frame_index=0", (job_id,)).fetchone():
+        if not self.one("SELECT 1 FROM frames WHERE job_id=? AND frame_index=0", (job_id,)):
             return 0
-        row = self.db.execute(
-            "SELECT MIN(f.frame_index + 1) FROM frames f WHERE f.job_id=? AND NOT EXISTS"
-            " (SELECT 1 FROM frames g WHERE g.job_id=f.job_id AND g.frame_index=f.frame_index+1)",
-            (job_id,)).fetchone()
+        row = self.one("SELECT MIN(f.frame_index + 1) FROM frames f WHERE f.job_id=? AND NOT EXISTS"
+                       " (SELECT 1 FROM frames g WHERE g.job_id=f.job_id AND g.frame_index=f.frame_index+1)",
+                       (job_id,))
         return int(row[0] or 0)
 
     def iter_frames(self, job_id: str, after: int = -1, with_vertices: bool = False,
                     batch: int = 256) -> Iterator[dict]:
         """Frames in order, fetched in batches: memory stays flat however long the video."""
         while True:
-            rows = self.db.execute(
-                "SELECT frame_index, pts_s, persons, error FROM frames WHERE job_id=? AND frame_index>?"
-                " ORDER BY frame_index LIMIT ?", (job_id, after, batch)).fetchall()
+            rows = self.all("SELECT frame_index, pts_s, persons, error FROM frames WHERE job_id=? AND frame_index>?"
+                            " ORDER BY frame_index LIMIT ?", (job_id, after, batch))
             if not rows:
                 return
             meshes = self._meshes(job_id, rows[0][0], rows[-1][0]) if with_vertices else {}
             for index, pts, persons, error in rows:
-                entry = {"frame_index": index, "pts_s": pts, "persons": msgpack.unpackb(persons, raw=False)}
+                entry = {"frame_index": index, "pts_s": pts, "persons": msgpack.unpackb(bytes(persons), raw=False)}
                 for person in entry["persons"]:
                     blob = meshes.get((index, person.get("track_id")))
                     if blob is not None:
@@ -380,81 +377,130 @@ class Ledger:
             after = rows[-1][0]
 
     def _meshes(self, job_id: str, first: int, last: int) -> dict[tuple[int, int], bytes]:
-        return {(f, t): v for f, t, v in self.db.execute(
+        return {(f, t): bytes(v) for f, t, v in self.all(
             "SELECT frame_index, track_id, vertices FROM frame_meshes WHERE job_id=? AND frame_index BETWEEN ? AND ?",
             (job_id, first, last))}
 
-    def has_meshes(self, job_id: str) -> bool:
-        return self.db.execute("SELECT 1 FROM frame_meshes WHERE job_id=? LIMIT 1", (job_id,)).fetchone() is not None
-
     # --- job events (server-sent events read these) ---------------------------------------------------
-    def add_event(self, job_id: str, kind: str, data: dict[str, Any]) -> int:
-        own = not self.db.in_transaction
-        if own:
-            self.db.execute("BEGIN")
-        seq = self._event(job_id, kind, data)
-        if own:
-            self.db.execute("COMMIT")
-        return seq
+    def add_event(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
+        self.exec("INSERT INTO job_events (job_id, at, type, data) VALUES (?, ?, ?, ?)",
+                  (job_id, time.time(), kind, json.dumps(data)))
 
-    def _event(self, job_id: str, kind: str, data: dict[str, Any]) -> int:
-        row = self.db.execute("SELECT COALESCE(MAX(seq), 0) + 1 FROM job_events WHERE job_id=?", (job_id,)).fetchone()
-        self.db.execute("INSERT INTO job_events (job_id, seq, at, type, data) VALUES (?, ?, ?, ?, ?)",
-                        (job_id, row[0], time.time(), kind, json.dumps(data)))
-        return row[0]
-
-    def events_since(self, job_id: str, seq: int = 0, limit: int = 500) -> list[dict]:
-        return [{"id": s, "at": at, "type": kind, "data": json.loads(data)} for s, at, kind, data in self.db.execute(
-            "SELECT seq, at, type, data FROM job_events WHERE job_id=? AND seq>? ORDER BY seq LIMIT ?",
-            (job_id, seq, limit))]
+    def events_since(self, job_id: str, event_id: int = 0, limit: int = 500) -> list[dict]:
+        return [{"id": i, "at": at, "type": kind, "data": json.loads(data)} for i, at, kind, data in self.all(
+            "SELECT id, at, type, data FROM job_events WHERE job_id=? AND id>? ORDER BY id LIMIT ?",
+            (job_id, event_id, limit))]
 
     # --- poison frames ------------------------------------------------------------------------------
     def record_frame_death(self, job_id: str, index: int, cause: str) -> int:
-        self.db.execute(
-            "INSERT INTO frame_deaths (job_id, frame_index, deaths, last_cause) VALUES (?, ?, 1, ?)"
-            " ON CONFLICT(job_id, frame_index) DO UPDATE SET deaths=deaths+1, last_cause=excluded.last_cause",
-            (job_id, index, cause))
-        return self.db.execute("SELECT deaths FROM frame_deaths WHERE job_id=? AND frame_index=?",
-                               (job_id, index)).fetchone()[0]
+        self.exec("INSERT INTO frame_deaths (job_id, frame_index, deaths, last_cause) VALUES (?, ?, 1, ?)"
+                  " ON CONFLICT(job_id, frame_index) DO UPDATE SET deaths=frame_deaths.deaths+1,"
+                  " last_cause=excluded.last_cause", (job_id, index, cause))
+        return self.one("SELECT deaths FROM frame_deaths WHERE job_id=? AND frame_index=?", (job_id, index))[0]
 
     def poison_frames(self, job_id: str, threshold: int) -> dict[int, str]:
-        return {i: f"frame killed the worker {d} times (last cause: {c}); skipped"
-                for i, d, c in self.db.execute(
-                    "SELECT frame_index, deaths, last_cause FROM frame_deaths WHERE job_id=? AND deaths>=?",
-                    (job_id, threshold))}
+        return {i: f"frame killed the worker {d} times (last cause: {c}); skipped" for i, d, c in self.all(
+            "SELECT frame_index, deaths, last_cause FROM frame_deaths WHERE job_id=? AND deaths>=?",
+            (job_id, threshold))}
 
     # --- crash reports --------------------------------------------------------------------------------
-    def add_crash(self, report: dict[str, Any]) -> int:
-        columns = [c for c in report if c != "id"]
+    CRASH_COLUMNS = ("at", "generation", "process", "rung", "stage", "job_id", "frame_index", "cause", "summary",
+                     "exit_code", "signal", "remedy", "stderr_tail", "worker_rss", "system_memory", "gpu_memory",
+                     "detail")
+
+    def add_crash(self, report: dict[str, Any]) -> None:
+        columns = [c for c in self.CRASH_COLUMNS if c in report]
         values = [json.dumps(report[c]) if isinstance(report[c], (dict, list)) else report[c] for c in columns]
-        cur = self.db.execute(f"INSERT INTO crashes ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})",
-                              values)
-        return cur.lastrowid
+        self.exec(f"INSERT INTO crashes ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})", values)
 
     def crashes(self, limit: int = 50, job_id: Optional[str] = None) -> list[dict]:
         where, args = ("WHERE job_id=? ", (job_id,)) if job_id else ("", ())
-        cur = self.db.execute(f"SELECT * FROM crashes {where}ORDER BY id DESC LIMIT ?", (*args, limit))
-        names = [d[0] for d in cur.description]
-        return [_decode_json_fields(dict(zip(names, row))) for row in cur.fetchall()]
+        columns = ("id", *self.CRASH_COLUMNS)
+        rows = self.all(f"SELECT {', '.join(columns)} FROM crashes {where}ORDER BY id DESC LIMIT ?", (*args, limit))
+        return [_decode_json_fields(dict(zip(columns, row))) for row in rows]
 
     def crash_counts(self) -> dict[str, int]:
-        return dict(self.db.execute("SELECT cause, COUNT(*) FROM crashes GROUP BY cause"))
+        return dict(self.all("SELECT cause, COUNT(*) FROM crashes GROUP BY cause"))
 
     # --- meta ----------------------------------------------------------------------------------------
     def put_blob(self, key: str, value: Any) -> None:
-        self.db.execute("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
-                        (key, msgpack.packb(value, use_bin_type=True)))
+        self.exec("INSERT INTO meta (key, value) VALUES (?, ?) ON CONFLICT(key) DO UPDATE SET value=excluded.value",
+                  (key, msgpack.packb(value, use_bin_type=True)))
 
     def get_blob(self, key: str) -> Any:
-        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
-        return msgpack.unpackb(row[0], raw=False) if row and isinstance(row[0], bytes) else None
+        row = self.one("SELECT value FROM meta WHERE key=?", (key,))
+        return msgpack.unpackb(bytes(row[0]), raw=False) if row and row[0] is not None else None
 
     def next_generation(self) -> int:
-        row = self.db.execute("SELECT value FROM meta WHERE key='generation'").fetchone()
-        generation = int(row[0]) + 1 if row else 1
-        self.db.execute("INSERT INTO meta (key, value) VALUES ('generation', ?) ON CONFLICT(key)"
-                        " DO UPDATE SET value=excluded.value", (str(generation),))
+        with self.transaction():
+            row = self.one("SELECT value FROM meta WHERE key='generation'")
+            value = row[0] if row else 0
+            generation = int(value if isinstance(value, (str, int)) else msgpack.unpackb(bytes(value))) + 1
+            self.put_blob("generation", generation)
         return generation
+
+
+def fence(lease: Lease) -> tuple[str, str, int]:
+    return lease.job_id, lease.owner, lease.gen
+
+
+class Ledger(SqlLedger):
+    """SQLite in WAL mode: the embedded default for one machine."""
+
+    def __init__(self, path: str, readonly: bool = False):
+        self.path = path
+        if readonly:
+            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
+        else:
+            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            # NORMAL in WAL mode survives any process crash; accepting a job commits with FULL
+            self.db.execute("PRAGMA synchronous=NORMAL")
+            self.migrate()
+        self.db.execute("PRAGMA busy_timeout=5000")
+
+    def migrate(self) -> int:
+        version = self.db.execute("PRAGMA user_version").fetchone()[0]
+        if version == 0 and self.db.execute("SELECT 1 FROM sqlite_master WHERE name='jobs'").fetchone():
+            version = 1  # written before versioning: it has the first schema
+        steps = migrations("BLOB", "REAL", "INTEGER")
+        for number, script in enumerate(steps[version:], start=version + 1):
+            self.db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version={number};\nCOMMIT;")
+        return self.schema_version()
+
+    def schema_version(self) -> int:
+        return self.db.execute("PRAGMA user_version").fetchone()[0]
+
+    def exec(self, sql: str, args: Sequence = ()) -> int:
+        return self.db.execute(sql, tuple(args)).rowcount
+
+    def one(self, sql: str, args: Sequence = ()) -> Optional[tuple]:
+        return self.db.execute(sql, tuple(args)).fetchone()
+
+    def all(self, sql: str, args: Sequence = ()) -> list[tuple]:
+        return self.db.execute(sql, tuple(args)).fetchall()
+
+    @contextmanager
+    def transaction(self, durable: bool = False):
+        if self.db.in_transaction:  # nested: the outer transaction commits
+            yield
+            return
+        if durable:
+            self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            yield
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+        finally:
+            if durable:
+                self.db.execute("PRAGMA synchronous=NORMAL")
+
+    def close(self) -> None:
+        self.db.close()
 
 
 def _decode_json_fields(row: dict) -> dict:

@@ -13,13 +13,13 @@ import av
 import numpy as np
 
 from pose_common.drawing import draw_persons
-from pose_common.ledger import Ledger
+from pose_common.ledger_open import open_ledger_at
 from pose_common.video import TruncatedVideo, frames
 
 
 def render_overlay(ledger_path: str, job_id: str, video: str, out: str) -> int:
     """-> the number of frames written."""
-    ledger = Ledger(ledger_path, readonly=True)
+    ledger = open_ledger_at(ledger_path, readonly=True)
     try:
         job = ledger.job(job_id)
         names = (job.engine() if job else {}).get("joint_names") or []

@@ -10,18 +10,23 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import socket
 import time
-from collections import Counter
+import uuid
+from collections import Counter, deque
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import structlog
 import zmq
 
-from configs import dump_config, rungs
+from configs import dump_config, ledger_path, rungs, uploads_dir
 from pose_common import exitcodes, faults, statelock
 from pose_common import protocol as P
 from pose_common.hostinfo import gpu_facts, host_facts, package_versions
-from pose_common.ledger import Ledger
+from pose_common.ledger import LedgerUnavailable
+from pose_common.ledger_open import open_ledger
 from pose_common.logs import setup_logging
 from pose_common.runtime import RuntimeDir
 from supervisor.jobs import JobRunner, PendingImages
@@ -44,7 +49,10 @@ class Supervisor:
         self.lock = statelock.hold(os.path.join(cfg.state_dir, "supervisor.lock"), "supervisor")
         self.runtime = RuntimeDir(cfg.runtime_dir)
         self.runtime.prepare()
-        self.ledger = Ledger(os.path.join(cfg.state_dir, "ledger.sqlite3"))
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
+        self.ledger = open_ledger(cfg.ledger.url, ledger_path(cfg))
+        self.outage: Optional[Outage] = None
+        self.unwritten_reports: deque = deque(maxlen=100)
         self.ctx = zmq.Context()
         ends = P.endpoints(cfg.runtime_dir)
         self.front = P.bind_router(self.ctx, ends.gateway)
@@ -54,9 +62,8 @@ class Supervisor:
         self.poller.register(self.back, zmq.POLLIN)
         spawner = Spawner(self.runtime, lambda path: dump_config(self.cfg, path), cfg.supervisor.keep_generations)
         self.metrics = Metrics()
-        self.slot = WorkerSlot(cfg, rungs(cfg), spawner, self, self.ledger.next_generation, self.log,
-                               metrics=self.metrics)
-        self.jobs = JobRunner(cfg, self.ledger, self.slot, self.send_worker, self.log)
+        self.slot = WorkerSlot(cfg, rungs(cfg), spawner, self, self.next_generation, self.log, metrics=self.metrics)
+        self.jobs = JobRunner(cfg, self.ledger, self.slot, self.send_worker, self.log, self.owner)
         self.images = PendingImages(self.reply)
         self.retention = Retention(self.ledger, self.jobs.results_dir, cfg.jobs.keep_finished_s,
                                    cfg.jobs.keep_max_mb << 20, cfg.jobs.retention_sweep_s, self.log)
@@ -64,6 +71,7 @@ class Supervisor:
         self.metrics.watch(self.metric_state)
         self.running = True
         self.crash_next_tick = False
+        self.local_generation = 0
         self.started_at = time.time()
 
     # --- the loop ------------------------------------------------------------------------------
@@ -89,11 +97,16 @@ class Supervisor:
         waited = self.route_messages(timeout_ms=int(self.cfg.supervisor.tick_s * 1000))
         now = time.monotonic()
         self.slot.transition(now)
-        self.jobs.dispatch(now)
-        self.jobs.enforce_cancels(now)
+        if self.outage:
+            self.try_ledger(now)
+        else:
+            with self.ledger_guard():
+                self.jobs.dispatch(now)
+                self.jobs.keep_leases(now)
+                self.jobs.reap_renders()
+                self.retention.maybe_sweep()
+        self.jobs.enforce_stops(now)
         self.images.expire(now)
-        self.jobs.reap_renders()
-        self.retention.maybe_sweep()
         self.prove_alive()
         self.metrics.ticked(time.monotonic() - started - waited)
 
@@ -116,9 +129,14 @@ class Supervisor:
 
     def boot(self) -> None:
         stale = kill_stale_worker(self.runtime.worker_pidfile)
-        requeued = self.ledger.requeue_running()
-        self.jobs.resume_renders()
-        self.log.info("supervisor_boot", pid=os.getpid(), stale_worker_killed=stale, jobs_requeued=requeued,
+        requeued = 0
+        if not self.cfg.ledger.url:
+            # one machine, one supervisor (the state-dir lock): what the last one held is free now;
+            # on a shared database, leases expire instead
+            with self.ledger_guard():
+                requeued = self.ledger.requeue_running()
+        self.log.info("supervisor_boot", pid=os.getpid(), owner=self.owner, stale_worker_killed=stale,
+                      jobs_requeued=requeued, ledger="postgresql" if self.cfg.ledger.url else "sqlite",
                       ladder=[self.slot.rung_label(i) for i in range(len(self.slot.ladder))])
 
     def shutdown(self) -> None:
@@ -132,6 +150,46 @@ class Supervisor:
         self.ctx.term()
         self.ledger.close()
         self.lock.close()
+
+    # --- the ledger going away ------------------------------------------------------------------
+    @contextmanager
+    def ledger_guard(self):
+        try:
+            yield
+        except LedgerUnavailable as exc:
+            self.ledger_lost(str(exc))
+
+    def ledger_lost(self, reason: str) -> None:
+        if self.outage is not None:
+            return
+        now = time.monotonic()
+        self.outage = Outage(reason, now, now + 1.0)
+        self.log.error("ledger_unavailable", reason=reason)
+        self.jobs.stop_current(f"the job ledger is unavailable: {reason}", now)
+
+    def try_ledger(self, now: float) -> None:
+        """Keep the worker loaded; reconnect with backoff; resume claiming and writing when back."""
+        outage = self.outage
+        if now < outage.next_try:
+            return
+        try:
+            self.ledger.ping()
+        except LedgerUnavailable as exc:
+            outage.reason, outage.delay = str(exc), min(30.0, outage.delay * 2)
+            outage.next_try = now + outage.delay
+            return
+        self.outage = None
+        self.log.info("ledger_back", down_s=round(now - outage.since, 1))
+        while self.unwritten_reports:
+            self.record(self.unwritten_reports.popleft())
+
+    def next_generation(self) -> int:
+        try:
+            return self.ledger.next_generation()
+        except LedgerUnavailable as exc:
+            self.ledger_lost(str(exc))
+            self.local_generation = max(self.local_generation, self.slot.generation) + 1
+            return self.local_generation
 
     # --- messages ---------------------------------------------------------------------------------
     def route_messages(self, timeout_ms: int) -> float:
@@ -167,10 +225,15 @@ class Supervisor:
             if sock is self.front:
                 self.reply(identity, env, 400, error=f"malformed {env.type} request: {exc}")
             return
-        if sock is self.back:
-            self.on_worker_message(identity, env, body)
-        else:
-            self.on_request(identity, env, body)
+        try:
+            if sock is self.back:
+                self.on_worker_message(identity, env, body)
+            else:
+                self.on_request(identity, env, body)
+        except LedgerUnavailable as exc:
+            self.ledger_lost(str(exc))
+            if sock is self.front:
+                self.reply(identity, env, 503, error=f"the job ledger is unavailable: {exc}")
 
     def drop(self, kind: str, reason: str) -> None:
         self.dropped[kind] += 1
@@ -230,30 +293,42 @@ class Supervisor:
 
     # --- what the slot tells us --------------------------------------------------------------------------
     def worker_stopped(self, reason: str) -> None:
-        self.jobs.requeue_current()
         self.images.fail_all(f"worker stopped ({reason})")
+        with self.ledger_guard():
+            self.jobs.requeue_current()
 
     def worker_died(self, ending: Ending) -> None:
         job_id = self.jobs.current
-        self.record(death_report(ending, job_id, self.slot.rss, self.slot.pids()))
-        if job_id:
-            self.ledger.add_event(job_id, "restart", {"cause": ending.cause.kind, "frame": ending.frame,
-                                                      "worker_generation": ending.generation})
-        if job_id and ending.frame is not None:
-            self.ledger.record_frame_death(job_id, int(ending.frame), ending.cause.kind)
-        self.jobs.requeue_current()
         self.images.fail_all(f"worker died: {ending.cause.kind}")
+        self.record(death_report(ending, job_id, self.slot.rss, self.slot.pids()))
+        with self.ledger_guard():
+            if job_id:
+                self.ledger.add_event(job_id, "restart", {"cause": ending.cause.kind, "frame": ending.frame,
+                                                          "worker_generation": ending.generation})
+            if job_id and ending.frame is not None:
+                self.ledger.record_frame_death(job_id, int(ending.frame), ending.cause.kind)
+        with self.ledger_guard():
+            self.jobs.requeue_current()
 
     def probe_died(self, ending: Ending) -> None:
         self.record(death_report(ending, None, None, self.slot.pids()))
 
     def went_fatal(self, reason: str) -> None:
-        failed = self.ledger.fail_all_active(f"service fatal: {reason}")
-        self.log.error("jobs_failed_by_fatal", failed_jobs=failed)
+        with self.ledger_guard():
+            failed = self.ledger.fail_all_active(f"service fatal: {reason}")
+            self.log.error("jobs_failed_by_fatal", failed_jobs=failed)
 
     def record(self, report: dict) -> None:
-        self.ledger.add_crash(report)
+        """Into the ledger; kept in memory while the ledger is away, written when it is back."""
         self.log.error("crash_report", **{k: v for k, v in report.items() if k not in ("stderr_tail", "gpu_memory")})
+        if self.outage:
+            self.unwritten_reports.append(report)
+            return
+        try:
+            self.ledger.add_crash(report)
+        except LedgerUnavailable as exc:
+            self.unwritten_reports.append(report)
+            self.ledger_lost(str(exc))
 
     # --- requests from the gateway / CLI ----------------------------------------------------------------
     def on_request(self, identity: bytes, env: P.Envelope, body: P.Request) -> None:
@@ -285,7 +360,7 @@ class Supervisor:
         return "the video path is outside the allowed roots"
 
     def allowed_roots(self) -> list[str]:
-        return [*self.cfg.jobs.allowed_roots, os.path.join(self.cfg.state_dir, "uploads")]
+        return [*self.cfg.jobs.allowed_roots, uploads_dir(self.cfg)]
 
     def request_status(self, identity: bytes, env: P.Envelope, body: P.JobRef) -> None:
         view = self.jobs.view(body.job_id)
@@ -296,8 +371,7 @@ class Supervisor:
     def request_cancel(self, identity: bytes, env: P.Envelope, body: P.JobRef) -> None:
         if self.jobs.view(body.job_id) is None:
             return self.reply(identity, env, 404, error="Job not found")
-        if self.jobs.cancel(body.job_id, time.monotonic()):
-            self.send_worker(P.T.STOP_JOB, job=body.job_id)
+        self.jobs.cancel(body.job_id, time.monotonic())
         self.reply(identity, env, 200, job=self.jobs.view(body.job_id))
 
     def request_health(self, identity: bytes, env: P.Envelope, body: P.Request) -> None:
@@ -361,8 +435,18 @@ class Supervisor:
 
     # --- views ---------------------------------------------------------------------------------------------
     def health(self) -> dict:
-        return {**self.slot.health(), "queue_depth": len(self.ledger.queue()), "running_job": self.jobs.current,
-                "uptime_s": round(time.time() - self.started_at, 1)}
+        health = {**self.slot.health(), "queue_depth": None, "running_job": self.jobs.current,
+                  "uptime_s": round(time.time() - self.started_at, 1), "ledger": "ok"}
+        with self.ledger_guard():
+            if not self.outage:
+                health["queue_depth"] = len(self.ledger.queue())
+        if self.outage:
+            down = round(time.monotonic() - self.outage.since, 1)
+            health["ledger"] = f"unavailable for {down}s: {self.outage.reason}"
+            if health["status"] == "ready":
+                health["status"] = "degraded"
+            health["reason"] = f"the job ledger is unavailable ({self.outage.reason}); jobs resume when it is back"
+        return health
 
     def message_counts(self) -> dict:
         """`dropped`: refused at the boundary (undecodable, invalid, wrong socket); the rest were
@@ -382,6 +466,14 @@ class Supervisor:
                 "queue": self.ledger.queue(), "running_job": self.jobs.current, "messages": self.message_counts(),
                 "host": host_facts(), "gpu": gpu_facts(pids), "packages": package_versions(),
                 "supervisor": {"pid": os.getpid(), "started_at": self.started_at}}
+
+
+@dataclass
+class Outage:
+    reason: str
+    since: float
+    next_try: float
+    delay: float = 1.0
 
 
 def main(cfg) -> int:

@@ -10,13 +10,15 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import structlog
 
+from configs import results_dir
 from pose_common import protocol as P
 from pose_common.children import parent_death_signal
-from pose_common.ledger import Job, Ledger
+from pose_common.ledger import Job, Lease, SqlLedger
 from pose_common.overlay import overlay_path
 from pose_common.results import mesh_faces_key, split_meshes, write_result
 from supervisor.slot import WorkerSlot
@@ -27,26 +29,28 @@ PROGRESS_EVERY_S = 0.5   # at most this often a progress event per job (SSE read
 
 
 class JobRunner:
-    def __init__(self, cfg, ledger: Ledger, slot: WorkerSlot, send_worker: SendWorker, log):
+    def __init__(self, cfg, ledger: SqlLedger, slot: WorkerSlot, send_worker: SendWorker, log, owner: str):
         self.cfg, self.ledger, self.slot, self.send_worker, self.log = cfg, ledger, slot, send_worker, log
-        self.results_dir = os.path.join(cfg.state_dir, "results")
+        self.owner, self.lease_s = owner, cfg.ledger.lease_s
+        self.results_dir = results_dir(cfg)
         os.makedirs(self.results_dir, mode=0o700, exist_ok=True)
-        self.current: Optional[str] = None
-        self.cancelled_at: Optional[float] = None
-        self.renders: dict[str, subprocess.Popen] = {}
+        self.lease: Optional[Lease] = None        # the job on the worker
+        self.stopping: Optional[str] = None       # why that job is being stopped, if it is
+        self.stop_asked_at = 0.0
+        self.renders: dict[str, Render] = {}
+        self.last_renewal = 0.0
         self.progress = Progress()
         self.stale = 0
 
-    def resume_renders(self) -> None:
-        """On boot: jobs whose frames were all stored when the supervisor stopped get their artifacts."""
-        for job in self.ledger.rendering():
-            self.start_render(job)
+    @property
+    def current(self) -> Optional[str]:
+        return self.lease.job_id if self.lease else None
 
     # --- dispatch -------------------------------------------------------------------------------
     def dispatch(self, now: float) -> None:
-        if self.current or not self.slot.ready or self.slot.stopping:
+        if self.lease or not self.slot.ready or self.slot.stopping:
             return
-        job = self.ledger.next_job()
+        job = self.ledger.claim(self.owner, self.lease_s)
         if job is None:
             return
         start = self.ledger.next_frame(job.job_id, job.selected_frames())
@@ -56,16 +60,18 @@ class JobRunner:
                                 poison={str(k): v for k, v in poison.items() if k >= start})
         if not sent:
             self.log.error("dispatch_failed", job_id=job.job_id, generation=self.slot.generation)
+            self.ledger.release(job.lease)
             self.slot.worker_unreachable("the worker's socket refused the job")
-            return  # the job stays queued; its attempt is not spent
-        self.ledger.mark_running(job.job_id, self.slot.generation)
-        self.ledger.set_engine_meta(job.job_id, {**self.slot.engine_info, "joint_names": self.slot.joint_names})
-        self.current = job.job_id
+            return  # back in the queue
+        self.lease = job.lease
+        self.ledger.set_engine_meta(job.lease, {**self.slot.engine_info, "joint_names": self.slot.joint_names})
+        self.ledger.add_event(job.job_id, "running", {"status": "running", "attempt": job.attempts,
+                                                      "worker_generation": self.slot.generation})
         self.slot.job_started(now)
         self.progress.start(job, now, self.ledger.frames_done(job.job_id))
         structlog.contextvars.bind_contextvars(job_id=job.job_id)
         self.log.info("job_dispatched", job_id=job.job_id, generation=self.slot.generation, start_frame=start,
-                      attempt=job.attempts + 1, poison=sorted(poison))
+                      attempt=job.attempts, poison=sorted(poison))
 
     def owns(self, job_id: Optional[str]) -> bool:
         """A job message counts only for the job on the worker now (not one cancelled or requeued)."""
@@ -74,17 +80,55 @@ class JobRunner:
         self.stale += 1
         return False
 
+    # --- leases ---------------------------------------------------------------------------------------
+    def keep_leases(self, now: float) -> None:
+        """Renew what we hold, and finish the artifacts of jobs a stopped host left half-written."""
+        if now - self.last_renewal < self.lease_s / 3:
+            return
+        self.last_renewal = now
+        if self.lease and not self.stopping and not self.ledger.renew(self.lease, self.lease_s):
+            self.stop_current("the job's lease was lost (taken over by another host, or cancelled)", now)
+        for job_id, render in list(self.renders.items()):
+            if not self.ledger.renew(render.lease, self.lease_s):
+                self.log.warning("render_lease_lost", job_id=job_id)
+                render.proc.kill()
+                del self.renders[job_id]
+        for _ in range(4):  # a few per round; the rest next time
+            job = self.ledger.claim_render(self.owner, self.lease_s)
+            if job is None or job.job_id in self.renders:
+                break
+            self.start_render(job, job.lease)
+
+    def stop_current(self, reason: str, now: float) -> None:
+        """Stop the job on the worker between two frames without writing for it any more."""
+        if not self.lease or self.stopping:
+            return
+        self.log.warning("job_stopping", job_id=self.current, reason=reason)
+        self.stopping, self.stop_asked_at = reason, now
+        self.send_worker(P.T.STOP_JOB, job=self.current)
+
+    def enforce_stops(self, now: float) -> None:
+        if self.stopping and now - self.stop_asked_at > self.cfg.supervisor.stop_grace_s:
+            self.log.warning("stop_ignored", job_id=self.current, reason=self.stopping)
+            self.stop_asked_at = now
+            self.slot.restart("cancel")
+
     # --- job messages from the worker -------------------------------------------------------------
     def on_video(self, job_id: str, body: P.VideoFound, now: float) -> None:
         meta = {name: getattr(body.meta, name) for name in body.meta.__struct_fields__}
-        self.ledger.set_video_meta(job_id, meta)
+        if self.stopping or not self.ledger.set_video_meta(self.lease, meta):
+            return self.stop_current("the job's lease was lost", now)
         self.progress.frames_total = meta["frame_count"] or None
         self.slot.progressed(now)
 
     def on_frame(self, job_id: str, body: P.Frame, now: float) -> None:
-        persons = body.persons
-        stored = self.ledger.add_frame(job_id, body.index, body.pts, persons, body.error, split_meshes(persons))
         self.slot.progressed(now, frame=True)
+        if self.stopping:
+            return
+        persons = body.persons
+        stored = self.ledger.add_frame(self.lease, body.index, body.pts, persons, body.error, split_meshes(persons))
+        if stored is None:
+            return self.stop_current("the job's lease was lost", now)
         if not stored:
             return  # recomputed after a resume: it was counted the first time
         self.slot.metrics.frame_stored()
@@ -92,37 +136,43 @@ class JobRunner:
             self.ledger.add_event(job_id, "progress", event)
 
     def on_done(self, job_id: str, body: P.JobDone) -> None:
-        if self.cancelled_at is None:
-            self.finalize(job_id, body.frames_decoded, body.warning,
+        if not self.stopping:
+            self.finalize(body.frames_decoded, body.warning,
                           {"worker_peak_rss": body.peak_rss, "worker_generation": self.slot.generation})
         self.release()
 
     def on_failed(self, job_id: str, body: P.JobFailed) -> None:
-        self.ledger.fail(job_id, body.reason)
-        self.log.warning("job_failed", job_id=job_id, reason=body.reason)
+        if not self.stopping:
+            self.ledger.fail(job_id, body.reason, self.lease)
+            self.log.warning("job_failed", job_id=job_id, reason=body.reason)
         self.release()
 
     def release(self) -> None:
-        self.current, self.cancelled_at = None, None
+        """The worker is done with the job (whatever became of it): it is free for the next."""
+        self.lease, self.stopping = None, None
         structlog.contextvars.unbind_contextvars("job_id")
         self.slot.job_finished()
 
-    def finalize(self, job_id: str, frames_decoded: int, warning: Optional[str], run_facts: dict) -> None:
-        job = self.ledger.job(job_id)
+    def finalize(self, frames_decoded: int, warning: Optional[str], run_facts: dict) -> None:
+        lease = self.lease
+        job = self.ledger.job(lease.job_id)
         expected = [i for i in (job.selected_frames() or range(frames_decoded)) if i < frames_decoded]
-        stored = self.ledger.stored_indices(job_id)
+        stored = self.ledger.stored_indices(lease.job_id)
         if set(expected) != stored:
-            self.ledger.fail(job_id, f"internal: {len(stored)} frames stored for {len(expected)} expected")
+            self.ledger.fail(lease.job_id, f"internal: {len(stored)} frames stored for {len(expected)} expected", lease)
             return
-        warning = self.note_truncation(job, frames_decoded, warning)
+        warning = self.note_truncation(job, lease, frames_decoded, warning)
         if self.slot.mesh_faces is not None:
             self.ledger.put_blob(mesh_faces_key(self.slot.engine_info.get("name") or ""), self.slot.mesh_faces)
-        self.ledger.mark_rendering(job_id, len(stored), os.path.join(self.results_dir, f"{job_id}.json"), warning,
-                                   {**run_facts, "frames_decoded": frames_decoded})
-        self.log.info("job_frames_complete", job_id=job_id, frames=len(stored), warning=warning)
-        self.start_render(self.ledger.job(job_id))
+        result_path = os.path.join(self.results_dir, f"{lease.job_id}.json")
+        if not self.ledger.mark_rendering(lease, len(stored), result_path, warning,
+                                          {**run_facts, "frames_decoded": frames_decoded}):
+            self.log.warning("finalize_refused", job_id=lease.job_id, reason="lease lost")
+            return
+        self.log.info("job_frames_complete", job_id=lease.job_id, frames=len(stored), warning=warning)
+        self.start_render(self.ledger.job(lease.job_id), lease)
 
-    def note_truncation(self, job: Job, decoded: int, warning: Optional[str]) -> Optional[str]:
+    def note_truncation(self, job: Job, lease: Lease, decoded: int, warning: Optional[str]) -> Optional[str]:
         """Compare what was decoded with what the container declares: a cut or damaged file says so."""
         meta = job.meta()
         declared = int(meta.get("frame_count") or 0)
@@ -133,69 +183,65 @@ class JobRunner:
             meta["truncated"] = True
             reason = f"video truncated or damaged: decoded {decoded} of the {declared} frames its container declares"
             warning = f"{reason} ({warning})" if warning else reason
-        self.ledger.set_video_meta(job.job_id, meta)
+        self.ledger.set_video_meta(lease, meta)
         return warning
 
     # --- artifacts ----------------------------------------------------------------------------------
-    def start_render(self, job: Job) -> None:
-        """Off the loop and off the worker: a short-lived process writes the result file and the
-        overlay; the job is done when it has."""
+    def start_render(self, job: Job, lease: Lease) -> None:
+        """Off the loop and off the worker: the result file here, the overlay in a short-lived
+        process; the job is done when both exist."""
         write_result(job.result_path, job, self.ledger)
         if not self.cfg.jobs.render_overlay:
-            self.ledger.finish(job.job_id)
+            self.ledger.finish(lease)
             return
         with open(os.path.join(self.cfg.runtime_dir, "overlay.stderr"), "ab") as log:
-            self.renders[job.job_id] = subprocess.Popen(
+            proc = subprocess.Popen(
                 [sys.executable, "-m", "pose_common.overlay", self.ledger.path, job.job_id, job.video_path,
                  overlay_path(job.result_path)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                 preexec_fn=parent_death_signal(os.getpid()))
+        self.renders[job.job_id] = Render(proc, lease, job.result_path)
 
     def reap_renders(self) -> None:
-        for job_id, proc in list(self.renders.items()):
-            code = proc.poll()
+        for job_id, render in list(self.renders.items()):
+            code = render.proc.poll()
             if code is None:
                 continue
-            del self.renders[job_id]
-            job = self.ledger.job(job_id)
             if code == 0:
-                self.ledger.finish(job_id, overlay_path=overlay_path(job.result_path))
+                self.ledger.finish(render.lease, overlay_path=overlay_path(render.result_path))
             else:
-                self.ledger.finish(job_id, warning=f"the overlay video could not be rendered (exit {code})")
+                self.ledger.finish(render.lease, warning=f"the overlay video could not be rendered (exit {code})")
+            del self.renders[job_id]  # only now: an outage above leaves it to be finished later
             self.log.info("job_done", job_id=job_id, overlay=code == 0)
 
     def stop_renders(self) -> None:
-        for proc in self.renders.values():
-            proc.kill()
+        for render in self.renders.values():
+            render.proc.kill()
 
     # --- when the worker goes ---------------------------------------------------------------------------
     def requeue_current(self) -> Optional[str]:
         """The worker stopped or died under the current job: back to the queue (it resumes at the first
         unstored frame), unless it has used up its attempts. -> the job id, if there was one."""
-        job_id, self.current, self.cancelled_at = self.current, None, None
-        if not job_id:
+        lease, stopping = self.lease, self.stopping
+        self.lease, self.stopping = None, None
+        if lease is None:
             return None
         structlog.contextvars.unbind_contextvars("job_id")
-        job = self.ledger.job(job_id)
-        self.ledger.mark_queued(job_id)
+        if stopping:
+            return lease.job_id  # not ours to write for any more (cancelled, lost lease, or no ledger)
+        job = self.ledger.job(lease.job_id)
         if job and job.attempts >= self.cfg.jobs.max_attempts:
-            self.ledger.fail(job_id, f"gave up after {job.attempts} attempts")
-        return job_id
+            self.ledger.fail(lease.job_id, f"gave up after {job.attempts} attempts", lease)
+        else:
+            self.ledger.release(lease)
+        return lease.job_id
 
-    def cancel(self, job_id: str, now: float) -> bool:
-        """-> True when the job is on the worker, which is then asked to stop it between two frames
-        (the engine stays loaded); see enforce_cancels for a worker that does not."""
+    def cancel(self, job_id: str, now: float) -> None:
+        """An operator's cancel: recorded at once; the worker stops the job between two frames and
+        the engine stays loaded (see enforce_stops for a worker that does not)."""
         self.ledger.fail(job_id, "cancelled")
-        if job_id != self.current:
-            return False
-        self.cancelled_at = self.cancelled_at or now
-        return True
-
-    def enforce_cancels(self, now: float) -> None:
-        if self.cancelled_at is not None and now - self.cancelled_at > self.cfg.supervisor.stop_grace_s:
-            self.log.warning("cancel_ignored", job_id=self.current)
-            self.cancelled_at = None
-            self.slot.restart("cancel")
+        if job_id == self.current:
+            self.stop_current("cancelled", now)
 
     # --- views -----------------------------------------------------------------------------------------
     def view(self, job_id: str) -> Optional[dict[str, Any]]:
@@ -203,7 +249,14 @@ class JobRunner:
         return None if job is None else job_view(job, self.ledger)
 
 
-def job_view(job: Job, ledger: Ledger) -> dict[str, Any]:
+@dataclass
+class Render:
+    proc: subprocess.Popen
+    lease: Lease
+    result_path: str
+
+
+def job_view(job: Job, ledger: SqlLedger) -> dict[str, Any]:
     """What a client sees of a job. `status` is queued|running|done|error; while the result's files are
     written the job is still `running`, with `phase: rendering`."""
     view = {k: getattr(job, k) for k in ("job_id", "state", "video_path", "created_at", "started_at",

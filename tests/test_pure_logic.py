@@ -3,6 +3,7 @@ the wire protocol, the ledger."""
 from __future__ import annotations
 
 import signal
+import time
 
 import msgpack
 import pytest
@@ -144,25 +145,62 @@ def test_ledger_frames_exactly_once_and_resume_point(tmp_path):
     again, created_again = ledger.accept("/v.mp4", idempotency_key="k")
     assert created and not created_again and again.job_id == job.job_id
     assert ledger.next_frame(job.job_id) == 0
+    lease = ledger.claim("host-a", lease_s=60).lease
     for i in (0, 1, 2, 4):
-        assert ledger.add_frame(job.job_id, i, i / 30, [])
-    assert not ledger.add_frame(job.job_id, 2, 2 / 30, [{"dup": True}])  # recomputed after a crash: ignored
+        assert ledger.add_frame(lease, i, i / 30, [])
+    assert ledger.add_frame(lease, 2, 2 / 30, [{"dup": True}]) is False  # recomputed after a crash: ignored
     assert ledger.next_frame(job.job_id) == 3 and ledger.frames_done(job.job_id) == 4
-    ledger.mark_running(job.job_id)
     assert ledger.requeue_running() == 1 and ledger.job(job.job_id).state == "queued"
     assert ledger.record_frame_death(job.job_id, 3, "segfault") == 1
     assert ledger.record_frame_death(job.job_id, 3, "abort") == 2
     assert list(ledger.poison_frames(job.job_id, threshold=2)) == [3]
 
 
+def test_a_lease_taken_over_fences_out_its_old_holder(tmp_path):
+    ledger = Ledger(str(tmp_path / "l.sqlite3"))
+    job, _ = ledger.accept("/v.mp4")
+    old = ledger.claim("host-a", lease_s=0.01).lease
+    assert ledger.add_frame(old, 0, 0.0, [])
+    time.sleep(0.02)  # the lease expires: host-a is presumed dead
+    new = ledger.claim("host-b", lease_s=60).lease
+    assert new.gen == old.gen + 1 and new.owner == "host-b"
+    assert ledger.add_frame(old, 1, 0.03, []) is None            # refused: not the holder any more
+    assert not ledger.renew(old, 60) and not ledger.finish(old) and not ledger.release(old)
+    assert ledger.add_frame(new, 1, 0.03, []) is True
+    assert ledger.stored_indices(job.job_id) == {0, 1}
+
+
+def test_claim_takes_the_oldest_free_job_and_prefers_its_own(tmp_path):
+    ledger = Ledger(str(tmp_path / "l.sqlite3"))
+    first, _ = ledger.accept("/a.mp4")
+    second, _ = ledger.accept("/b.mp4")
+    assert ledger.claim("host-a", 60).job_id == first.job_id
+    assert ledger.claim("host-b", 60).job_id == second.job_id   # the first is held
+    assert ledger.claim("host-c", 60) is None
+    assert ledger.claim("host-a", 60).job_id == first.job_id     # back after an outage: its own again
+
+
+def test_artifacts_are_taken_over_only_under_an_expired_lease(tmp_path):
+    ledger = Ledger(str(tmp_path / "l.sqlite3"))
+    job, _ = ledger.accept("/v.mp4")
+    lease = ledger.claim("host-a", 60).lease
+    ledger.add_frame(lease, 0, 0.0, [])
+    assert ledger.mark_rendering(lease, 1, "/r.json", None, {})
+    assert ledger.claim_render("host-a", 60) is None and ledger.claim_render("host-b", 60) is None
+    ledger.requeue_running()  # a new supervisor on this machine: its predecessor's lease is void
+    taken = ledger.claim_render("host-b", 60)
+    assert taken.job_id == job.job_id and taken.lease.gen == lease.gen + 1
+    assert not ledger.finish(lease) and ledger.finish(taken.lease)
+
+
 def test_ledger_survives_reopen(tmp_path):
     path = str(tmp_path / "l.sqlite3")
     ledger = Ledger(path)
     job, _ = ledger.accept("/v.mp4")
-    ledger.add_frame(job.job_id, 0, 0.0, [{"track_id": 1}])
+    ledger.add_frame(ledger.claim("a", 60).lease, 0, 0.0, [{"track_id": 1}])
     ledger.close()
     again = Ledger(path)
-    assert again.job(job.job_id).state == "queued"
+    assert again.job(job.job_id).state == "running" and again.schema_version() == 2
     assert next(again.iter_frames(job.job_id))["persons"] == [{"track_id": 1}]
 
 

@@ -16,10 +16,10 @@ class Log:
 
 def finished_job(ledger: Ledger, results: str, source: str, size: int, finished_at: float, video: str) -> str:
     job, _ = ledger.accept(video, source)
-    ledger.mark_running(job.job_id)
-    ledger.add_frame(job.job_id, 0, 0.0, [])
-    ledger.mark_rendering(job.job_id, 1, os.path.join(results, f"{job.job_id}.json"), None, {})
-    ledger.finish(job.job_id)
+    lease = ledger.claim("host", 60).lease
+    ledger.add_frame(lease, 0, 0.0, [])
+    ledger.mark_rendering(lease, 1, os.path.join(results, f"{job.job_id}.json"), None, {})
+    ledger.finish(lease)
     ledger.db.execute("UPDATE jobs SET finished_at=? WHERE job_id=?", (finished_at, job.job_id))
     for suffix in (".json", ".overlay.mp4"):
         with open(os.path.join(results, job.job_id + suffix), "wb") as fh:

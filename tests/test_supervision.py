@@ -165,7 +165,7 @@ def test_supervisor_killed_mid_job(served):
     status, body = http("GET", f"{url}/v1/jobs/{job_id}", timeout=2)  # answered, not reset, in < 2 s
     assert status == 503 and body["error"]
     status, body = http("GET", url + "/v1/health", timeout=2)
-    assert status == 503 and body["status"] == "unavailable"
+    assert status == 503 and body["status"] in ("unavailable", "loading")  # the replacement may already answer
     wait_for(lambda: pid_gone(worker_pid), 10, what="orphaned worker to die")
     wait_for(lambda: http("GET", f"{url}/v1/jobs/{job_id}", timeout=2)[1].get("status") == "done", 60,
              interval=0.25, what="job resumed by the restarted supervisor")
