@@ -218,6 +218,7 @@ class Served:
         self.overrides = [f"state_dir={self.state_dir}", f"gateway.port={self.port}",
                           f"jobs.allowed_roots=[{tmp.parent},{SHARED_DATA}]", *overrides]
         self.log_path = tmp / "serve.log"
+        tmp.mkdir(parents=True, exist_ok=True)
         argv = [*(argv_prefix or []), sys.executable, "-m", "pose_service.cli", "serve", *self.overrides]
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=log, env={**os.environ, **(env or {})},
@@ -278,3 +279,54 @@ class NotifySocket:
 
     def close(self) -> None:
         self.sock.close()
+
+
+class PostgresServer:
+    """A throwaway PostgreSQL (Debian's packages) in a temp dir, on a unix socket only. initdb refuses
+    root, so as root it runs as the package's `postgres` user. Started and stopped by the test."""
+
+    def __init__(self, durable: bool = False):
+        import glob
+        import shutil
+        import tempfile
+
+        self.durable = durable  # fsync on, as in production; tests run without it
+        found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb")) or [shutil.which("initdb")]
+        if not found or not found[-1]:
+            import pytest
+            pytest.skip("PostgreSQL server not installed (Debian package postgresql)")
+        self.bin = Path(found[-1]).parent
+        self.dir = Path(tempfile.mkdtemp(prefix="pose-pg-"))
+        self.as_user = []
+        if os.geteuid() == 0:
+            import pwd
+            owner = pwd.getpwnam("postgres")
+            os.chown(self.dir, owner.pw_uid, owner.pw_gid)
+            self.as_user = ["runuser", "-u", "postgres", "--"]
+        self.data = self.dir / "data"
+        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "--no-sync")
+        self.start()
+        self._run("createdb", "-h", str(self.dir), "-U", "postgres", "pose")
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://postgres@/pose?host={self.dir}"
+
+    def _run(self, tool: str, *args: str) -> None:
+        subprocess.run([*self.as_user, str(self.bin / tool), *args], check=True, capture_output=True, timeout=120)
+
+    def start(self) -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-l", str(self.dir / "log"), "-w", "-o",
+                  f"-k {self.dir} -c listen_addresses='' -c fsync={'on' if self.durable else 'off'}"
+                  " -c max_connections=100", "start")
+
+    def stop(self, mode: str = "fast") -> None:
+        self._run("pg_ctl", "-D", str(self.data), "-m", mode, "-w", "stop")
+
+    def destroy(self) -> None:
+        import shutil
+        try:
+            self.stop("immediate")
+        except subprocess.CalledProcessError:
+            pass
+        shutil.rmtree(self.dir, ignore_errors=True)

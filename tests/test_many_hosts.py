@@ -1,0 +1,138 @@
+"""Issue: outgrow one machine. Several whole daemons (`pose-service serve`, each with its own state
+dir and port) share one PostgreSQL ledger (a real server from Debian's packages, started by the
+test on a unix socket) and one storage dir: jobs spread over them, every frame is stored exactly
+once, any gateway answers for any job, a dead host's job is finished elsewhere after its lease
+expires, a fenced-out supervisor cannot write, and the database going away loses nothing."""
+from __future__ import annotations
+
+import re
+import time
+
+import pytest
+
+from pose_common.ledger_pg import PgLedger
+from support import PostgresServer, Served, http, make_clip, wait_for
+
+NOOP = ["engine.name=noop", "probe.enabled=false", "supervisor.heartbeat_s=0.3"]
+
+
+@pytest.fixture
+def pg():
+    server = PostgresServer()
+    yield server
+    server.destroy()
+
+
+def daemon(tmp_path, name: str, pg: PostgresServer, *extra: str) -> Served:
+    return Served(tmp_path / name, [*NOOP, f"ledger.url='{pg.url}'", f"storage_dir={tmp_path / 'shared'}",
+                                    "ledger.lease_s=2", *extra])
+
+
+def frames_of(url: str, job_id: str) -> list[int]:
+    status, result = http("GET", f"{url}/v1/jobs/{job_id}/result", timeout=30)
+    assert status == 200, result
+    return [f["frame_index"] for f in result["frames"]]
+
+
+def dispatched_by(served: Served, since: int = 0) -> set[str]:
+    """Jobs this daemon's supervisor put on its worker (from `since` characters into its log)."""
+    return set(re.findall(r'"job_id": "(\w+)", "generation": \d+, "start_frame"', served.log_text()[since:]))
+
+
+def test_three_daemons_share_one_ledger_and_any_gateway_answers_for_any_job(tmp_path, pg):
+    clip = make_clip(tmp_path / "clip.mp4", frames=40)
+    hosts = [daemon(tmp_path, name, pg, "+engine.options.frame_delay_s=0.02") for name in "abc"]
+    try:
+        for host in hosts:
+            host.wait_ready()
+        jobs = []
+        for i in range(12):
+            status, body = http("POST", hosts[i % 3].url + "/v1/jobs", {"video_path": str(clip)})
+            assert status == 202, body
+            jobs.append(body["job_id"])
+        for i, job_id in enumerate(jobs):
+            assert hosts[(i + 1) % 3].wait_job(job_id, timeout=120)["status"] == "done"
+        for job_id in jobs:
+            results = [http("GET", f"{host.url}/v1/jobs/{job_id}/result", timeout=30)[1] for host in hosts]
+            assert [f["frame_index"] for f in results[0]["frames"]] == list(range(40))
+            assert results[0] == results[1] == results[2]
+        workers = [dispatched_by(host) for host in hosts]
+        assert sum(bool(w) for w in workers) >= 2, workers  # the work really was shared
+        assert set().union(*workers) == set(jobs)
+    finally:
+        for host in hosts:
+            host.stop()
+
+
+def test_a_dead_hosts_job_is_finished_elsewhere_and_its_restart_does_not_redo_it(tmp_path, pg):
+    clip = make_clip(tmp_path / "clip.mp4", frames=150)
+    a, b = daemon(tmp_path, "a", pg, "+engine.options.frame_delay_s=0.03"), \
+        daemon(tmp_path, "b", pg, "+engine.options.frame_delay_s=0.03")
+    try:
+        a.wait_ready()
+        b.wait_ready()
+        job_id = http("POST", a.url + "/v1/jobs", {"video_path": str(clip)})[1]["job_id"]
+        owner = wait_for(lambda: next((h for h in (a, b) if h.diagnostics().get("running_job") == job_id), None),
+                         30, interval=0.05, what="a host running the job")
+        other = b if owner is a else a
+        wait_for(lambda: other.job(job_id).get("frames_done", 0) >= 30, 30, interval=0.05, what="30 frames")
+        owner.proc.kill()  # the whole daemon: service manager, supervisor, gateway, worker
+        job = other.wait_job(job_id, timeout=60)
+        assert job["status"] == "done" and job["attempts"] == 2, job
+        assert frames_of(other.url, job_id) == list(range(150))
+        assert job_id in dispatched_by(other)
+        log_before = len(owner.log_text())
+        revived = Served(owner.tmp, owner.overrides[3:], port=owner.port)  # the same host starts again
+        try:
+            revived.wait_ready()
+            time.sleep(3)  # longer than a lease: anything it might wrongly claim, it would have
+            again = revived.job(job_id)
+            assert again["status"] == "done" and again["attempts"] == 2 and again["frames_done"] == 150
+            assert job_id not in dispatched_by(revived, since=log_before)
+        finally:
+            revived.stop()
+    finally:
+        a.stop()
+        b.stop()
+
+
+def test_a_supervisor_whose_lease_was_taken_over_cannot_store_frames(pg):
+    one, two = PgLedger(pg.url), PgLedger(pg.url)
+    try:
+        job, _ = one.accept("/v.mp4")
+        held = one.claim("host-a", lease_s=0.2).lease
+        assert one.add_frame(held, 0, 0.0, []) is True
+        time.sleep(0.3)  # host-a stalls (a partition, a pause) past its lease
+        taken = two.claim("host-b", lease_s=60).lease
+        assert taken.job_id == job.job_id and taken.gen == held.gen + 1
+        assert one.add_frame(held, 1, 0.03, [{"late": True}]) is None
+        assert not one.renew(held, 60) and not one.set_video_meta(held, {"frame_count": 9})
+        assert not one.mark_rendering(held, 1, "/r.json", None, {}) and not one.finish(held)
+        assert two.add_frame(taken, 1, 0.03, []) is True
+        assert [f["persons"] for f in two.iter_frames(job.job_id)] == [[], []]
+    finally:
+        one.close()
+        two.close()
+
+
+def test_postgresql_restarted_mid_job_loses_nothing(tmp_path, pg):
+    clip = make_clip(tmp_path / "clip.mp4", frames=120)
+    host = daemon(tmp_path, "a", pg, "+engine.options.frame_delay_s=0.02")
+    try:
+        host.wait_ready()
+        jobs = [http("POST", host.url + "/v1/jobs", {"video_path": str(clip)})[1]["job_id"] for _ in range(3)]
+        wait_for(lambda: host.job(jobs[0]).get("frames_done", 0) >= 40, 30, interval=0.05, what="40 frames")
+        pg.stop("fast")
+        health = wait_for(lambda: (r := http("GET", host.url + "/v1/health", timeout=5))[1].get("ledger", "ok") != "ok"
+                          and r[1], 20, what="health to notice the ledger is gone")
+        assert health["status"] == "degraded" and "ledger" in health["reason"]
+        assert health["worker"] in ("ready", "busy")  # the worker stays loaded
+        time.sleep(2)
+        pg.start()
+        for job_id in jobs:
+            job = host.wait_job(job_id, timeout=90)
+            assert job["status"] == "done", job
+            assert frames_of(host.url, job_id) == list(range(120))
+        assert http("GET", host.url + "/v1/health")[1]["ledger"] == "ok"
+    finally:
+        host.stop()
