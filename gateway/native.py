@@ -6,16 +6,19 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sys
 
 from aiohttp import web
 
+from configs import ledger_path, results_dir
 from gateway.errors import json_error
-from gateway.helpers import (accept_video_path, ask, finished_job, job_status, load_result, read_json_body,
-                             receive_upload)
+from gateway.helpers import (accept_video_path, ask, config, finished_job, job_status, load_result,
+                             read_json_body, receive_upload)
 from pose_common.client import Unavailable
 from pose_common.faults import KINDS
 
 routes = web.RouteTableDef()
+REPORT_TIMEOUT_S = 120.0
 
 
 def job_public(job: dict) -> dict:
@@ -132,3 +135,29 @@ async def drill(request: web.Request) -> web.Response:
 async def reload(request: web.Request) -> web.Response:
     status, reply = await ask(request, "reload")
     return web.json_response(reply, status=status)
+
+
+@routes.get("/v1/jobs/{job_id}/report")
+async def get_report(request: web.Request) -> web.StreamResponse:
+    """One self-contained HTML page about a finished job (pose_common.report), built on first request
+    in a short-lived process (plots are CPU work the gateway's loop must not do) and kept with the
+    job's other files."""
+    job = await job_status(request, request.match_info["job_id"])
+    if job["status"] not in ("done", "error"):
+        raise json_error(409, f"job is {job['status']}; its report is written when it has finished",
+                         status=job["status"])
+    cfg = config(request)
+    out = os.path.join(results_dir(cfg), f"{job['job_id']}.report.html")
+    if not os.path.exists(out):
+        await build_report(cfg.ledger.url or ledger_path(cfg), job["job_id"], out)
+    return web.FileResponse(out, headers={"Content-Type": "text/html; charset=utf-8"})
+
+
+async def build_report(ledger: str, job_id: str, out: str) -> None:
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "pose_common.report", ledger, job_id, out,
+                                                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
+                                                stderr=asyncio.subprocess.PIPE)
+    _, stderr = await asyncio.wait_for(proc.communicate(), timeout=REPORT_TIMEOUT_S)
+    if proc.returncode != 0:
+        last_line = stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
+        raise json_error(500, "the report could not be built", detail=last_line[0][:300])

@@ -29,6 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default="result.json")
     run.add_argument("--demo", action="store_true", help="generate a short clip with a real person and use it")
     run.add_argument("--quiet", action="store_true")
+    run.add_argument("--no-overlay", dest="overlay", action="store_false",
+                     help="skip the overlay video (written next to --out by default)")
+    run.add_argument("--report", default=None, metavar="HTML",
+                     help="also write a one-page report (overlay, persons found, joint angles) to HTML")
 
     drill = verbs.add_parser("drill", help="inject a fault into a running daemon and report what it concluded")
     drill.add_argument("fault", help="segfault|abort|bus_error|kill|exit|hang|raise|cuda_oom|cuda_sticky|load_failure")

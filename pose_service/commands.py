@@ -11,6 +11,7 @@ import tempfile
 import time
 from typing import Any, Optional
 
+from configs import ledger_path
 from pose_common.client import SupervisorClient, Unavailable
 
 
@@ -32,8 +33,9 @@ def run_clip(cfg, args, overrides: list[str]) -> int:
         return 2
     log_path = os.path.join(cfg.state_dir, "supervisor.log")
     os.makedirs(cfg.state_dir, exist_ok=True)
+    private = [*overrides, private_roots(cfg, video)] + ([] if args.overlay else ["jobs.render_overlay=false"])
     with open(log_path, "ab") as log:
-        sup = subprocess.Popen([sys.executable, "-m", "pose_service.cli", "supervisor", *overrides],
+        sup = subprocess.Popen([sys.executable, "-m", "pose_service.cli", "supervisor", *private],
                                stdin=subprocess.DEVNULL, stdout=log, stderr=log)
     try:
         return asyncio.run(follow_job(cfg, os.path.realpath(video), args, meta.frame_count, sup, log_path))
@@ -43,6 +45,18 @@ def run_clip(cfg, args, overrides: list[str]) -> int:
             sup.wait(15)
         except subprocess.TimeoutExpired:
             sup.kill()
+
+
+def private_roots(cfg, video: str) -> str:
+    """The private supervisor accepts the clip the CLI user named (it checks every path it is given)."""
+    roots = [*cfg.jobs.allowed_roots, os.path.dirname(os.path.realpath(video))]
+    return "jobs.allowed_roots=[" + ",".join("'" + root.replace("'", "\\'") + "'" for root in roots) + "]"
+
+
+def sibling(out: str, suffix: str) -> str:
+    """result.json -> result.overlay.mp4: artifacts land next to the result the user asked for."""
+    stem = out[:-len(".json")] if out.endswith(".json") else out
+    return stem + suffix
 
 
 async def follow_job(cfg, video: str, args, frame_hint: int, sup: subprocess.Popen, log_path: str) -> int:
@@ -57,11 +71,15 @@ async def follow_job(cfg, video: str, args, frame_hint: int, sup: subprocess.Pop
             return 1
         job_id = body["job"]["job_id"]
         bar = tqdm(total=frame_hint or None, unit="frame", disable=args.quiet, desc="pose")
+        events = JobEvents(ledger_path(cfg), job_id)
         while True:
             _, body = await until_answered(client, "status", sup, job_id=job_id)
             job = body["job"]
             bar.total = job.get("frames_total") or bar.total
             bar.update(job["frames_done"] - bar.n)
+            bar.set_postfix_str("writing the overlay" if job.get("phase") == "rendering" else "", refresh=False)
+            for line in events.restarts():
+                bar.write(line)
             if job["state"] in ("done", "error"):
                 break
             await asyncio.sleep(0.2)
@@ -71,6 +89,12 @@ async def follow_job(cfg, video: str, args, frame_hint: int, sup: subprocess.Pop
             return 1
         shutil.copyfile(job["result_path"], args.out)
         print_summary(args.out, job)
+        if job.get("overlay_path"):
+            overlay = shutil.copyfile(job["overlay_path"], sibling(args.out, ".overlay.mp4"))
+            print(f"overlay (every frame with the pose drawn): {overlay}")
+        if args.report:
+            from pose_common.report import write_report
+            print(f"report (open it in a browser): {write_report(ledger_path(cfg), job_id, args.report)}")
         return 0
     finally:
         await client.close()
@@ -87,6 +111,27 @@ async def until_answered(client: SupervisorClient, kind: str, sup: subprocess.Po
             if sup.poll() is not None or time.monotonic() > give_up:
                 raise SystemExit(f"error: supervisor exited ({sup.poll()}); see its log") from None
             await asyncio.sleep(0.2)
+
+
+class JobEvents:
+    """What the CLI prints between progress updates: the worker restarts that touched the job."""
+
+    def __init__(self, ledger_file: str, job_id: str):
+        self.ledger_file, self.job_id, self.seen = ledger_file, job_id, 0
+
+    def restarts(self) -> list[str]:
+        from pose_common.ledger import Ledger
+        if not os.path.exists(self.ledger_file):
+            return []
+        ledger = Ledger(self.ledger_file, readonly=True)
+        try:
+            events = ledger.events_since(self.job_id, self.seen)
+        finally:
+            ledger.close()
+        if events:
+            self.seen = events[-1]["id"]
+        return [f"worker restarted after {e['data'].get('cause')} at frame {e['data'].get('frame')}; resuming"
+                for e in events if e["type"] == "restart"]
 
 
 def print_summary(path: str, job: dict) -> None:

@@ -330,3 +330,87 @@ class PostgresServer:
         except subprocess.CalledProcessError:
             pass
         shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class HeadlessChromium:
+    """Debian's Chromium, headless, driven over the DevTools protocol (aiohttp's websocket client):
+    open a page, collect console errors and exceptions, evaluate script, take a screenshot."""
+
+    FLAGS = ["--headless=new", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             "--remote-debugging-port=0", "--window-size=1200,1600", "--autoplay-policy=no-user-gesture-required"]
+
+    def __init__(self, tmp: Path):
+        import shutil
+        binary = shutil.which("chromium") or shutil.which("chromium-browser")
+        if binary is None:
+            import pytest
+            pytest.skip("chromium not installed (Debian package chromium; `make test` installs it as root)")
+        profile = tmp / "chromium-profile"
+        self.proc = subprocess.Popen([binary, *self.FLAGS, f"--user-data-dir={profile}", "about:blank"],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        port_file = profile / "DevToolsActivePort"
+        wait_for(port_file.exists, 30, what="chromium's DevTools port")
+        self.port = int(wait_for(lambda: port_file.read_text().split("\n")[0], 10, what="port number"))
+        self.errors: list[str] = []
+
+    def visit(self, url: str, script: str, timeout: float = 30) -> tuple[Any, bytes]:
+        """Load `url`, evaluate `script` (may return a promise), screenshot. -> (value, png)."""
+        import asyncio
+        return asyncio.run(asyncio.wait_for(self._visit(url, script), timeout))
+
+    async def _visit(self, url: str, script: str) -> tuple[Any, bytes]:
+        import base64
+        import aiohttp
+
+        async with aiohttp.ClientSession() as http_session:
+            async with http_session.put(f"http://127.0.0.1:{self.port}/json/new?about:blank") as response:
+                target = await response.json(content_type=None)
+            async with http_session.ws_connect(target["webSocketDebuggerUrl"], max_msg_size=0) as ws:
+                session = _CdpSession(ws, self.errors)
+                for domain in ("Runtime.enable", "Log.enable", "Page.enable"):
+                    await session.call(domain)
+                await session.call("Page.navigate", url=url)
+                await session.until("Page.loadEventFired")
+                value = await session.call("Runtime.evaluate", expression=script, awaitPromise=True,
+                                           returnByValue=True)
+                shot = await session.call("Page.captureScreenshot", format="png", captureBeyondViewport=False)
+                return value["result"].get("value"), base64.b64decode(shot["data"])
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(10)
+
+
+class _CdpSession:
+    def __init__(self, ws, errors: list[str]):
+        self.ws, self.errors, self.next_id, self.seen = ws, errors, 0, []
+
+    async def call(self, method: str, **params) -> dict:
+        self.next_id += 1
+        await self.ws.send_json({"id": self.next_id, "method": method, "params": params})
+        while True:
+            message = await self._receive()
+            if message.get("id") == self.next_id:
+                if "error" in message:
+                    raise RuntimeError(f"{method}: {message['error']}")
+                return message.get("result", {})
+
+    async def until(self, event: str) -> dict:
+        if any(m.get("method") == event for m in self.seen):
+            return next(m for m in self.seen if m.get("method") == event)
+        while (message := await self._receive()).get("method") != event:
+            pass
+        return message
+
+    async def _receive(self) -> dict:
+        message = await self.ws.receive_json()
+        self.seen.append(message)
+        method, params = message.get("method"), message.get("params", {})
+        if method == "Runtime.exceptionThrown":
+            self.errors.append(str(params.get("exceptionDetails", {}).get("text")))
+        elif method == "Runtime.consoleAPICalled" and params.get("type") == "error":
+            self.errors.append(str(params.get("args")))
+        elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
+            self.errors.append(str(params["entry"].get("text")))
+        return message
