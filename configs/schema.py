@@ -37,6 +37,8 @@ class JobsConfig:
     keep_max_mb: int = 20_000
     # how often the supervisor looks for jobs to remove
     retention_sweep_s: float = 300.0
+    # an upload is refused (507) when it would leave less free space than this in storage_dir
+    min_free_mb: int = 1024
 
 
 @dataclass

@@ -9,8 +9,9 @@ from contextlib import asynccontextmanager
 from aiohttp import web
 
 from gateway import legacy, native
-from gateway.errors import LOG_KEY, json_errors
+from gateway.errors import BODY_LIMIT_KEY, LOG_KEY, json_errors
 from gateway.helpers import CFG_KEY, CLIENT_KEY
+from gateway.store import READER_KEY, LedgerReader
 from pose_common.client import SupervisorClient
 from pose_common.logs import setup_logging
 
@@ -18,8 +19,10 @@ from pose_common.logs import setup_logging
 def build_app(cfg) -> web.Application:
     app = web.Application(middlewares=[json_errors], client_max_size=cfg.gateway.max_json_mb << 20)
     app[CFG_KEY] = cfg
+    app[BODY_LIMIT_KEY] = cfg.gateway.max_json_mb << 20
     app[LOG_KEY] = setup_logging("gateway", cfg.log_level)
     app.cleanup_ctx.append(supervisor_client)
+    app.cleanup_ctx.append(ledger_reader)
     app.add_routes(native.routes)
     legacy.add_routes(app)
     return app
@@ -35,6 +38,12 @@ async def _client_ctx(app: web.Application):
         yield
     finally:
         await sup.close()
+
+
+async def ledger_reader(app: web.Application):
+    app[READER_KEY] = LedgerReader(app[CFG_KEY])
+    yield
+    app[READER_KEY].close()
 
 
 async def supervisor_client(app: web.Application):

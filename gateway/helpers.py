@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import shutil
 from typing import Any, Optional
 
 from aiohttp import web
@@ -56,8 +58,14 @@ async def accept_video_path(request: web.Request, raw_path: Any, source: str = "
     return await submit(request, path, source, idempotency_key)
 
 
-async def submit(request: web.Request, path: str, source: str, idempotency_key: Optional[str]) -> dict:
-    status, body = await ask(request, "submit", video_path=path, source=source, idempotency_key=idempotency_key)
+async def submit(request: web.Request, path: str, source: str, idempotency_key: Optional[str],
+                 max_frames: Optional[int] = None) -> dict:
+    status, body = await ask(request, "submit", video_path=path, source=source, idempotency_key=idempotency_key,
+                             max_frames=max_frames)
+    if status == 429:
+        wait = int(body.get("retry_after_s") or 1)
+        raise json_error(429, body.get("error", "queue full"), headers={"Retry-After": str(wait)},
+                         code="queue_full", retry_after_s=wait)
     if status >= 400:
         raise json_error(status, body.get("error", "rejected"))
     return body["job"]
@@ -73,6 +81,7 @@ async def open_multipart(request: web.Request):
 async def receive_upload(request: web.Request, field_names: tuple[str, ...] = ("video", "file")) -> tuple[str, dict]:
     """Save the multipart video under the state dir. -> (path, other form fields)."""
     cfg = config(request)
+    check_free_space(cfg, request.content_length)
     reader = await open_multipart(request)
     path, fields = None, {}
     while (part := await reader.next()) is not None:
@@ -84,6 +93,17 @@ async def receive_upload(request: web.Request, field_names: tuple[str, ...] = ("
     if path is None:
         raise json_error(400, f"multipart body has no file field ({' or '.join(field_names)})")
     return path, fields
+
+
+def check_free_space(cfg, incoming: Optional[int]) -> None:
+    """Refuse an upload before a byte is written when the storage would be left short (507)."""
+    directory = uploads_dir(cfg)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    free = shutil.disk_usage(directory).free
+    needed = (incoming or 0) + (cfg.jobs.min_free_mb << 20)
+    if free < needed:
+        raise json_error(507, "not enough free space to store the upload", code="insufficient_storage",
+                         free_bytes=free, needed_bytes=needed)
 
 
 async def job_status(request: web.Request, job_id: str) -> dict:

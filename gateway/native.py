@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import sys
+import time
+from typing import Optional
 
 from aiohttp import web
 
@@ -14,11 +17,18 @@ from configs import ledger_path, results_dir
 from gateway.errors import json_error
 from gateway.helpers import (accept_video_path, ask, config, finished_job, job_status, load_result,
                              read_json_body, receive_upload)
+from gateway.store import reader
+from pose_common import results
 from pose_common.client import Unavailable
 from pose_common.faults import KINDS
+from pose_common.views import job_view
 
 routes = web.RouteTableDef()
 REPORT_TIMEOUT_S = 120.0
+FOLLOW_POLL_S = 0.25          # how often a following stream looks for new frames or events
+SSE_KEEPALIVE_S = 15.0        # a comment line keeps idle proxies from closing the event stream
+STREAM_LIMIT_S = 6 * 3600.0   # no stream is held open longer than this
+JOB_STATES = ("queued", "running", "rendering", "done", "error")
 
 
 def job_public(job: dict) -> dict:
@@ -54,29 +64,159 @@ async def cancel_job(request: web.Request) -> web.Response:
     return web.json_response(job_public(body["job"]))
 
 
+@routes.get("/v1/jobs")
+async def list_jobs(request: web.Request) -> web.Response:
+    """Newest first, `limit` (1..200) per page; the next page starts `before` the last one's creation."""
+    state = request.query.get("state") or None
+    if state not in (None, *JOB_STATES):
+        raise json_error(400, f"state must be one of {', '.join(JOB_STATES)}", code="bad_state")
+    limit = query_int(request, "limit", 50, 1, 200)
+    before = query_float(request, "before")
+    jobs = await reader(request).run(lambda ledger: [job_view(job, ledger)
+                                                     for job in ledger.list_jobs(state, limit, before)])
+    body = {"jobs": [job_public(job) for job in jobs], "next_before": jobs[-1]["created_at"] if len(jobs) == limit
+            else None}
+    return web.json_response(body)
+
+
 @routes.get("/v1/jobs/{job_id}/result")
 async def get_result(request: web.Request) -> web.StreamResponse:
-    job = await finished_job(request)
+    """json (when done) streams from the ledger; ndjson streams frames as they are stored, also while
+    the job runs; phalp_pkl for SMPL engines. `vertices=1` adds the meshes an engine stored."""
     fmt = request.query.get("format", "json")
-    if fmt == "json":
-        return web.FileResponse(job["result_path"], headers={"Content-Type": "application/json"})
+    if fmt not in ("json", "ndjson", "phalp_pkl"):
+        raise json_error(400, f"unknown format {fmt!r}: json, ndjson or phalp_pkl", code="bad_format")
+    with_vertices = request.query.get("vertices", "0").lower() in ("1", "true", "yes")
     if fmt == "ndjson":
-        return await stream_ndjson(request, job["result_path"])
+        job = live(await job_status(request, request.match_info["job_id"]))
+        return await stream_ndjson(request, job["job_id"], with_vertices)
+    job = live(await finished_job(request))
     if fmt == "phalp_pkl":
         return await phalp_pickle(request, job)
-    raise json_error(400, f"unknown format {fmt!r}: json, ndjson or phalp_pkl")
-
-
-async def stream_ndjson(request: web.Request, path: str) -> web.StreamResponse:
-    result = await load_result(path)
-    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    response = web.StreamResponse(headers={"Content-Type": "application/json"})
     await response.prepare(request)
-    frames = result.pop("frames")
-    await response.write((json.dumps(result) + "\n").encode())
-    for frame in frames:
-        await response.write((json.dumps(frame) + "\n").encode())
+    async for chunk in reader(request).chunks(lambda ledger: results.json_chunks(ledger.job(job["job_id"]), ledger,
+                                                                                  with_vertices)):
+        await response.write(chunk.encode())
     await response.write_eof()
     return response
+
+
+async def stream_ndjson(request: web.Request, job_id: str, with_vertices: bool) -> web.StreamResponse:
+    """Line 1: the result's header; then one frame per line as the frames are stored; last line: the
+    summary (or {"error": ...} if the job fails). Never loads the result whole."""
+    store = reader(request)
+    response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+    await response.prepare(request)
+    job = await store.run(lambda ledger: ledger.job(job_id))
+    await response.write((json.dumps(await store.run(lambda ledger: results.header(job, ledger, with_vertices)))
+                          + "\n").encode())
+    last, count, with_person = -1, 0, 0
+    deadline = time.monotonic() + STREAM_LIMIT_S
+    while time.monotonic() < deadline:
+        job = await store.run(lambda ledger: ledger.job(job_id))
+        async for frame in store.chunks(lambda ledger: results.frames(job, ledger, with_vertices, after=last)):
+            await response.write((json.dumps(frame) + "\n").encode())
+            last, count, with_person = frame["frame_index"], count + 1, with_person + bool(frame["persons"])
+        if job.state in ("done", "error"):
+            break
+        await asyncio.sleep(FOLLOW_POLL_S)
+    tail = {"error": job.error} if job.state == "error" else {"summary": results.summary(job, count, with_person)}
+    await response.write((json.dumps(tail) + "\n").encode())
+    await response.write_eof()
+    return response
+
+
+@routes.get("/v1/jobs/{job_id}/events")
+async def job_events(request: web.Request) -> web.StreamResponse:
+    """Server-sent events: state changes and progress (frames done/total, fps, ETA), worker restarts
+    that touched the job, ending with the terminal state. `Last-Event-ID` resumes after the last one
+    received, without repeats."""
+    job_id = request.match_info["job_id"]
+    await job_status(request, job_id)  # 404 for an unknown job
+    last = last_event_id(request)
+    store = reader(request)
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache",
+                                           "X-Accel-Buffering": "no"})
+    await response.prepare(request)
+    deadline, quiet_since = time.monotonic() + STREAM_LIMIT_S, time.monotonic()
+    while time.monotonic() < deadline:
+        events = await store.run(lambda ledger: ledger.events_since(job_id, last))
+        for event in events:
+            await response.write(sse(event).encode())
+            last = event["id"]
+        if any(e["type"] in ("done", "error") for e in events) or (not events and await finished(store, job_id, last)):
+            break
+        if events:
+            quiet_since = time.monotonic()
+        elif time.monotonic() - quiet_since > SSE_KEEPALIVE_S:
+            await response.write(b": still here\n\n")
+            quiet_since = time.monotonic()
+        await asyncio.sleep(FOLLOW_POLL_S)
+    await response.write_eof()
+    return response
+
+
+def sse(event: dict) -> str:
+    return f"id: {event['id']}\nevent: {event['type']}\ndata: {json.dumps({**event['data'], 'at': event['at']})}\n\n"
+
+
+async def finished(store, job_id: str, last: int) -> bool:
+    """True once the job's terminal event has been sent (a reconnect after the end gets nothing)."""
+    return await store.run(lambda ledger: any(e["type"] in ("done", "error") for e in ledger.events_since(job_id, 0))
+                           and not ledger.events_since(job_id, last))
+
+
+def last_event_id(request: web.Request) -> int:
+    raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or "0"
+    try:
+        return max(0, int(raw))
+    except ValueError:
+        raise json_error(400, "Last-Event-ID must be the integer id of an event", code="bad_event_id") from None
+
+
+@routes.get("/v1/jobs/{job_id}/overlay.mp4")
+async def get_overlay(request: web.Request) -> web.StreamResponse:
+    """The overlay video, with HTTP range requests (a browser's <video> seeks in it)."""
+    job = live(await finished_job(request))
+    if not job.get("overlay_path") or not os.path.isfile(job["overlay_path"]):
+        raise json_error(404, "this job has no overlay video (jobs.render_overlay was off, or rendering failed)",
+                         code="no_overlay")
+    return web.FileResponse(job["overlay_path"], headers={"Content-Type": "video/mp4"})
+
+
+def live(job: dict) -> dict:
+    """A job whose files retention removed answers 410 with the reason (its tombstone stays)."""
+    if job.get("removed"):
+        raise json_error(410, f"the job's results were removed: {job['removed']['reason']}", code="removed",
+                         removed_at=job["removed"]["at"])
+    return job
+
+
+def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    raw = request.query.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        raise json_error(400, f"{name} must be an integer from {low} to {high}", code="bad_query")
+    return value
+
+
+def query_float(request: web.Request, name: str) -> Optional[float]:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        value = float(raw)
+    except ValueError:
+        value = float("nan")
+    if not math.isfinite(value):
+        raise json_error(400, f"{name} must be a number (a job's created_at)", code="bad_query")
+    return value
 
 
 async def phalp_pickle(request: web.Request, job: dict) -> web.Response:

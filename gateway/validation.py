@@ -70,7 +70,8 @@ async def save_upload(field, directory: str, max_bytes: int) -> str:
             if size > max_bytes:
                 out.close()
                 os.unlink(path)
-                raise json_error(413, f"upload larger than {max_bytes // (1 << 20)} MB")
+                raise json_error(413, f"upload larger than {max_bytes // (1 << 20)} MB (gateway.max_upload_mb)",
+                                 code="too_large", limit_bytes=max_bytes)
             out.write(chunk)
     if size == 0:
         os.unlink(path)

@@ -342,7 +342,8 @@ class Supervisor:
             return self.reply(identity, env, 503, error=f"service is fatal: {self.slot.fatal_reason()}",
                               status_word="fatal")
         if len(self.ledger.queue()) >= self.cfg.jobs.queue_max:
-            return self.reply(identity, env, 429, error=f"Queue full (max {self.cfg.jobs.queue_max})")
+            return self.reply(identity, env, 429, error=f"Queue full (max {self.cfg.jobs.queue_max})",
+                              retry_after_s=self.jobs.seconds_until_free(time.monotonic()))
         refusal = self.refuse_path(body.video_path)
         if refusal:
             self.log.warning("submit_refused", reason=refusal)

@@ -7,6 +7,7 @@ sent its last frame the job enters `rendering`, the result file and the overlay 
 by a side process (never on the worker), and only then is the job finished."""
 from __future__ import annotations
 
+import math
 import os
 import subprocess
 import sys
@@ -21,11 +22,13 @@ from pose_common.children import parent_death_signal
 from pose_common.ledger import Job, Lease, SqlLedger
 from pose_common.overlay import overlay_path
 from pose_common.results import mesh_faces_key, split_meshes, write_result
+from pose_common.views import job_view
 from supervisor.slot import WorkerSlot
 
 SendWorker = Callable[..., bool]
 Reply = Callable[..., None]
 PROGRESS_EVERY_S = 0.5   # at most this often a progress event per job (SSE reads them)
+DEFAULT_FPS, DEFAULT_JOB_FRAMES = 10.0, 300  # a guess until the running job has shown its pace
 
 
 class JobRunner:
@@ -243,6 +246,13 @@ class JobRunner:
         if job_id == self.current:
             self.stop_current("cancelled", now)
 
+    def seconds_until_free(self, now: float) -> int:
+        """When a place in a full queue is likely to open: the running job's frames left at its
+        recent pace (a client's Retry-After)."""
+        fps = self.progress.fps(now) or DEFAULT_FPS
+        left = max(0, (self.progress.frames_total or DEFAULT_JOB_FRAMES) - self.progress.stored - self.progress.done)
+        return int(min(3600, max(1, math.ceil(left / fps)))) if self.lease else 1
+
     # --- views -----------------------------------------------------------------------------------------
     def view(self, job_id: str) -> Optional[dict[str, Any]]:
         job = self.ledger.job(job_id)
@@ -254,25 +264,6 @@ class Render:
     proc: subprocess.Popen
     lease: Lease
     result_path: str
-
-
-def job_view(job: Job, ledger: SqlLedger) -> dict[str, Any]:
-    """What a client sees of a job. `status` is queued|running|done|error; while the result's files are
-    written the job is still `running`, with `phase: rendering`."""
-    view = {k: getattr(job, k) for k in ("job_id", "state", "video_path", "created_at", "started_at",
-                                         "finished_at", "attempts", "frames_total", "error", "warning",
-                                         "result_path", "source", "max_frames")}
-    view["status"] = "running" if job.state == "rendering" else job.state
-    view["phase"] = "rendering" if job.state == "rendering" else None
-    view["frames_done"] = ledger.frames_done(job.job_id)
-    view["video"] = job.meta()
-    if job.overlay_path and job.state == "done":
-        view["overlay_path"] = job.overlay_path
-    if job.state in ("queued", "running"):
-        view["queue_position"] = ledger.queue_position(job.job_id)
-    if job.removed_at:
-        view["removed"] = {"at": job.removed_at, "reason": job.removed_reason}
-    return view
 
 
 class Progress:

@@ -1,0 +1,67 @@
+"""The ledger, read-only, from the gateway: results and events are streamed from it in batches, so
+nothing is loaded whole, and (with a shared PostgreSQL ledger) any gateway answers for any job.
+
+Every read runs on one thread of its own: a slow query never blocks the event loop, and the
+connection is only ever used by that one thread."""
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, Iterator, Optional, TypeVar
+
+from aiohttp import web
+
+from configs import ledger_path
+from gateway.errors import json_error
+from pose_common.ledger import LedgerUnavailable, SqlLedger
+from pose_common.ledger_open import open_ledger_at
+
+T = TypeVar("T")
+READER_KEY = web.AppKey("ledger_reader", object)
+
+
+class LedgerReader:
+    def __init__(self, cfg):
+        self.location = cfg.ledger.url or ledger_path(cfg)
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
+        self.ledger: Optional[SqlLedger] = None
+
+    def _open(self) -> SqlLedger:
+        if self.ledger is None:
+            self.ledger = open_ledger_at(self.location, readonly=True)
+        return self.ledger
+
+    async def run(self, read: Callable[[SqlLedger], T]) -> T:
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, lambda: read(self._open()))
+        except (LedgerUnavailable, sqlite3.OperationalError) as exc:
+            self.ledger = None
+            raise json_error(503, "the job ledger is unavailable; try again shortly", code="ledger_unavailable",
+                             detail=str(exc)[:200]) from None
+
+    async def chunks(self, source: Callable[[SqlLedger], Iterator[Any]], per_batch: int = 64):
+        """An iterator over the ledger, pulled `per_batch` items at a time on the ledger's thread."""
+        items: dict[str, Iterator[Any]] = {}
+
+        def pull(ledger: SqlLedger) -> list:
+            iterator = items.setdefault("it", source(ledger))
+            batch = []
+            for item in iterator:
+                batch.append(item)
+                if len(batch) >= per_batch:
+                    break
+            return batch
+
+        while batch := await self.run(pull):
+            for item in batch:
+                yield item
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.ledger is not None:
+            self.ledger.close()
+
+
+def reader(request: web.Request) -> LedgerReader:
+    return request.app[READER_KEY]

@@ -1,0 +1,25 @@
+"""What a client sees of a job: one shape for the supervisor's answers and the gateway's own reads."""
+from __future__ import annotations
+
+from typing import Any
+
+from pose_common.ledger import Job, SqlLedger
+
+
+def job_view(job: Job, ledger: SqlLedger) -> dict[str, Any]:
+    """What a client sees of a job. `status` is queued|running|done|error; while the result's files are
+    written the job is still `running`, with `phase: rendering`."""
+    view = {k: getattr(job, k) for k in ("job_id", "state", "video_path", "created_at", "started_at",
+                                         "finished_at", "attempts", "frames_total", "error", "warning",
+                                         "result_path", "source", "max_frames")}
+    view["status"] = "running" if job.state == "rendering" else job.state
+    view["phase"] = "rendering" if job.state == "rendering" else None
+    view["frames_done"] = ledger.frames_done(job.job_id)
+    view["video"] = job.meta()
+    if job.overlay_path and job.state == "done":
+        view["overlay_path"] = job.overlay_path
+    if job.state in ("queued", "running"):
+        view["queue_position"] = ledger.queue_position(job.job_id)
+    if job.removed_at:
+        view["removed"] = {"at": job.removed_at, "reason": job.removed_reason}
+    return view
