@@ -8,7 +8,7 @@ from contextlib import asynccontextmanager
 
 from aiohttp import web
 
-from gateway import legacy, native
+from gateway import apidoc, legacy, native
 from gateway.errors import BODY_LIMIT_KEY, LOG_KEY, json_errors
 from gateway.helpers import CFG_KEY, CLIENT_KEY
 from gateway.store import READER_KEY, LedgerReader
@@ -24,6 +24,7 @@ def build_app(cfg) -> web.Application:
     app.cleanup_ctx.append(supervisor_client)
     app.cleanup_ctx.append(ledger_reader)
     app.add_routes(native.routes)
+    app.add_routes(apidoc.routes)
     legacy.add_routes(app)
     return app
 
