@@ -16,8 +16,10 @@ class GatewayConfig:
     # JSON/multipart bodies of /pose/hybrid carry whole images as base64
     max_json_mb: int = 64
     auth_token: Optional[str] = None
-    # /pose/hybrid and /process_video wait this long for the worker
-    sync_timeout_s: float = 115.0
+    # POST /process_video (synchronous) waits this long for the job, then answers 504 with its id
+    sync_timeout_s: float = 3600.0
+    # GET /warmup waits this long for the models (the backend gives up after 120 s)
+    warmup_timeout_s: float = 110.0
 
 
 @dataclass

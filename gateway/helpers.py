@@ -45,7 +45,7 @@ async def read_json_body(request: web.Request) -> dict:
 
 
 async def accept_video_path(request: web.Request, raw_path: Any, source: str = "path",
-                            idempotency_key: Optional[str] = None) -> dict:
+                            idempotency_key: Optional[str] = None, max_frames: Optional[int] = None) -> dict:
     """Validate a path (roots, existence, decodability) and submit it. -> job view."""
     cfg = config(request)
     mapped = validation.map_windows_path(raw_path, is_wsl()) if isinstance(raw_path, str) and \
@@ -54,8 +54,21 @@ async def accept_video_path(request: web.Request, raw_path: Any, source: str = "
     if source == "upload":
         roots = [uploads_dir(cfg)]
     path = validation.check_video_path(mapped, roots)
-    await asyncio.get_running_loop().run_in_executor(None, validation.probe_video_or_400, path)
-    return await submit(request, path, source, idempotency_key)
+    await asyncio.get_running_loop().run_in_executor(None, validation.probe_video_or_4xx, path)
+    return await submit(request, path, source, idempotency_key, max_frames)
+
+
+def parse_max_frames(raw: Any) -> Optional[int]:
+    """The app's `max_frames`: that many frames spread evenly over the video (absent: every frame)."""
+    if raw is None or raw == "":
+        return None
+    try:
+        value = int(str(raw).strip())
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 1_000_000:
+        raise json_error(400, "max_frames must be a whole number from 1 to 1000000", code="bad_max_frames")
+    return value
 
 
 async def submit(request: web.Request, path: str, source: str, idempotency_key: Optional[str],

@@ -3,7 +3,7 @@ as the native /v1 API. Every one goes through the supervisor; the gateway never 
 
 Routes (see docs in each handler):
   GET  /health                     always 200 within a second or two; status ready|warming_up|not_ready|error
-  GET  /warmup                     waits (<= WARMUP_WAIT_S) for the worker; 200 ready, 500 error, 503 warming_up
+  GET  /warmup                     waits (<= gateway.warmup_timeout_s) for the worker; 200 ready, 500 error, 503 warming_up
   POST /reload                     restarts the worker (models reload); answers at once
   POST /pose/hybrid                one image (JSON image_base64 or multipart `frame`) -> keypoints
   POST /process_video              multipart upload, synchronous -> {status:'success', data:<legacy result>}
@@ -28,15 +28,20 @@ Choices a reader of the backend's code should know about:
     elbow (shoulder-elbow-wrist), shoulder (elbow-shoulder-hip), spine (lean of the mid-hip ->
     mid-shoulder vector from vertical; 0 = upright), all in degrees.
   * No person -> 200 with keypoints [], has_3d false and error 'No person detected'.
-  * Uploaded videos (/process_video, /process_video_async) are submitted without the up-front decode
-    probe that /v1/jobs and /pose/video run: a corrupt upload becomes a job in state 'error' with the
-    decoder's reason, which is what the legacy pollers understand (contract §5.20).
-  * Every frame of the video is processed; `max_frames` is accepted and ignored (contract §5.22:
-    an N-frame video yields N frames, frames without a person have persons []).
-  * `output_path` (job status and result) is the overlay video (every source frame with the pose
-    drawn, rendered by the supervisor right after the job) once it exists, until then the native
-    result JSON (results/<job_id>.json under the state dir). /frame/{job}/{idx} serves any single
-    frame with the pose drawn.
+  * Every upload and path is opened and its first frame decoded before anything is queued, on every
+    route: a still image (whatever its name) or a file without video -> 415, an undecodable file ->
+    422, both JSON with the reason. A video cut or damaged after that point completes with a
+    `warning` naming the frames decoded and the frames its container declares (`truncated: true`);
+    nothing is silently partial.
+  * Without `max_frames` every frame is processed (an N-frame video yields N frames, frames without
+    a person have persons []). With `max_frames=K` (the mobile app sends 15), K frames spread evenly
+    over the video are processed, as the app's first service did; frameNumber is then the position
+    in the result and originalFrameNumber the index in the video.
+  * A job is `complete` only when every artifact it names exists and is whole: `output_path` is the
+    overlay video (every processed frame with the pose drawn), written before the job completes.
+    /frame/{job}/{idx} serves any single frame with the pose drawn.
+  * Timeouts are configuration, one number each: gateway.warmup_timeout_s (GET /warmup),
+    gateway.sync_timeout_s (POST /process_video), deadlines.image_s (POST /pose/hybrid).
   * Nothing leaves as NaN or Infinity: non-finite numbers become null.
 """
 from __future__ import annotations
@@ -54,10 +59,10 @@ from typing import Any, Optional, Sequence
 
 from aiohttp import web
 
-from configs import uploads_dir
 from gateway import validation
 from gateway.errors import json_error
 from gateway.helpers import (
+    parse_max_frames,
     accept_video_path,
     ask,
     config,
@@ -67,7 +72,6 @@ from gateway.helpers import (
     open_multipart,
     read_json_body,
     receive_upload,
-    submit,
 )
 from pose_common.client import Unavailable
 from pose_common.angles import joint_angles, main_person
@@ -76,8 +80,6 @@ from pose_common.drawing import number_or as _num
 from pose_common.hostinfo import is_wsl
 
 SERVICE = "pose-service"
-WARMUP_WAIT_S = 110.0
-SYNC_VIDEO_TIMEOUT_S = 3600.0
 POLL_S = 0.5
 RELOAD_SETTLE_S = 3.0
 JPEG_QUALITY = 90
@@ -193,9 +195,10 @@ def warmup_body(health: dict, diagnostics: dict) -> dict:
 @routes.get("/warmup")
 async def warmup_route(request: web.Request) -> web.Response:
     """Wait until the worker is ready (it loads at startup, never lazily): 200 with load times from
-    the last boot's stages; 500 when fatal; 503 when not ready within WARMUP_WAIT_S (or ?timeout=)."""
+    the last boot's stages; 500 when fatal; 503 when not ready within gateway.warmup_timeout_s (or ?timeout=)."""
     try:
-        wait = min(WARMUP_WAIT_S, max(0.0, float(request.query.get("timeout", WARMUP_WAIT_S))))
+        limit = float(config(request).gateway.warmup_timeout_s)
+        wait = min(limit, max(0.0, float(request.query.get("timeout", limit))))
     except ValueError:
         raise json_error(400, "timeout must be a number of seconds") from None
     deadline = time.monotonic() + wait
@@ -385,8 +388,8 @@ async def pose_hybrid(request: web.Request) -> web.Response:
         raise json_error(415, "Expected application/json {image_base64, frame_number} or multipart/form-data "
                               f"with a `frame` file, got {ctype or 'no content type'}")
     cfg = config(request)
-    wait = min(float(cfg.gateway.sync_timeout_s), float(cfg.deadlines.image_s) + 5.0)
-    status, reply = await ask(request, "image", timeout_s=wait, blobs=[image])
+    # the supervisor answers 504 at deadlines.image_s; the margin only covers the answer's way back
+    status, reply = await ask(request, "image", timeout_s=float(cfg.deadlines.image_s) + 2.0, blobs=[image])
     if status != 200:
         error = reply.get("error") or f"image request failed ({status})"
         if status == 400 and not error.startswith("Failed to decode image"):
@@ -428,49 +431,83 @@ def output_path_of(job: dict) -> str:
     return job.get("overlay_path") or job["result_path"]
 
 
-def legacy_result(native: dict, processing_time: float, output_path: Optional[str] = None) -> dict:
-    """Native result JSON (supervisor/results.py) -> the backend's frames document shape (contract §2.4):
-    {frames:[{frameNumber, timestamp, persons:[{personId, confidence, tracked, keypoints, camera,
-    smpl, meshVertices?, meshFaces?}]}], fps, total_frames, frame_count, video_duration,
-    processing_time, resolution, metadata{fps, duration, resolution, frameCount, engine}}.
-    Every decoded frame is present (a gap, which the supervisor never writes, is filled with an
-    empty frame marked with an error); timestamps are the frames' real pts in seconds."""
+def legacy_result(native: dict, processing_time: float, output_path: Optional[str] = None,
+                  output_size_mb: Optional[float] = None) -> dict:
+    """Native result JSON (pose_common.results) -> what the backend and the app read (contract §2.3-2.4):
+    `frames` (the frames document: persons with keypoints, camera, smpl, meshes) and the app's own
+    VideoMeshProcessor shape (`pose_timeline`, `frame_acceptance`, `output_size_mb`, ...). frameNumber
+    is the frame's position in the result, originalFrameNumber its index in the video (they differ when
+    max_frames sampled the video). Every decoded frame is present; timestamps are real pts in seconds."""
     video = native.get("video") or {}
     fps = _num(video.get("fps"), 30.0) or 30.0
     names = native.get("joint_names") or []
     faces = native.get("mesh_faces")
-    frames: list[dict] = []
-    for frame in native.get("frames") or []:
-        index = int(frame["frame_index"])
-        while len(frames) < index:  # never expected: keep frameNumber == position anyway
-            missing = len(frames)
-            frames.append({"frameNumber": missing, "timestamp": round(missing / fps, 6), "persons": [],
-                           "error": "frame missing from the result"})
-        if index < len(frames):
-            continue
-        pts = frame.get("pts_s")
-        entry = {"frameNumber": index, "timestamp": round(_num(pts, index / fps) if pts is not None else index / fps, 6),
-                 "persons": [legacy_person(p, names, faces) for p in frame.get("persons") or []]}
-        if frame.get("error"):
-            entry["error"] = frame["error"]
-        frames.append(entry)
+    entries = with_gaps_filled(native.get("frames") or [], fps) if not video.get("max_frames") else \
+        list(native.get("frames") or [])
+    frames = [legacy_frame(position, frame, fps, names, faces) for position, frame in enumerate(entries)]
+    timeline = [timeline_frame(position, frame, fps, names) for position, frame in enumerate(entries)]
     count = len(frames)
     width, height = video.get("width"), video.get("height")
     duration = _num(video.get("duration_s")) or (count / fps if fps else 0.0)
     engine = native.get("engine") or {}
+    seconds = round(_num(processing_time), 3)
     result = {
         "job_id": native.get("job_id"), "video_path": native.get("video_path"), "status": "complete",
-        "frames": frames, "fps": fps, "total_frames": count, "frame_count": count, "processed_frames": count,
+        "frames": frames, "pose_timeline": timeline,
+        "frame_acceptance": [{"frame_index": t["frameNumber"], "has_mesh": t["meshRendered"], "has_pose": t["has3D"],
+                              "original_frame_number": t["originalFrameNumber"], "timestamp": t["timestamp"]}
+                             for t in timeline],
+        "fps": fps, "total_frames": count, "frame_count": count, "processed_frames": count,
         "frames_with_person": sum(1 for f in frames if f["persons"]),
-        "video_duration": round(duration, 5), "processing_time": round(_num(processing_time), 3),
-        "processing_time_seconds": round(_num(processing_time), 3), "resolution": [width, height],
+        "video_duration": round(duration, 5), "processing_time": seconds, "processing_time_seconds": seconds,
+        "resolution": [width, height], "output_path": output_path, "output_size_mb": output_size_mb,
         "metadata": {"fps": fps, "duration": round(duration, 5), "resolution": [width, height], "frameCount": count,
                      "engine": engine, "jointNames": names},
-        "output_path": output_path,
     }
+    if video.get("truncated"):
+        result.update(truncated=True, frames_expected=video.get("frames_expected"),
+                      frames_decoded=video.get("frame_count"))
     if native.get("warning"):
         result["warning"] = native["warning"]
     return result
+
+
+def with_gaps_filled(entries: list, fps: float) -> list:
+    """Never expected (the supervisor stores every frame): keep frameNumber == position anyway."""
+    filled: list[dict] = []
+    for frame in entries:
+        while len(filled) < int(frame["frame_index"]):
+            missing = len(filled)
+            filled.append({"frame_index": missing, "pts_s": missing / fps, "persons": [],
+                           "error": "frame missing from the result"})
+        if int(frame["frame_index"]) == len(filled):
+            filled.append(frame)
+    return filled
+
+
+def frame_time(frame: dict, fps: float) -> float:
+    pts = frame.get("pts_s")
+    return round(_num(pts, frame["frame_index"] / fps) if pts is not None else frame["frame_index"] / fps, 6)
+
+
+def legacy_frame(position: int, frame: dict, fps: float, names: Sequence[str], faces: Optional[list]) -> dict:
+    entry = {"frameNumber": position, "originalFrameNumber": int(frame["frame_index"]),
+             "timestamp": frame_time(frame, fps),
+             "persons": [legacy_person(p, names, faces) for p in frame.get("persons") or []]}
+    if frame.get("error"):
+        entry["error"] = frame["error"]
+    return entry
+
+
+def timeline_frame(position: int, frame: dict, fps: float, names: Sequence[str]) -> dict:
+    """One pose_timeline item as the mobile app's VideoAnalysisScreen reads it (the main person)."""
+    person = main_person(frame.get("persons") or [])
+    rows = keypoint_rows(person, names) if person else []
+    raw3d = [list(p) for p in (person.get("keypoints_3d") or [])] if person else []
+    return {"frameNumber": position, "originalFrameNumber": int(frame["frame_index"]),
+            "timestamp": round(frame_time(frame, fps), 3), "confidence": _num(person.get("score")) if person else 0.0,
+            "keypoints": rows, "joints3D": raw3d, "jointAngles": joint_angles(names, raw3d) if raw3d else {},
+            "has3D": bool(raw3d), "meshRendered": bool(person and person.get("vertices"))}
 
 
 async def cached_native(request: web.Request, path: str) -> dict:
@@ -494,16 +531,17 @@ def processing_time_of(job: dict) -> float:
 
 async def legacy_result_of(request: web.Request, job: dict) -> dict:
     native = await cached_native(request, job["result_path"])
-    return legacy_result(native, processing_time_of(job), output_path_of(job))
+    overlay = job.get("overlay_path")
+    size_mb = round(os.path.getsize(overlay) / (1 << 20), 2) if overlay and os.path.isfile(overlay) else None
+    return legacy_result(native, processing_time_of(job), output_path_of(job), size_mb)
 
 
 # --- video jobs ---------------------------------------------------------------------------------------------------
-async def submit_upload(request: web.Request, path: str) -> dict:
-    """Roots check, then the queue; the decodability check is left to the worker (see module doc)."""
-    cfg = config(request)
+async def submit_upload(request: web.Request, path: str, max_frames: Optional[int]) -> dict:
+    """Roots and decodability (415 not a video, 422 undecodable) checked before anything is queued;
+    a refused upload is deleted."""
     try:
-        real = validation.check_video_path(path, [uploads_dir(cfg)])
-        return await submit(request, real, "upload", None)
+        return await accept_video_path(request, path, "upload", None, max_frames)
     except Exception:
         os.unlink(path)
         raise
@@ -532,26 +570,37 @@ async def wait_for_job(request: web.Request, job_id: str, timeout_s: float) -> O
 
 @routes.post("/process_video")
 async def process_video(request: web.Request) -> web.Response:
-    """Synchronous: multipart `video` (+ max_frames, output_format, both accepted and ignored) ->
-    200 {status:'success', data:<legacy result>}; job error -> 500 {status:'error', error}."""
-    path, _ = await receive_video(request)
-    job = await submit_upload(request, path)
+    """Synchronous: multipart `video` (+ max_frames; output_format is accepted and ignored) -> 200
+    {status:'success', data:<legacy result>} once every artifact it names exists (output_path is the
+    overlay video). Waits at most gateway.sync_timeout_s, then 504 with the job id to poll. A video the
+    worker cannot read -> 422; the service fatal -> 503; never 500 for what was uploaded."""
+    path, fields = await receive_video(request)
+    job = await submit_upload(request, path, parse_max_frames(fields.get("max_frames")))
     job_id = job["job_id"]
-    finished = await wait_for_job(request, job_id, SYNC_VIDEO_TIMEOUT_S)
+    wait = float(config(request).gateway.sync_timeout_s)
+    finished = await wait_for_job(request, job_id, wait)
     if finished is None:
-        return respond({"status": "error", "job_id": job_id,
-                        "error": f"still processing after {SYNC_VIDEO_TIMEOUT_S:g}s; poll /job_status/{job_id}"}, 504)
+        return respond({"status": "error", "job_id": job_id, "code": "still_processing",
+                        "error": f"still processing after {wait:g}s (gateway.sync_timeout_s); poll "
+                                 f"/job_status/{job_id}"}, 504)
     if finished["state"] == "error":
-        return respond({"status": "error", "job_id": job_id, "error": finished.get("error") or "processing failed"},
-                       500)
+        error = finished.get("error") or "processing failed"
+        return respond({"status": "error", "job_id": job_id, "error": error}, job_error_status(error))
     return respond({"status": "success", "job_id": job_id, "data": await legacy_result_of(request, finished)})
+
+
+def job_error_status(error: str) -> int:
+    """A failed synchronous job: the service's state (503), a cancel (409), or the video itself (422)."""
+    if error.startswith("service fatal"):
+        return 503
+    return 409 if error == "cancelled" else 422
 
 
 @routes.post("/process_video_async")
 async def process_video_async(request: web.Request) -> web.Response:
     """multipart `video` (+ max_frames) -> 200 {status:'accepted', job_id, message}."""
-    path, _ = await receive_video(request)
-    job = await submit_upload(request, path)
+    path, fields = await receive_video(request)
+    job = await submit_upload(request, path, parse_max_frames(fields.get("max_frames")))
     return respond({"status": "accepted", "job_id": job["job_id"], "queue_position": job.get("queue_position", 0),
                     "message": f"Video queued for processing; poll /job_status/{job['job_id']}"})
 
@@ -602,7 +651,8 @@ async def pose_video(request: web.Request) -> web.Response:
     mapped = validation.map_windows_path(raw, is_wsl()) if cfg.jobs.map_windows_paths else raw
     if not os.path.exists(mapped):
         raise json_error(400, f"Video file not found: {raw}")
-    job = await accept_video_path(request, raw, "path", body.get("idempotency_key"))
+    job = await accept_video_path(request, raw, "path", body.get("idempotency_key"),
+                                  parse_max_frames(body.get("max_frames")))
     position = job.get("queue_position") or 0
     return respond({"status": "processing" if position == 0 else "queued", "job_id": job["job_id"],
                     "queue_position": position, "video_path": job.get("video_path"),

@@ -16,7 +16,7 @@ from aiohttp import web
 from configs import ledger_path, results_dir
 from gateway.errors import json_error
 from gateway.helpers import (accept_video_path, ask, config, finished_job, job_status, load_result,
-                             read_json_body, receive_upload)
+                             parse_max_frames, read_json_body, receive_upload)
 from gateway.store import reader
 from pose_common import results
 from pose_common.client import Unavailable
@@ -42,13 +42,14 @@ async def create_job(request: web.Request) -> web.Response:
         path, fields = await receive_upload(request)
         key = key or fields.get("idempotency_key")
         try:
-            job = await accept_video_path(request, path, "upload", key)
+            job = await accept_video_path(request, path, "upload", key, parse_max_frames(fields.get("max_frames")))
         except Exception:
             os.unlink(path)
             raise
     else:
         body = await read_json_body(request)
-        job = await accept_video_path(request, body.get("video_path"), "path", key or body.get("idempotency_key"))
+        job = await accept_video_path(request, body.get("video_path"), "path", key or body.get("idempotency_key"),
+                                      parse_max_frames(body.get("max_frames")))
     return web.json_response(job_public(job), status=202 if job.get("created", True) else 200)
 
 

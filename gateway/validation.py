@@ -43,14 +43,20 @@ def check_video_path(raw: object, allowed_roots: Sequence[str]) -> str:
     return real
 
 
-def probe_video_or_400(path: str) -> dict:
-    """Open the container and decode one frame; a text file named .mp4 or a truncated header is a 400."""
-    from pose_common.video import VideoError, probe  # PyAV only: no torch, no engine
+def probe_video_or_4xx(path: str) -> dict:
+    """Open the container and decode one frame before anything is queued: a still image (whatever
+    its name) or a file with no video is 415; a file no decoder can read is 422. The reason names
+    neither the path nor the decoder's own words (those go to the log)."""
+    from pose_common.video import NotAVideo, VideoError, probe  # PyAV only: no torch, no engine
 
     try:
         return probe(path).as_dict()
-    except VideoError as exc:
-        raise json_error(400, str(exc)) from None
+    except NotAVideo as exc:
+        raise json_error(415, "not a video: a still image, or a file without a video stream",
+                         code="not_a_video", kind=str(exc).rsplit(": ", 1)[-1]) from None
+    except VideoError:
+        raise json_error(422, "the video could not be decoded: damaged, cut before its first frame, or not a "
+                              "video format", code="undecodable_video") from None
 
 
 def safe_suffix(filename: str | None) -> str:

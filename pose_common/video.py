@@ -14,6 +14,19 @@ class VideoError(ValueError):
     """The input is not a video we can decode; the message is meant for the user."""
 
 
+class NotAVideo(VideoError):
+    """Readable, but not a video: a still image (whatever its name says) or a file with no video."""
+
+
+STILL_IMAGE_FORMATS = frozenset({"image2", "gif", "apng"})
+
+
+def is_still_image(container) -> bool:
+    """ffmpeg reads a JPEG or PNG as a one-frame 'video'; its demuxer gives it away."""
+    name = container.format.name
+    return name in STILL_IMAGE_FORMATS or name.endswith("_pipe")
+
+
 @dataclass
 class VideoMeta:
     fps: float
@@ -32,6 +45,8 @@ def probe(path: str) -> VideoMeta:
     """Read the header and decode the first frame; raise VideoError with a readable reason."""
     try:
         with av.open(path) as container:
+            if is_still_image(container):
+                raise NotAVideo(f"{path}: a still image ({container.format.name}), not a video")
             stream = _video_stream(container, path)
             first = next(container.decode(stream), None)
             if first is None:
@@ -77,7 +92,7 @@ class TruncatedVideo(VideoError):
 
 def _video_stream(container, path):
     if not container.streams.video:
-        raise VideoError(f"{path}: the file has no video stream")
+        raise NotAVideo(f"{path}: the file has no video stream")
     return container.streams.video[0]
 
 

@@ -610,24 +610,35 @@ def test_frame_route(stack, clip_job):
 
 
 # --- §5.20 corrupt input, §5.23 job not complete ---------------------------------------------------------------------------
-def test_corrupt_video_ends_in_error(stack):
-    reply = stack.upload("/process_video_async", "broken.mp4", b"this is not a video\n" * 500, timeout=30)
-    assert reply.status == 200 and reply.json["status"] == "accepted"
-    job_id = reply.json["job_id"]
-    final = stack.wait_job(job_id, timeout=30)
-    assert final["status"] == "error" and isinstance(final["error"], str) and final["error"]
-    reply = stack.get(f"/frame/{job_id}/0")
-    assert reply.status == 400 and "not complete" in reply.json["error"]
-    # the synchronous route reports the same failure as {status:'error'}
+def test_bad_videos_are_refused_up_front_and_a_cut_one_says_so(stack):
+    """Nothing is silently partial: not a video -> 415, undecodable -> 422 (async and sync routes alike,
+    never 500); a video cut after its first frames completes with a warning giving the counts."""
+    for route in ("/process_video_async", "/process_video"):
+        reply = stack.upload(route, "broken.mp4", b"this is not a video\n" * 500, timeout=30)
+        assert reply.status == 422 and reply.json["code"] == "undecodable_video" and reply.json["error"], route
+        reply = stack.upload(route, "photo.mp4", PHOTO.read_bytes(), timeout=30)  # a still image in a video's clothes
+        assert reply.status == 415 and reply.json["code"] == "not_a_video" and reply.json["error"], route
     reply = stack.upload("/process_video", "broken.mp4", b"\x00\x00\x00\x18ftypmp42" + os.urandom(4000), timeout=60)
-    assert reply.status == 500 and reply.json["status"] == "error" and reply.json["error"]
-    # a truncated upload never sticks in processing
+    assert 400 <= reply.status < 500 and reply.json["error"]
     reply = stack.upload("/process_video_async", "cut.mp4", CLIP.read_bytes()[:200_000], timeout=30)
-    if reply.status == 200:
-        assert stack.wait_job(reply.json["job_id"], timeout=60)["status"] in ("complete", "error")
-    else:
-        assert 400 <= reply.status < 500 and reply.json["error"]
+    assert reply.status == 200 and reply.json["status"] == "accepted"
+    final = stack.wait_job(reply.json["job_id"], timeout=60)
+    assert final["status"] == "complete", final
+    result = final["result"]
+    assert result["truncated"] is True and result["frames_expected"] == 122
+    assert result["frames_decoded"] == len(result["frames"]) < 122
+    assert "truncated" in final["warning"] and f"decoded {len(result['frames'])} of the 122" in final["warning"]
     assert stack.ready()
+
+
+def test_frame_of_an_unfinished_job_is_refused(stack):
+    stack.wait_ready(60)
+    reply = stack.upload("/process_video_async", "clip.mp4", CLIP.read_bytes(), timeout=30)
+    job_id = reply.json["job_id"]
+    first = stack.get(f"/frame/{job_id}/0")
+    if first.status != 200:  # it may already be done on a fast machine
+        assert first.status == 400 and "not complete" in first.json["error"]
+    stack.wait_job(job_id, timeout=60)
 
 
 # --- §5.21 /pose/video -----------------------------------------------------------------------------------------------------
@@ -667,13 +678,17 @@ def test_process_video_sync_keeps_frames_without_person(stack):
         for packet in stream.encode():
             container.mux(packet)
     reply = stack.upload("/process_video", "mixed.mp4", path.read_bytes(),
-                         {"max_frames": "5", "output_format": "file_path"}, timeout=120)
+                         {"max_frames": "999999", "output_format": "file_path"}, timeout=120)  # what the backend sends
     assert reply.status == 200, reply.data[:300]
     body = reply.json
     assert body["status"] == "success"
     frames = body["data"]["frames"]
-    assert [f["frameNumber"] for f in frames] == list(range(24))  # max_frames does not drop frames
+    assert [f["frameNumber"] for f in frames] == list(range(24))  # frames without a person are kept
     assert sum(bool(f["persons"]) for f in frames[:12]) >= 8
     assert sum(not f["persons"] for f in frames[12:]) >= 10
     assert body["data"]["fps"] == pytest.approx(30.0, abs=0.01)
-    assert body["data"]["output_path"]
+    assert body["data"]["output_path"].endswith(".mp4")
+    sampled = stack.upload("/process_video", "mixed.mp4", path.read_bytes(), {"max_frames": "5"}, timeout=120).json
+    timeline = sampled["data"]["pose_timeline"]
+    assert [t["frameNumber"] for t in timeline] == list(range(5))
+    assert [t["originalFrameNumber"] for t in timeline] == [0, 4, 9, 14, 19]  # spread evenly, as the app's service did
