@@ -30,10 +30,10 @@ async def json_errors(request: web.Request, handler):
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        body = {"error": exc.reason}
+        body, headers = {"error": exc.reason}, {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
         if exc.status == 413:  # aiohttp's own body limit (gateway.max_json_mb); its text names the limit
             body.update(error=exc.text or exc.reason, code="too_large", limit_bytes=request.app.get(BODY_LIMIT_KEY))
-        return web.json_response(body, status=exc.status)
+        return web.json_response(body, status=exc.status, headers=headers)
     except Unavailable as exc:
         return web.json_response({"error": str(exc), "status": "unavailable"}, status=503)
     except Exception as exc:  # last resort: still JSON

@@ -9,6 +9,7 @@ import shutil
 from typing import Any, Optional
 
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from configs import uploads_dir
 from gateway import validation
@@ -87,8 +88,20 @@ async def submit(request: web.Request, path: str, source: str, idempotency_key: 
 async def open_multipart(request: web.Request):
     try:
         return await request.multipart()
-    except (AssertionError, ValueError) as exc:
-        raise json_error(400, f"malformed multipart body: {exc}") from None
+    except (AssertionError, ValueError, HttpProcessingError):
+        raise json_error(400, "malformed multipart body", code="bad_multipart") from None
+
+
+async def parts(reader):
+    """The parts of a multipart body; one that cannot be parsed is the client's error (400)."""
+    while True:
+        try:
+            part = await reader.next()
+        except (AssertionError, ValueError, HttpProcessingError):
+            raise json_error(400, "malformed multipart body", code="bad_multipart") from None
+        if part is None:
+            return
+        yield part
 
 
 async def receive_upload(request: web.Request, field_names: tuple[str, ...] = ("video", "file")) -> tuple[str, dict]:
@@ -97,7 +110,7 @@ async def receive_upload(request: web.Request, field_names: tuple[str, ...] = ("
     check_free_space(cfg, request.content_length)
     reader = await open_multipart(request)
     path, fields = None, {}
-    while (part := await reader.next()) is not None:
+    async for part in parts(reader):
         if part.name in field_names and part.filename is not None and path is None:
             path = await validation.save_upload(part, uploads_dir(cfg),
                                                 cfg.gateway.max_upload_mb << 20)
@@ -121,14 +134,16 @@ def check_free_space(cfg, incoming: Optional[int]) -> None:
 
 async def job_status(request: web.Request, job_id: str) -> dict:
     status, body = await ask(request, "status", job_id=job_id)
-    if status == 404:
+    if status in (400, 404):  # an id the supervisor cannot even look up is not a job either
         raise json_error(404, "Job not found")
+    if status != 200:
+        raise json_error(status, body.get("error") or "the job could not be read")
     return body["job"]
 
 
 async def finished_job(request: web.Request) -> dict:
-    """The job named in the URL, or a 409 saying why its result is not there."""
-    job = await job_status(request, request.match_info["job_id"])
+    """The job named in the URL, or a 409 (not finished) or 410 (removed) saying why its result is not there."""
+    job = live(await job_status(request, request.match_info["job_id"]))
     if job["state"] != "done":
         raise json_error(409, job.get("error") or f"job is {job['state']}", status=job["status"],
                          frames_done=job["frames_done"])
@@ -140,3 +155,11 @@ async def load_result(path: str) -> dict:
         with open(path) as fh:
             return json.load(fh)
     return await asyncio.get_running_loop().run_in_executor(None, read)
+
+
+def live(job: dict) -> dict:
+    """A job whose files retention removed answers 410 with the reason (its tombstone stays)."""
+    if job.get("removed"):
+        raise json_error(410, f"the job's results were removed: {job['removed']['reason']}", code="removed",
+                         removed_at=job["removed"]["at"])
+    return job

@@ -62,7 +62,9 @@ from aiohttp import web
 from gateway import validation
 from gateway.errors import json_error
 from gateway.helpers import (
+    live,
     parse_max_frames,
+    parts,
     accept_video_path,
     ask,
     config,
@@ -266,7 +268,7 @@ async def read_multipart_image(request: web.Request) -> tuple[Optional[bytes], d
     limit = config(request).gateway.max_json_mb << 20
     reader = await open_multipart(request)
     image, fields = None, {}
-    while (part := await reader.next()) is not None:
+    async for part in parts(reader):
         if part.name in IMAGE_FIELDS and part.filename is not None and image is None:
             chunks, size = [], 0
             while chunk := await part.read_chunk(1 << 20):
@@ -606,7 +608,7 @@ async def process_video_async(request: web.Request) -> web.Response:
 
 
 async def legacy_status(request: web.Request, job_id: str) -> dict:
-    job = await job_status(request, job_id)  # 404 {error:'Job not found'}
+    job = live(await job_status(request, job_id))  # 404 {error:'Job not found'}; 410 removed
     status = STATE_WORDS.get(job["state"], job["state"])
     body: dict[str, Any] = {"job_id": job_id, "status": status, "created_at": job.get("created_at")}
     if status == "queued":
@@ -711,7 +713,7 @@ async def frame_route(request: web.Request) -> web.Response:
         index = int(raw_index)
     except ValueError:
         raise json_error(400, f"frame index must be an integer, got {raw_index!r}") from None
-    job = await job_status(request, job_id)
+    job = live(await job_status(request, job_id))
     if job["state"] != "done":
         raise json_error(400, f"Job not complete (status {STATE_WORDS.get(job['state'], job['state'])})")
     native = await cached_native(request, job["result_path"])

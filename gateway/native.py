@@ -15,7 +15,7 @@ from aiohttp import web
 
 from configs import ledger_path, results_dir
 from gateway.errors import json_error
-from gateway.helpers import (accept_video_path, ask, config, finished_job, job_status, load_result,
+from gateway.helpers import (accept_video_path, ask, config, finished_job, job_status, live, load_result,
                              parse_max_frames, read_json_body, receive_upload)
 from gateway.store import reader
 from pose_common import results
@@ -55,12 +55,13 @@ async def create_job(request: web.Request) -> web.Response:
 
 @routes.get("/v1/jobs/{job_id}")
 async def get_job(request: web.Request) -> web.Response:
-    return web.json_response(job_public(await job_status(request, request.match_info["job_id"])))
+    return web.json_response(job_public(live(await job_status(request, request.match_info["job_id"]))))
 
 
 @routes.delete("/v1/jobs/{job_id}")
 async def cancel_job(request: web.Request) -> web.Response:
-    await job_status(request, request.match_info["job_id"])
+    """Stop the job if it has not finished, then remove its results: it answers 410 afterwards."""
+    live(await job_status(request, request.match_info["job_id"]))
     _, body = await ask(request, "cancel", job_id=request.match_info["job_id"])
     return web.json_response(job_public(body["job"]))
 
@@ -68,7 +69,7 @@ async def cancel_job(request: web.Request) -> web.Response:
 @routes.get("/v1/jobs")
 async def list_jobs(request: web.Request) -> web.Response:
     """Newest first, `limit` (1..200) per page; the next page starts `before` the last one's creation."""
-    state = request.query.get("state") or None
+    state = request.query.get("state")
     if state not in (None, *JOB_STATES):
         raise json_error(400, f"state must be one of {', '.join(JOB_STATES)}", code="bad_state")
     limit = query_int(request, "limit", 50, 1, 200)
@@ -87,11 +88,11 @@ async def get_result(request: web.Request) -> web.StreamResponse:
     fmt = request.query.get("format", "json")
     if fmt not in ("json", "ndjson", "phalp_pkl"):
         raise json_error(400, f"unknown format {fmt!r}: json, ndjson or phalp_pkl", code="bad_format")
-    with_vertices = request.query.get("vertices", "0").lower() in ("1", "true", "yes")
+    with_vertices = query_flag(request, "vertices")
     if fmt == "ndjson":
         job = live(await job_status(request, request.match_info["job_id"]))
         return await stream_ndjson(request, job["job_id"], with_vertices)
-    job = live(await finished_job(request))
+    job = await finished_job(request)
     if fmt == "phalp_pkl":
         return await phalp_pickle(request, job)
     response = web.StreamResponse(headers={"Content-Type": "application/json"})
@@ -169,29 +170,27 @@ async def finished(store, job_id: str, last: int) -> bool:
 
 
 def last_event_id(request: web.Request) -> int:
-    raw = request.headers.get("Last-Event-ID") or request.query.get("last_event_id") or "0"
-    try:
-        return max(0, int(raw))
-    except ValueError:
-        raise json_error(400, "Last-Event-ID must be the integer id of an event", code="bad_event_id") from None
+    raw = request.headers.get("Last-Event-ID", request.query.get("last_event_id", "0"))
+    if not raw.isdigit() or len(raw) > 18:
+        raise json_error(400, "Last-Event-ID must be the integer id of an event", code="bad_event_id")
+    return int(raw)
 
 
 @routes.get("/v1/jobs/{job_id}/overlay.mp4")
 async def get_overlay(request: web.Request) -> web.StreamResponse:
     """The overlay video, with HTTP range requests (a browser's <video> seeks in it)."""
-    job = live(await finished_job(request))
+    job = await finished_job(request)
     if not job.get("overlay_path") or not os.path.isfile(job["overlay_path"]):
         raise json_error(404, "this job has no overlay video (jobs.render_overlay was off, or rendering failed)",
                          code="no_overlay")
     return web.FileResponse(job["overlay_path"], headers={"Content-Type": "video/mp4"})
 
 
-def live(job: dict) -> dict:
-    """A job whose files retention removed answers 410 with the reason (its tombstone stays)."""
-    if job.get("removed"):
-        raise json_error(410, f"the job's results were removed: {job['removed']['reason']}", code="removed",
-                         removed_at=job["removed"]["at"])
-    return job
+def query_flag(request: web.Request, name: str) -> bool:
+    raw = request.query.get(name, "0").lower()
+    if raw not in ("0", "1", "true", "false"):
+        raise json_error(400, f"{name} must be 0, 1, true or false", code="bad_query")
+    return raw in ("1", "true")
 
 
 def query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -283,7 +282,7 @@ async def get_report(request: web.Request) -> web.StreamResponse:
     """One self-contained HTML page about a finished job (pose_common.report), built on first request
     in a short-lived process (plots are CPU work the gateway's loop must not do) and kept with the
     job's other files."""
-    job = await job_status(request, request.match_info["job_id"])
+    job = live(await job_status(request, request.match_info["job_id"]))
     if job["status"] not in ("done", "error"):
         raise json_error(409, f"job is {job['status']}; its report is written when it has finished",
                          status=job["status"])

@@ -370,9 +370,12 @@ class Supervisor:
         self.reply(identity, env, 200, job=view)
 
     def request_cancel(self, identity: bytes, env: P.Envelope, body: P.JobRef) -> None:
+        """DELETE: a job still to run or running is stopped (the engine stays loaded); then, whatever
+        its state, its results and files go, and it answers 410 from then on."""
         if self.jobs.view(body.job_id) is None:
             return self.reply(identity, env, 404, error="Job not found")
         self.jobs.cancel(body.job_id, time.monotonic())
+        self.retention.delete(body.job_id, "deleted by its owner (DELETE /v1/jobs/{job_id})")
         self.reply(identity, env, 200, job=self.jobs.view(body.job_id))
 
     def request_health(self, identity: bytes, env: P.Envelope, body: P.Request) -> None:

@@ -245,6 +245,8 @@ class JobRunner:
         self.ledger.fail(job_id, "cancelled")
         if job_id == self.current:
             self.stop_current("cancelled", now)
+        if job_id in self.renders:
+            self.renders.pop(job_id).proc.kill()
 
     def seconds_until_free(self, now: float) -> int:
         """When a place in a full queue is likely to open: the running job's frames left at its

@@ -60,6 +60,12 @@ class Retention:
             removed += 1
         return removed
 
+    def delete(self, job_id: str, reason: str) -> None:
+        """Remove one job's files and data now (a client's DELETE), leaving the tombstone."""
+        job = self.ledger.job(job_id)
+        if job is not None and not job.removed_at:
+            self.remove(job, job_files(job, self.results_dir), reason)
+
     def remove(self, job: Job, files: list[str], reason: str) -> int:
         freed = size_of(files)
         for path in files:

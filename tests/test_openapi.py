@@ -46,3 +46,12 @@ def test_the_document_is_served_and_valid_openapi(tmp_path):
         assert status == 200 and b"/v1/jobs/{job_id}/events" in page
     finally:
         stack.stop()
+
+
+def test_enumerations_in_the_document_are_the_codes():
+    from pose_common.faults import KINDS
+    drill = spec()["paths"]["/v1/drill"]["post"]["requestBody"]["content"]["application/json"]["schema"]
+    assert tuple(drill["properties"]["kind"]["enum"]) == KINDS
+    from gateway.native import JOB_STATES
+    states = next(p for p in spec()["paths"]["/v1/jobs"]["get"]["parameters"] if p["name"] == "state")
+    assert tuple(states["schema"]["enum"]) == JOB_STATES
