@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?= -q
 
-.PHONY: install demo test bench serve system-packages
+.PHONY: install demo test test-core test-endurance bench serve system-packages
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -27,8 +27,17 @@ system-packages:
 		{ apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium >/dev/null 2>&1; } || \
 		echo "could not install chromium: the report-in-a-browser test will skip"
 
-test: install system-packages
-	$(PY) -m pytest $(PYTEST_ARGS)
+# The core suite (minutes), then the endurance tier: the service worn down (hundreds of worker
+# generations) and attacked (Schemathesis against its own OpenAPI document).
+CORE_TESTS := tests --ignore=tests/endurance --ignore=tests/upstream
+
+test: test-core test-endurance
+
+test-core: install system-packages
+	$(PY) -m pytest $(PYTEST_ARGS) $(CORE_TESTS)
+
+test-endurance: install
+	$(PY) -m pytest $(PYTEST_ARGS) tests/endurance
 
 bench: install
 	$(PY) -m bench
