@@ -143,8 +143,8 @@ class Supervisor:
         self.log.info("supervisor_shutdown", running_job=self.jobs.current)
         self.slot.stop(5)
         self.jobs.stop_renders()  # a job left `rendering` gets its artifacts at the next boot
-        if self.jobs.current:
-            self.ledger.mark_queued(self.jobs.current)  # resumed by the next boot
+        with self.ledger_guard():
+            self.jobs.requeue_current()  # resumed at its first unstored frame by the next claim
         self.front.close()
         self.back.close()
         self.ctx.term()

@@ -187,3 +187,20 @@ def test_a_submit_forged_on_the_supervisor_socket_outside_the_roots_is_refused(t
         assert stack.conn.request("health")[0] == 200
     finally:
         stack.stop()
+
+
+def test_sigterm_mid_job_exits_cleanly_and_the_next_start_resumes_the_job(tmp_path):
+    clip = make_clip(tmp_path / "c.mp4", frames=100)
+    stack = Stack(tmp_path, [*NOOP, "+engine.options.frame_delay_s=0.03"])
+    try:
+        job_id = stack.submit(clip)
+        wait_for(lambda: stack.conn.job(job_id).get("frames_done", 0) >= 20, 30, interval=0.05, what="20 frames")
+        supervisor = stack.procs["supervisor"]
+        supervisor.send_signal(signal.SIGTERM)
+        assert supervisor.wait(20) == 0, stack.log_text()[-2000:]
+        assert "Traceback" not in stack.log_text()
+        stack.start("supervisor")
+        job = stack.wait_job(job_id, timeout=60)
+        assert job["state"] == "done" and [f["frame_index"] for f in stack.result(job)["frames"]] == list(range(100))
+    finally:
+        stack.stop()
