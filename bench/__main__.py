@@ -136,7 +136,8 @@ def main() -> int:
 
     out: dict = {"engine": args.engine, "clip": Path(clip).name, "repeat": args.repeat, "cpus": os.cpu_count()}
     raw = raw_engine_fps(long_clip, args.engine)
-    stack = Stack(tmp, [f"engine.name={args.engine}", "probe.enabled=false"])
+    # the overlay is a separate artifact written after the frames: like with like, it is left out here
+    stack = Stack(tmp, [f"engine.name={args.engine}", "probe.enabled=false", "jobs.render_overlay=false"])
     try:
         stack.wait_ready(120)
         _, job = daemon_job(stack, clip)
