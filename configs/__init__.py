@@ -32,6 +32,11 @@ def uploads_dir(cfg: DictConfig) -> str:
     return os.path.join(cfg.storage_dir, "uploads")
 
 
+def video_roots(cfg: DictConfig) -> list[str]:
+    """Where job videos may be read from: the configured roots and the service's own uploads."""
+    return [*cfg.jobs.allowed_roots, uploads_dir(cfg)]
+
+
 def results_dir(cfg: DictConfig) -> str:
     return os.path.join(cfg.storage_dir, "results")
 

@@ -55,7 +55,7 @@ async def accept_video_path(request: web.Request, raw_path: Any, source: str = "
     if source == "upload":
         roots = [uploads_dir(cfg)]
     path = validation.check_video_path(mapped, roots)
-    await asyncio.get_running_loop().run_in_executor(None, validation.probe_video_or_4xx, path)
+    await asyncio.get_running_loop().run_in_executor(None, validation.probe_video_or_4xx, path, roots)
     return await submit(request, path, source, idempotency_key, max_frames)
 
 

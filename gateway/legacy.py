@@ -59,8 +59,8 @@ from typing import Any, Optional, Sequence
 
 from aiohttp import web
 
-from gateway import validation
-from gateway.errors import json_error
+from configs import video_roots
+from gateway.errors import ApiError, json_error
 from gateway.helpers import (
     live,
     parse_max_frames,
@@ -79,7 +79,7 @@ from pose_common.client import Unavailable
 from pose_common.angles import joint_angles, main_person
 from pose_common.drawing import draw_persons
 from pose_common.drawing import number_or as _num
-from pose_common.hostinfo import is_wsl
+from pose_common.paths import PathRefused, open_inside
 
 SERVICE = "pose-service"
 POLL_S = 0.5
@@ -642,19 +642,23 @@ async def pose_video_status(request: web.Request) -> web.Response:
 
 @routes.post("/pose/video")
 async def pose_video(request: web.Request) -> web.Response:
-    """JSON {video_path}: C:\\... becomes /mnt/c/... under WSL. Missing/nonexistent -> 400. The job runs
-    from the supervisor's queue: 202 {status:'processing', queue_position:0} when it is first in line,
-    202 {status:'queued', queue_position:N} behind N others."""
+    """JSON {video_path}: C:\\... becomes /mnt/c/... under WSL. Missing, nonexistent or outside the
+    allowed roots -> 400, the same answer whether or not such a file exists (contract §5.21; nothing is
+    revealed about the machine's files). The job runs from the supervisor's queue: 202
+    {status:'processing', queue_position:0} when it is first in line, {status:'queued', queue_position:N}
+    behind N others."""
     body = await read_json_body(request)
     raw = body.get("video_path")
     if not isinstance(raw, str) or not raw.strip():
         raise json_error(400, "Missing video_path parameter")
-    cfg = config(request)
-    mapped = validation.map_windows_path(raw, is_wsl()) if cfg.jobs.map_windows_paths else raw
-    if not os.path.exists(mapped):
-        raise json_error(400, f"Video file not found: {raw}")
-    job = await accept_video_path(request, raw, "path", body.get("idempotency_key"),
-                                  parse_max_frames(body.get("max_frames")))
+    try:
+        job = await accept_video_path(request, raw, "path", body.get("idempotency_key"),
+                                      parse_max_frames(body.get("max_frames")))
+    except ApiError as exc:
+        if exc.body.get("code") not in ("outside_roots", "no_roots"):
+            raise
+        raise json_error(400, f"Video file not found: {raw} (or outside jobs.allowed_roots)", code=exc.body["code"]) \
+            from None
     position = job.get("queue_position") or 0
     return respond({"status": "processing" if position == 0 else "queued", "job_id": job["job_id"],
                     "queue_position": position, "video_path": job.get("video_path"),
@@ -721,16 +725,25 @@ async def frame_route(request: web.Request) -> web.Response:
     if not 0 <= index < len(frames):
         raise json_error(400, f"frame index {index} out of range (0..{len(frames) - 1})")
     frame = frames[index]
-    if not os.path.isfile(job["video_path"]):
-        raise json_error(410, "the job's video file is no longer available")
     overlay = request.query.get("overlay", "1").lower() not in ("0", "false", "no")
     try:
         jpeg = await asyncio.get_running_loop().run_in_executor(
-            None, read_frame_jpeg, job["video_path"], frame.get("frame_index", index), frame.get("pts_s"),
-            frame.get("persons") or [], native.get("joint_names") or [], overlay)
-    except ValueError as exc:
-        raise json_error(500, f"could not read frame {index}: {exc}") from None
+            None, frame_jpeg, job["video_path"], video_roots(config(request)), frame.get("frame_index", index),
+            frame.get("pts_s"), frame.get("persons") or [], native.get("joint_names") or [], overlay)
+    except PathRefused as exc:
+        raise json_error(410 if exc.code == "unreadable" else 403, f"the job's video cannot be read: {exc}",
+                         code=exc.code) from None
+    except ValueError:
+        raise json_error(410, f"frame {index} can no longer be decoded from the job's video", code="undecodable") \
+            from None
     return web.Response(body=jpeg, content_type="image/jpeg")
+
+
+def frame_jpeg(video_path: str, roots: list, index: int, pts_s: Optional[float], persons: list, names: Sequence[str],
+               overlay: bool) -> bytes:
+    """The frame, from the very file checked to be inside the roots (not a symlink swapped in later)."""
+    with open_inside(video_path, roots) as readable:
+        return read_frame_jpeg(readable, index, pts_s, persons, names, overlay)
 
 
 # --- native: the legacy shape of a native job -------------------------------------------------------------------------

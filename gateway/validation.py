@@ -7,6 +7,7 @@ from typing import Sequence
 
 
 from gateway.errors import json_error
+from pose_common.paths import PathRefused, open_inside, resolve_inside
 
 WINDOWS_PATH = re.compile(r"^([A-Za-z]):[\\/](.*)$")
 
@@ -21,36 +22,36 @@ def map_windows_path(path: str, under_wsl: bool) -> str:
 
 
 def check_video_path(raw: object, allowed_roots: Sequence[str]) -> str:
-    """-> the real path of an existing, non-empty regular file inside an allowed root, or raise 4xx."""
+    """-> the real path of an existing, non-empty regular file inside an allowed root, or raise 4xx.
+    The roots are checked first, so nothing is revealed about files outside them (403 either way)."""
     if not isinstance(raw, str) or not raw.strip():
-        raise json_error(400, "Missing video_path parameter")
-    if "\x00" in raw:
-        raise json_error(400, "video_path contains a NUL byte")
-    real = os.path.realpath(raw)
-    roots = [os.path.realpath(os.path.expanduser(r)) for r in allowed_roots]
-    if not roots:
-        raise json_error(403, "video paths are disabled: set jobs.allowed_roots (or upload the file)")
-    if not any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
-        raise json_error(403, f"{raw} is outside the allowed roots", allowed_roots=list(allowed_roots))
+        raise json_error(400, "Missing video_path parameter", code="missing_video_path")
+    try:
+        real = resolve_inside(raw, allowed_roots)
+    except PathRefused as exc:
+        raise json_error(400 if exc.code == "bad_path" else 403, str(exc), code=exc.code) from None
     if not os.path.exists(real):
-        raise json_error(400, f"Video file not found: {raw}")
+        raise json_error(400, f"Video file not found: {raw}", code="not_found")
     if not os.path.isfile(real):
-        raise json_error(400, f"{raw} is not a regular file")
+        raise json_error(400, "the video path is not a regular file", code="not_a_file")
     if os.path.getsize(real) == 0:
-        raise json_error(400, f"{raw} is empty (0 bytes)")
+        raise json_error(400, "the video file is empty (0 bytes)", code="empty")
     if not os.access(real, os.R_OK):
-        raise json_error(403, f"{raw} is not readable by the service")
+        raise json_error(403, "the video file is not readable by the service", code="unreadable")
     return real
 
 
-def probe_video_or_4xx(path: str) -> dict:
+def probe_video_or_4xx(path: str, roots: Sequence[str]) -> dict:
     """Open the container and decode one frame before anything is queued: a still image (whatever
     its name) or a file with no video is 415; a file no decoder can read is 422. The reason names
     neither the path nor the decoder's own words (those go to the log)."""
     from pose_common.video import NotAVideo, VideoError, probe  # PyAV only: no torch, no engine
 
     try:
-        return probe(path).as_dict()
+        with open_inside(path, roots) as readable:
+            return probe(readable).as_dict()
+    except PathRefused as exc:
+        raise json_error(403, str(exc), code=exc.code) from None
     except NotAVideo as exc:
         raise json_error(415, "not a video: a still image, or a file without a video stream",
                          code="not_a_video", kind=str(exc).rsplit(": ", 1)[-1]) from None

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -21,14 +22,15 @@ import psutil
 import structlog
 import zmq
 
-from configs import read_config
+from configs import read_config, video_roots
 from pose_common import exitcodes
 from gpu_worker.engines import build_engine
 from gpu_worker.engines.base import Engine, FrameOut
 from gpu_worker.engines.fault import FaultPlan
 from gpu_worker.errors import classify, free_cuda_cache, is_cuda_oom
 from gpu_worker.gpu import gpu_memory_used
-from pose_common.video import TruncatedVideo, VideoError, frames
+from pose_common.paths import PathRefused, open_inside
+from pose_common.video import TruncatedVideo, VideoError, frames, user_reason
 from pose_common import protocol as P
 from pose_common.children import die_with_parent
 from pose_common.runtime import RuntimeDir
@@ -45,6 +47,12 @@ class Dying(Exception):
 
 class JobStopped(Exception):
     """The supervisor cancelled the job on the worker: stop between two frames, keep the engine."""
+
+
+@dataclass
+class JobProgress:
+    decoded: int
+    began: bool = False
 
 
 class Breadcrumb:
@@ -187,35 +195,23 @@ class Worker:
         poison = {int(k): v for k, v in (body.get("poison") or {}).items()}
         start = int(body.get("start_frame") or 0)
         log.info("job_start", path=body["path"], start_frame=start, poison=sorted(poison))
-        decoded = start
-        began = False
+        progress = JobProgress(decoded=start)
         try:
-            for meta, index, pts, rgb in only_sampled(frames(body["path"], start), body.get("max_frames")):
-                if not began:
-                    self.send(P.T.VIDEO, job=self.job, meta=meta.as_dict())
-                    self.engine.begin_video(meta.width, meta.height, meta.fps)
-                    began = True
-                self.mark("frame", index)
-                if index in poison:
-                    self.send_frame(index, pts, [], error=poison[index])
-                else:
-                    self.emit(self.infer_frame(index, pts, rgb), pts_of={index: pts})
-                decoded = index + 1
-                self.serve_pending_images()
-            if began:
-                self.emit(self.engine.end_video(), {})
-            if not began:
-                raise VideoError(f"{body['path']}: no frame at or after {start}")
-            self.send(P.T.JOB_DONE, job=self.job, frames_decoded=decoded, peak_rss=peak_rss())
+            with open_inside(body["path"], video_roots(self.cfg)) as readable:  # checked again on every attempt
+                self.process_video(readable, start, poison, body.get("max_frames"), progress)
+            if not progress.began:
+                raise VideoError(f"no frame at or after {start}")
+            self.send(P.T.JOB_DONE, job=self.job, frames_decoded=progress.decoded, peak_rss=peak_rss())
         except TruncatedVideo as exc:
-            if not began and start == 0:  # not one frame decoded: a failed job, not an empty result
-                log.warning("job_failed", reason=str(exc))
-                self.send(P.T.JOB_FAILED, job=self.job, reason=str(exc))
+            log.warning("video_cut", reason=str(exc))
+            if not progress.began and start == 0:  # not one frame decoded: a failed job, not an empty result
+                self.send(P.T.JOB_FAILED, job=self.job, reason=user_reason(exc))
             else:
-                self.send(P.T.JOB_DONE, job=self.job, frames_decoded=decoded, warning=str(exc), peak_rss=peak_rss())
-        except VideoError as exc:
+                self.send(P.T.JOB_DONE, job=self.job, frames_decoded=progress.decoded, warning=user_reason(exc),
+                          peak_rss=peak_rss())
+        except (VideoError, PathRefused) as exc:
             log.warning("job_failed", reason=str(exc))
-            self.send(P.T.JOB_FAILED, job=self.job, reason=str(exc))
+            self.send(P.T.JOB_FAILED, job=self.job, reason=user_reason(exc))
         except JobStopped:
             log.info("job_stopped")
             self.send(P.T.JOB_FAILED, job=self.job, reason="cancelled")
@@ -223,6 +219,23 @@ class Worker:
         self.job = None
         structlog.contextvars.unbind_contextvars("job_id")
         self.mark("ready")
+
+    def process_video(self, readable: str, start: int, poison: dict[int, str], max_frames: Optional[int],
+                      progress: "JobProgress") -> None:
+        for meta, index, pts, rgb in only_sampled(frames(readable, start), max_frames):
+            if not progress.began:
+                self.send(P.T.VIDEO, job=self.job, meta=meta.as_dict())
+                self.engine.begin_video(meta.width, meta.height, meta.fps)
+                progress.began = True
+            self.mark("frame", index)
+            if index in poison:
+                self.send_frame(index, pts, [], error=poison[index])
+            else:
+                self.emit(self.infer_frame(index, pts, rgb), pts_of={index: pts})
+            progress.decoded = index + 1
+            self.serve_pending_images()
+        if progress.began:
+            self.emit(self.engine.end_video(), {})
 
     def infer_frame(self, index: int, pts: float, rgb: np.ndarray) -> list[FrameOut]:
         try:

@@ -132,6 +132,18 @@ def to_rgb(frame) -> np.ndarray:
     return rgb
 
 
+def user_reason(exc: BaseException) -> str:
+    """What a client is told: what went wrong with its video, without our paths or FFmpeg's words
+    (those go to the log)."""
+    if isinstance(exc, TruncatedVideo):
+        return "decoding stopped early: the video is cut or damaged after its first frames"
+    if isinstance(exc, NotAVideo):
+        return "not a video: a still image, or a file without a video stream"
+    if isinstance(exc, VideoError):
+        return "the video could not be decoded: damaged, cut before its first frame, or not a video format"
+    return str(exc)
+
+
 def _reason(exc: BaseException) -> str:
     text = str(exc).strip() or type(exc).__name__
     return text.split("\n")[0][:300]

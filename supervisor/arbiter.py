@@ -21,13 +21,14 @@ from typing import Any, Optional
 import structlog
 import zmq
 
-from configs import dump_config, ledger_path, rungs, uploads_dir
+from configs import dump_config, ledger_path, rungs, video_roots
 from pose_common import exitcodes, faults, statelock
 from pose_common import protocol as P
 from pose_common.hostinfo import gpu_facts, host_facts, package_versions
 from pose_common.ledger import LedgerUnavailable
 from pose_common.ledger_open import open_ledger
 from pose_common.logs import setup_logging
+from pose_common.paths import PathRefused, resolve_inside
 from pose_common.runtime import RuntimeDir
 from supervisor.jobs import JobRunner, PendingImages
 from supervisor.metrics import Metrics
@@ -354,14 +355,11 @@ class Supervisor:
 
     def refuse_path(self, path: str) -> Optional[str]:
         """Defence in depth: the gateway checked the roots, and so does the ledger's only writer."""
-        real = os.path.realpath(path)
-        roots = [os.path.realpath(os.path.expanduser(root)) for root in self.allowed_roots()]
-        if any(real == root or real.startswith(root.rstrip(os.sep) + os.sep) for root in roots):
-            return None
-        return "the video path is outside the allowed roots"
-
-    def allowed_roots(self) -> list[str]:
-        return [*self.cfg.jobs.allowed_roots, uploads_dir(self.cfg)]
+        try:
+            resolve_inside(path, video_roots(self.cfg))
+        except PathRefused as exc:
+            return str(exc)
+        return None
 
     def request_status(self, identity: bytes, env: P.Envelope, body: P.JobRef) -> None:
         view = self.jobs.view(body.job_id)

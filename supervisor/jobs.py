@@ -16,11 +16,12 @@ from typing import Any, Callable, Optional
 
 import structlog
 
-from configs import results_dir
+from configs import results_dir, video_roots
 from pose_common import protocol as P
 from pose_common.children import parent_death_signal
 from pose_common.ledger import Job, Lease, SqlLedger
 from pose_common.overlay import overlay_path
+from pose_common.paths import PathRefused, open_inside
 from pose_common.results import mesh_faces_key, split_meshes, write_result
 from pose_common.views import job_view
 from supervisor.slot import WorkerSlot
@@ -197,12 +198,18 @@ class JobRunner:
         if not self.cfg.jobs.render_overlay:
             self.ledger.finish(lease)
             return
-        with open(os.path.join(self.cfg.runtime_dir, "overlay.stderr"), "ab") as log:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "pose_common.overlay", self.ledger.path, job.job_id, job.video_path,
-                 overlay_path(job.result_path)],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                preexec_fn=parent_death_signal(os.getpid()))
+        try:
+            with open_inside(job.video_path, video_roots(self.cfg)) as readable, \
+                    open(os.path.join(self.cfg.runtime_dir, "overlay.stderr"), "ab") as log:
+                # the renderer reads the very file checked here, through the descriptor it inherits
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "pose_common.overlay", self.ledger.path, job.job_id, readable,
+                     overlay_path(job.result_path)],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                    pass_fds=(int(readable.rsplit("/", 1)[1]),), preexec_fn=parent_death_signal(os.getpid()))
+        except PathRefused as exc:
+            self.ledger.finish(lease, warning=f"the overlay video could not be rendered: {exc}")
+            return
         self.renders[job.job_id] = Render(proc, lease, job.result_path)
 
     def reap_renders(self) -> None:
