@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?= -q
 
-.PHONY: install demo test test-core test-endurance bench serve system-packages
+.PHONY: install install-upstream demo test test-core test-endurance test-upstream bench bench-upstream serve system-packages
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -31,7 +31,7 @@ system-packages:
 # generations) and attacked (Schemathesis against its own OpenAPI document).
 CORE_TESTS := tests --ignore=tests/endurance --ignore=tests/upstream
 
-test: test-core test-endurance
+test: test-core test-endurance test-upstream
 
 test-core: install system-packages
 	$(PY) -m pytest $(PYTEST_ARGS) $(CORE_TESTS)
@@ -44,3 +44,42 @@ bench: install
 
 serve: install
 	$(VENV)/bin/pose-service serve
+
+# The upstream tier: the hmr2_phalp engine against the real 4D-Humans, PHALP and detectron2 code on
+# the CPU, with random weights and a synthetic SMPL model (tests/upstream). Its own venv, because the
+# core venv's CPU-only torch 2.13 cannot import any torchvision from the package index. Built from
+# the pinned sources in ../shared/upstream and the package index only; rebuilt when one of them,
+# the requirements or this file changes. Without ../shared the tier skips and says why.
+UPSTREAM_SRC   := ../shared/upstream
+UPSTREAM_TARS  := $(wildcard $(UPSTREAM_SRC)/*.tar.gz)
+UVENV          := .venv-upstream
+UPY            := $(UVENV)/bin/python
+USTAMP         := $(UVENV)/.installed
+UBUILD         := $(UVENV)/src
+UPSTREAM_TESTS := tests/upstream
+
+$(USTAMP): requirements-upstream.txt pyproject.toml Makefile $(UPSTREAM_TARS)
+	rm -rf $(UVENV)
+	python3 -m venv $(UVENV)
+	mkdir -p $(UBUILD)
+	for tarball in $(UPSTREAM_TARS); do tar -xzf $$tarball -C $(UBUILD); done
+	$(UPY) -m pip install -q torch==2.14.1 torchvision==0.29.1
+	$(UPY) -m pip install -q -r requirements-upstream.txt
+	$(UPY) -m pip install -q --no-deps -e $(UBUILD)/4D-Humans-* -e $(UBUILD)/PHALP-*
+	# builds CPU-only here (no CUDA toolkit); --no-build-isolation: its setup.py imports torch
+	MAX_JOBS=2 $(UPY) -m pip install -q --no-build-isolation $(UBUILD)/detectron2-*
+	$(UPY) -m pip install -q -e '.[test]'
+	$(UPY) -m pip install -q --no-deps mediapipe==0.10.21
+	touch $(USTAMP)
+
+install-upstream:
+	@if [ -d $(UPSTREAM_SRC) ]; then $(MAKE) --no-print-directory $(USTAMP); \
+	else echo "$(UPSTREAM_SRC) not found: the upstream tier will skip"; fi
+
+# pytest's exit status 5 (nothing collected) is not a failure here
+test-upstream: install-upstream
+	@if [ -d $(UPSTREAM_SRC) ]; then py=$(UPY); else py=$(PY); $(MAKE) --no-print-directory install; fi; \
+	$$py -m pytest $(PYTEST_ARGS) $(UPSTREAM_TESTS) || [ $$? -eq 5 ]
+
+bench-upstream: install-upstream
+	$(UPY) -m bench.upstream

@@ -368,12 +368,53 @@ def test_record_tracks_counts_edits_to_already_emitted_frames():
     assert [p["track_id"] for p in pending.flush()[0].persons] == [4]
 
 
-def test_push_without_tracker_on_cpu_says_why():
-    engine = hp.HMR2PhalpEngine("cpu", {})
-    engine._torch_device = SimpleNamespace(type="cpu")
+def test_appearance_follows_the_device_and_texture_is_refused_on_cpu():
+    assert hp.HMR2PhalpEngine("cpu", {}).appearance == "hmar"
+    assert hp.HMR2PhalpEngine("cuda:1", {}).appearance == "texture"
+    with pytest.raises(ValueError, match="needs CUDA"):
+        hp.HMR2PhalpEngine("cpu", {"appearance": "texture"}).appearance
+
+
+def test_a_retried_frame_keeps_its_place_and_is_emitted_once():
+    """The worker retries a frame once after a CUDA out-of-memory error: the retry must not advance
+    the sequence (before the fix the frame was emitted twice and the back-fill shifted by one)."""
+    engine = scripted_engine(scene())
+    describe = engine.describe_frame
+    failed = []
+
+    def out_of_memory_once(bgr, seq, name):
+        if seq == 6 and not failed:
+            failed.append(seq)
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return describe(bgr, seq, name)
+
+    engine.describe_frame = out_of_memory_once
     engine.begin_video(W, H, 30.0)
-    with pytest.raises(RuntimeError, match="needs CUDA"):
-        engine.push(0, 0.0, np.zeros((H, W, 3), dtype=np.uint8))
+    frame = np.zeros((H, W, 3), dtype=np.uint8)
+    emitted = []
+    for index in range(35):
+        try:
+            emitted += engine.push(index, index / 30, frame)
+        except RuntimeError:
+            emitted += engine.push(index, index / 30, frame)
+    emitted += engine.end_video()
+    assert failed == [6]
+    assert [f.index for f in emitted] == list(range(35))
+    reference, _ = run_video(scripted_engine(scene()), 35)
+    assert [[p["bbox_xyxy"] for p in f.persons] for f in emitted] == \
+        [[p["bbox_xyxy"] for p in f.persons] for f in reference]
+
+
+def test_backfill_goes_to_the_frame_each_history_entry_was_seen_in():
+    pending = hp.PendingFrames(edit_window=4)
+    for seq in range(6):
+        pending.open(seq, 100 + seq)
+    history = [fake_detection_data(0, t) for t in (1, 2, 3, 4, 5)]
+    hp.record_tracks(pending, 5, [hp.TrackView(1, 5, 0, history)], n_init=5)
+    frames = {f.index: f.persons for f in pending.flush()}
+    assert frames[100] == []
+    for t in range(1, 6):
+        assert frames[100 + t][0]["bbox_xyxy"] == hp.xywh_to_xyxy(fake_detection_data(0, t)["bbox"])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,11 +461,71 @@ def cache_env(tmp_path) -> dict[str, str]:
             "FVCORE_CACHE": str(tmp_path / "fvcore")}
 
 
+def minimal_content(kind: str, path: str) -> None:
+    """The smallest file of each kind that has the keys and shapes hmr2_assets checks."""
+    import torch
+    import yaml
+
+    def dump_pickle(value):
+        with open(path, "wb") as fh:
+            pickle.dump(value, fh)
+
+    def zeros(*shape):
+        return np.zeros(shape, dtype=np.uint8)
+
+    def tensor(*shape):
+        return torch.zeros(shape, dtype=torch.uint8)
+
+    if kind == "smpl":
+        dump_pickle({**{k: zeros(*shape) for k, shape in hmr2_assets.SMPL_SHAPES.items()},
+                     "shapedirs": zeros(6890, 3, 10)})
+    elif kind == "j19":
+        dump_pickle(zeros(19, 6890))
+    elif kind == "mean_params":
+        with open(path, "wb") as fh:
+            np.savez(fh, pose=zeros(144), shape=zeros(10), cam=zeros(3))
+    elif kind == "texture":
+        with open(path, "wb") as fh:
+            np.savez(fh, smpl_faces=zeros(13776, 3), vt=zeros(10, 2), ft=zeros(13776, 3))
+    elif kind in ("mean_std", "uv_bary", "uv_face"):
+        shape = {"mean_std": (2, 1, 229), "uv_bary": (256, 256, 3), "uv_face": (256, 256)}[kind]
+        with open(path, "wb") as fh:
+            np.save(fh, zeros(*shape))
+    elif kind == "hmr2_config":
+        with open(path, "w") as fh:
+            yaml.safe_dump({"MODEL": {"BACKBONE": {"TYPE": "vit"}, "SMPL_HEAD": {"TYPE": "transformer_decoder"}},
+                            "SMPL": {"MODEL_PATH": "data/smpl", "MEAN_PARAMS": "data/m.npz"},
+                            "EXTRA": {"FOCAL_LENGTH": 5000}}, fh)
+    elif kind == "pose_predictor_config":
+        with open(path, "w") as fh:
+            yaml.safe_dump({"configs": {"in_feat": 8, "frame_length": 4, "transformer": {"depth": 1},
+                                        "extra_feat": {"pose_shape": {"dim": 229}}, "num_smpl_heads": 1}}, fh)
+    elif kind == "hmr2_checkpoint":
+        torch.save({"state_dict": {"backbone.patch_embed.proj.weight": tensor(8, 3, 16, 16),
+                                   "smpl_head.decpose.weight": tensor(144, 4),
+                                   "smpl_head.decshape.weight": tensor(10, 4),
+                                   "smpl_head.deccam.weight": tensor(3, 4)}}, path)
+    elif kind == "resnet50":
+        torch.save({"conv1.weight": tensor(64, 3, 7, 7), "layer4.2.conv3.weight": tensor(2048, 512, 1, 1)}, path)
+    elif kind == "hmar_weights":
+        torch.save({"model": {f"hmar.{part}.w": tensor(1) for part in ("encoding_head", "texture_head", "backbone")}},
+                   path)
+    elif kind == "pose_predictor":
+        torch.save({"state_dict": {"encoder.pose_shape_encoder.0.weight": tensor(4, 229)}}, path)
+    elif kind == "detectron2":
+        dump_pickle({"model": {"backbone.net.w": zeros(1), "roi_heads.box_predictors.0.cls_score.weight": zeros(81, 4)}})
+    else:
+        raise AssertionError(kind)
+
+
 def seed(assets, shrink: str | None = None) -> None:
+    """Valid minimal files; `shrink` names one to cut in half, as an interrupted download leaves it."""
     for asset in assets:
         os.makedirs(os.path.dirname(asset.path), exist_ok=True)
-        with open(asset.path, "wb") as f:  # sparse: the size is there, the disk blocks are not
-            f.truncate(asset.min_size - 1 if asset.name == shrink else asset.min_size)
+        minimal_content(asset.content, asset.path)
+        if asset.name == shrink:
+            with open(asset.path, "r+b") as fh:
+                fh.truncate(os.path.getsize(asset.path) // 2)
 
 
 def test_asset_paths_follow_each_projects_cache_rules(tmp_path):
@@ -452,13 +553,42 @@ def test_verify_reports_missing_truncated_present(tmp_path):
     assets = hmr2_assets.required_assets("vitdet", env)
     rows = hmr2_assets.verify(assets)
     assert {r["status"] for r in rows} == {"missing"}
-    assert set(rows[0]) == {"name", "path", "status", "size", "min_size", "source"}
+    assert set(rows[0]) == {"name", "path", "status", "size", "min_size", "source", "problem"}
     seed(assets, shrink="phalp_pose_predictor")
     rows = {r["name"]: r for r in hmr2_assets.verify(assets)}
     assert rows["phalp_pose_predictor"]["status"] == "truncated"
-    assert rows["hmr2_checkpoint"]["status"] == "present"
-    assert rows["hmr2_checkpoint"]["size"] == rows["hmr2_checkpoint"]["min_size"]
+    assert rows["hmr2_checkpoint"]["status"] == "present"  # small, but the keys and shapes are right
     assert [r["name"] for r in hmr2_assets.problems(list(rows.values()))] == ["phalp_pose_predictor"]
+
+
+@pytest.mark.parametrize("name,wrong", [
+    ("hmr2_smpl_neutral", "npz"),            # an npz renamed .pkl (before: passed on size alone)
+    ("phalp_smpl_to_j19", "big_j19"),        # a regressor of another mesh
+    ("hmr2_checkpoint", "resnet"),           # another model's checkpoint under HMR2's name
+    ("vitdet_h_weights", "lvis"),            # a detector trained on other classes
+])
+def test_verify_reads_content_not_just_sizes(tmp_path, name, wrong):
+    env = cache_env(tmp_path)
+    assets = hmr2_assets.required_assets("vitdet", env)
+    seed(assets)
+    path = next(a.path for a in assets if a.name == name)
+    if wrong == "npz":
+        with open(path, "wb") as fh:
+            np.savez(fh, v_template=np.zeros((6890, 3)))
+        with open(path, "ab") as fh:  # as large as the real model: no size rule can tell
+            fh.truncate(25 * hmr2_assets.MB)
+    elif wrong == "big_j19":
+        with open(path, "wb") as fh:
+            pickle.dump(np.zeros((19, 10475), dtype=np.uint8), fh)
+    elif wrong == "resnet":
+        minimal_content("resnet50", path)
+    else:
+        with open(path, "wb") as fh:
+            pickle.dump({"model": {"backbone.w": np.zeros(1), "roi_heads.box_predictor.cls_score.weight":
+                                   np.zeros((1204, 4))}}, fh)
+    row = next(r for r in hmr2_assets.verify(assets) if r["name"] == name)
+    assert row["status"] in ("invalid", "truncated") and row["problem"], row
+    assert [r["name"] for r in hmr2_assets.problems(hmr2_assets.verify(assets))] == [name]
 
 
 def weights_stage(engine: hp.HMR2PhalpEngine, probe: bool = False):

@@ -3,7 +3,11 @@ really use, so a missing or truncated download is found before 6 GB of models st
 
 Neither project checks sizes or hashes (a half-written file counts as cached), and their download
 hosts have moved, so the engine never downloads: it verifies, and names where each file comes from.
-Minimum sizes are lower bounds meant to catch truncation, not exact sizes.
+Minimum sizes are lower bounds meant to catch truncation; each file's content is then read the
+way its user reads it (pickle, npz, yaml, torch checkpoint) and its keys and shapes are checked,
+so a wrong file under the right name (an npz renamed .pkl, a checkpoint of another model) is
+found here and not as a shape error minutes into loading. `pose-service models verify` and the
+engine's weights stage call the same `check`.
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ REGNETY_URL = ("https://dl.fbaipublicfiles.com/detectron2/new_baselines/"
                "mask_rcnn_regnety_4gf_dds_FPN_400ep_LSJ/42045954/model_final_ef3a80.pkl")
 RESNET50_URL = "https://download.pytorch.org/models/resnet50-19c8e357.pth"
 
-DETECTOR_ALIASES = {"vitdet": "vitdet", "regnety": "regnety", "maskrcnn": "regnety"}
+DETECTOR_ALIASES = {"vitdet": "vitdet", "regnety": "regnety", "maskrcnn": "regnety", "mediapipe": "mediapipe"}
+# detectors whose weights are a detectron2 checkpoint; mediapipe's ship inside its wheel
 
 MB = 1_000_000
 
@@ -36,6 +41,7 @@ class Asset:
     min_size: int
     source: str
     used_by: str
+    content: str = ""  # the key of CONTENT_CHECKS that reads this file; "" = size only
 
 
 def normalize_detector(detector: str) -> str:
@@ -43,7 +49,7 @@ def normalize_detector(detector: str) -> str:
     try:
         return DETECTOR_ALIASES[str(detector).lower()]
     except KeyError:
-        raise ValueError(f"unknown detector {detector!r}; one of vitdet, regnety, maskrcnn") from None
+        raise ValueError(f"unknown detector {detector!r}; one of vitdet, regnety, maskrcnn, mediapipe") from None
 
 
 def home_cache(env: Mapping[str, str]) -> str:
@@ -88,63 +94,71 @@ def hmr2_assets(env: Mapping[str, str]) -> list[Asset]:
     smpl = os.path.join(root, "data", "smpl", "SMPL_NEUTRAL.pkl")
     return [
         Asset("hmr2_checkpoint", os.path.join(run_dir, "checkpoints", "epoch=35-step=1000000.ckpt"),
-              2_000 * MB, archive, "HMR2 (ViT-H), about 2.5 GB"),
-        Asset("hmr2_model_config", os.path.join(run_dir, "model_config.yaml"), 200, archive, "HMR2"),
-        Asset("hmr2_smpl_neutral", smpl, 20 * MB, SMPL_LICENCE.format(path=smpl), "HMR2 SMPL layer"),
+              2_000 * MB, archive, "HMR2 (ViT-H), about 2.5 GB", "hmr2_checkpoint"),
+        Asset("hmr2_model_config", os.path.join(run_dir, "model_config.yaml"), 200, archive, "HMR2",
+              "hmr2_config"),
+        Asset("hmr2_smpl_neutral", smpl, 20 * MB, SMPL_LICENCE.format(path=smpl), "HMR2 SMPL layer", "smpl"),
         Asset("hmr2_smpl_to_j19", os.path.join(root, "data", "SMPL_to_J19.pkl"), 500_000, archive,
-              "HMR2 extra joints"),
+              "HMR2 extra joints", "j19"),
         Asset("hmr2_smpl_mean_params", os.path.join(root, "data", "smpl_mean_params.npz"), 1_000, archive,
-              "HMR2 head"),
+              "HMR2 head", "mean_params"),
     ]
 
 
-def phalp_assets(env: Mapping[str, str]) -> list[Asset]:
+def phalp_assets(env: Mapping[str, str], appearance: str = "texture") -> list[Asset]:
     root = os.path.join(home_cache(env), "phalp")
 
-    def hosted(name: str, rel: str, min_size: int, used_by: str, remote: str | None = None) -> Asset:
+    def hosted(name: str, rel: str, min_size: int, used_by: str, content: str, remote: str | None = None) -> Asset:
         path = os.path.join(root, rel)
-        return Asset(name, path, min_size, f"{PHALP_HOST}{remote or rel} -> {path}", used_by)
+        return Asset(name, path, min_size, f"{PHALP_HOST}{remote or rel} -> {path}", used_by, content)
 
     smpl = os.path.join(root, "3D", "models", "smpl", "SMPL_NEUTRAL.pkl")
-    return [
-        Asset("phalp_smpl_neutral", smpl, 20 * MB, SMPL_LICENCE.format(path=smpl), "PHALP SMPL layer"),
-        hosted("phalp_smpl_to_j19", "3D/SMPL_to_J19.pkl", 500_000, "PHALP 45-joint output"),
-        hosted("phalp_smpl_mean_params", "3D/smpl_mean_params.npz", 1_000, "PHALP HMAR head"),
-        hosted("phalp_texture", "3D/texture.npz", 100_000, "PHALP HMAR uv sampler"),
-        hosted("phalp_mean_std", "3D/mean_std.npy", 200, "PHALP pose predictor"),
-        hosted("phalp_uv_bary_map", "3D/bmap_256.npy", 700_000, "appearance texture sampler",
-               remote="bmap_256.npy"),
-        hosted("phalp_uv_face_map", "3D/fmap_256.npy", 250_000, "appearance texture sampler",
-               remote="fmap_256.npy"),
+    assets = [
+        Asset("phalp_smpl_neutral", smpl, 20 * MB, SMPL_LICENCE.format(path=smpl), "PHALP SMPL layer", "smpl"),
+        hosted("phalp_smpl_to_j19", "3D/SMPL_to_J19.pkl", 500_000, "PHALP 45-joint output", "j19"),
+        hosted("phalp_smpl_mean_params", "3D/smpl_mean_params.npz", 1_000, "PHALP HMAR head", "mean_params"),
+        hosted("phalp_texture", "3D/texture.npz", 100_000, "PHALP HMAR uv sampler", "texture"),
+        hosted("phalp_mean_std", "3D/mean_std.npy", 200, "PHALP pose predictor", "mean_std"),
         hosted("phalp_hmar_weights", "weights/hmar_v2_weights.pth", 100 * MB,
-               "PHALP appearance encoder, about 166 MB", remote="weights/hmar_v2_weights.pth"),
+               "PHALP appearance encoder, about 166 MB", "hmar_weights", remote="weights/hmar_v2_weights.pth"),
         hosted("phalp_pose_predictor", "weights/pose_predictor.pth", 50 * MB,
-               "PHALP pose transformer, about 140 MB", remote="weights/pose_predictor_40006.ckpt"),
+               "PHALP pose transformer, about 140 MB", "pose_predictor", remote="weights/pose_predictor_40006.ckpt"),
         hosted("phalp_pose_predictor_config", "weights/pose_predictor.yaml", 100,
-               "PHALP pose transformer", remote="weights/config_40006.yaml"),
+               "PHALP pose transformer", "pose_predictor_config", remote="weights/config_40006.yaml"),
     ]
+    if appearance != "hmar":  # the texture sampler's uv atlas (track.py's HMR2023TextureSampler)
+        assets += [
+            hosted("phalp_uv_bary_map", "3D/bmap_256.npy", 700_000, "appearance texture sampler", "uv_bary",
+                   remote="bmap_256.npy"),
+            hosted("phalp_uv_face_map", "3D/fmap_256.npy", 250_000, "appearance texture sampler", "uv_face",
+                   remote="fmap_256.npy"),
+        ]
+    return assets
 
 
 def torchvision_assets(env: Mapping[str, str]) -> list[Asset]:
     path = os.path.join(torch_hub_checkpoints(env), "resnet50-19c8e357.pth")
     return [Asset("resnet50_imagenet", path, 100 * MB, f"{RESNET50_URL} -> {path}",
-                  "PHALP HMAR backbone (built with pretrained=True, so torchvision downloads it)")]
+                  "PHALP HMAR backbone (built with pretrained=True, so torchvision downloads it)", "resnet50")]
 
 
 def detector_assets(detector: str, env: Mapping[str, str]) -> list[Asset]:
     chosen = normalize_detector(detector)
+    if chosen == "mediapipe":
+        return []  # its models are inside the mediapipe wheel
     path = detector_weights_path(chosen, env)
     if chosen == "vitdet":
         return [Asset("vitdet_h_weights", path, 2_000 * MB, f"{VITDET_URL} -> {path}",
-                      "ViTDet-H cascade Mask R-CNN, about 2.7 GB")]
+                      "ViTDet-H cascade Mask R-CNN, about 2.7 GB", "detectron2")]
     return [Asset("regnety_weights", path, 150 * MB, f"{REGNETY_URL} -> {path}",
-                  "RegNetY-4GF Mask R-CNN, about 168 MB")]
+                  "RegNetY-4GF Mask R-CNN, about 168 MB", "detectron2")]
 
 
-def required_assets(detector: str = "vitdet", env: Mapping[str, str] = os.environ) -> list[Asset]:
+def required_assets(detector: str = "vitdet", env: Mapping[str, str] = os.environ,
+                    appearance: str = "texture") -> list[Asset]:
     """Everything the engine's load stages read. PHALP's unused Mask R-CNN X101, head_faces.npy
     (rendering) and AVA label files are left out on purpose: this engine never builds or reads them."""
-    return (hmr2_assets(env) + phalp_assets(env) + torchvision_assets(env)
+    return (hmr2_assets(env) + phalp_assets(env, appearance) + torchvision_assets(env)
             + detector_assets(detector, env))
 
 
@@ -153,22 +167,35 @@ def probe_assets(detector: str = "vitdet", env: Mapping[str, str] = os.environ) 
     return detector_assets(detector, env)
 
 
-def asset_status(asset: Asset) -> tuple[str, int]:
+def check(detector: str, env: Mapping[str, str], appearance: str = "texture",
+          probe_only: bool = False) -> list[dict]:
+    """The one check of the cache, for `models verify` and the engine's weights stage alike."""
+    assets = probe_assets(detector, env) if probe_only else required_assets(detector, env, appearance)
+    return verify(assets)
+
+
+def asset_status(asset: Asset) -> tuple[str, int, str]:
+    """present, missing, truncated (unreadable and shorter than the real file) or invalid (the
+    wrong content). The size alone decides nothing: a readable file of the right keys and shapes
+    passes whatever its size (the test tier's small random checkpoints do)."""
     try:
         size = os.path.getsize(asset.path)
     except OSError:
-        return "missing", 0
+        return "missing", 0, ""
     if not os.path.isfile(asset.path):
-        return "missing", 0
-    return ("present" if size >= asset.min_size else "truncated"), size
+        return "missing", 0, ""
+    problem = content_problem(asset) if asset.content else ("" if size >= asset.min_size else "too small")
+    if not problem:
+        return "present", size, ""
+    return ("truncated" if size < asset.min_size else "invalid"), size, problem
 
 
 def verify(assets: list[Asset]) -> list[dict]:
     rows = []
     for asset in assets:
-        status, size = asset_status(asset)
+        status, size, problem = asset_status(asset)
         rows.append({"name": asset.name, "path": asset.path, "status": status, "size": size,
-                     "min_size": asset.min_size, "source": asset.source})
+                     "min_size": asset.min_size, "source": asset.source, "problem": problem})
     return rows
 
 
@@ -181,7 +208,238 @@ def describe_problems(rows: list[dict]) -> str:
     for row in problems(rows):
         if row["status"] == "missing":
             lines.append(f"{row['name']}: missing {row['path']}; get it from {row['source']}")
-        else:
+        elif row["status"] == "truncated":
             lines.append(f"{row['name']}: truncated {row['path']} ({row['size']} bytes, expected at "
                          f"least {row['min_size']}); download it again from {row['source']}")
+        else:
+            lines.append(f"{row['name']}: not the expected file {row['path']}: {row['problem']}; "
+                         f"get it from {row['source']}")
+        if row["status"] == "truncated" and row.get("problem"):
+            lines[-1] += f" ({row['problem']})"
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# content: each file read the way its user reads it, then its keys and shapes checked
+
+
+SMPL_VERTICES, SMPL_FACES, SMPL_JOINTS = 6890, 13776, 24
+SMPL_SHAPES = {"v_template": (SMPL_VERTICES, 3), "posedirs": (SMPL_VERTICES, 3, 207),
+               "J_regressor": (SMPL_JOINTS, SMPL_VERTICES), "weights": (SMPL_VERTICES, SMPL_JOINTS),
+               "kintree_table": (2, SMPL_JOINTS), "f": (SMPL_FACES, 3)}
+
+
+class ContentError(ValueError):
+    pass
+
+
+def content_problem(asset: Asset) -> str:
+    if not asset.content:
+        return ""
+    try:
+        CONTENT_CHECKS[asset.content](asset.path)
+    except ContentError as exc:
+        return str(exc)
+    except Exception as exc:  # unreadable as the format its user expects
+        return f"cannot be read as {FORMATS[asset.content]} ({type(exc).__name__}: {str(exc)[:200]})"
+    return ""
+
+
+def shape_of(value) -> tuple:
+    return tuple(getattr(value, "shape", None) or ())
+
+
+def expect_shape(what: str, value, shape: tuple) -> None:
+    if shape_of(value) != tuple(shape):
+        raise ContentError(f"{what} has shape {shape_of(value)}, expected {tuple(shape)}")
+
+
+def expect_keys(what: str, mapping, keys) -> None:
+    if not hasattr(mapping, "keys"):
+        raise ContentError(f"{what} is a {type(mapping).__name__}, expected a mapping")
+    missing = [k for k in keys if k not in mapping]
+    if missing:
+        raise ContentError(f"{what} lacks {', '.join(missing)}")
+
+
+def read_pickle(path: str):
+    import pickle
+    with open(path, "rb") as fh:
+        return pickle.load(fh, encoding="latin1")
+
+
+def check_smpl(path: str) -> None:
+    """smplx's reading: a pickled dict (chumpy arrays need chumpy importable, as for smplx)."""
+    data = read_pickle(path)
+    expect_keys("the SMPL model", data, [*SMPL_SHAPES, "shapedirs"])
+    for key, shape in SMPL_SHAPES.items():
+        expect_shape(f"SMPL {key}", data[key], shape)
+    dirs = shape_of(data["shapedirs"])
+    if dirs[:2] != (SMPL_VERTICES, 3) or len(dirs) != 3 or dirs[2] < 10:
+        raise ContentError(f"SMPL shapedirs has shape {dirs}, expected ({SMPL_VERTICES}, 3, >=10)")
+    gender = str(data.get("gender", "neutral")).lower()
+    if gender not in ("neutral", "n"):
+        raise ContentError(f"the SMPL model is {gender!r}, the engine needs the neutral one")
+
+
+def check_j19(path: str) -> None:
+    expect_shape("SMPL_to_J19", read_pickle(path), (19, SMPL_VERTICES))
+
+
+def check_mean_params(path: str) -> None:
+    import numpy as np
+    with np.load(path) as data:
+        expect_keys("smpl_mean_params", data, ["pose", "shape", "cam"])
+        for key, size in (("pose", 144), ("shape", 10), ("cam", 3)):
+            if data[key].size != size:
+                raise ContentError(f"smpl_mean_params {key} has {data[key].size} values, expected {size}")
+
+
+def check_texture(path: str) -> None:
+    import numpy as np
+    with np.load(path) as data:
+        expect_keys("texture.npz", data, ["smpl_faces", "vt", "ft"])
+        expect_shape("texture smpl_faces", data["smpl_faces"], (SMPL_FACES, 3))
+        expect_shape("texture ft", data["ft"], (SMPL_FACES, 3))
+        if data["vt"].ndim != 2 or data["vt"].shape[1] != 2:
+            raise ContentError(f"texture vt has shape {data['vt'].shape}, expected (N, 2)")
+
+
+def check_mean_std(path: str) -> None:
+    import numpy as np
+    value = np.load(path, allow_pickle=True)
+    if value.ndim != 3 or value.shape[:2] != (2, 1) or value.shape[2] > 229:
+        raise ContentError(f"mean_std has shape {value.shape}, expected (2, 1, <=229)")
+
+
+def check_uv_bary(path: str) -> None:
+    import numpy as np
+    expect_shape("bmap_256", np.load(path), (256, 256, 3))
+
+
+def check_uv_face(path: str) -> None:
+    import numpy as np
+    expect_shape("fmap_256", np.load(path), (256, 256))
+
+
+def read_yaml(path: str):
+    from omegaconf import OmegaConf
+    return OmegaConf.load(path)
+
+
+def check_hmr2_config(path: str) -> None:
+    cfg = read_yaml(path)
+    for key in ("MODEL.BACKBONE.TYPE", "MODEL.SMPL_HEAD.TYPE", "SMPL.MODEL_PATH", "SMPL.MEAN_PARAMS",
+                "EXTRA.FOCAL_LENGTH"):
+        if select(cfg, key) is None:
+            raise ContentError(f"model_config.yaml has no {key}")
+    if select(cfg, "MODEL.BACKBONE.TYPE") != "vit":
+        raise ContentError(f"model_config.yaml names backbone {select(cfg, 'MODEL.BACKBONE.TYPE')!r}, expected vit")
+
+
+def select(cfg, dotted: str):
+    from omegaconf import OmegaConf
+    return OmegaConf.select(cfg, dotted, default=None)
+
+
+def torch_load(path: str):
+    """Tensors mapped, not read: a 2.5 GB checkpoint is checked in a moment."""
+    import torch
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except RuntimeError:  # the legacy (non-zip) format cannot be mapped
+        return torch.load(path, map_location="cpu", weights_only=False)
+
+
+def check_hmr2_checkpoint(path: str) -> None:
+    state = torch_load(path)
+    expect_keys("the HMR2 checkpoint", state, ["state_dict"])
+    weights = state["state_dict"]
+    expect_keys("the HMR2 state_dict", weights, ["backbone.patch_embed.proj.weight", "smpl_head.decpose.weight",
+                                                 "smpl_head.decshape.weight", "smpl_head.deccam.weight"])
+    expect_shape("smpl_head.decshape.weight", weights["smpl_head.decshape.weight"],
+                 (10, shape_of(weights["smpl_head.decshape.weight"])[1]))
+    patch = shape_of(weights["backbone.patch_embed.proj.weight"])
+    if len(patch) != 4 or patch[1:] != (3, 16, 16):
+        raise ContentError(f"backbone.patch_embed.proj.weight has shape {patch}, expected (D, 3, 16, 16)")
+
+
+def check_resnet50(path: str) -> None:
+    weights = torch_load(path)
+    expect_keys("the ResNet-50 weights", weights, ["conv1.weight", "layer4.2.conv3.weight"])
+    expect_shape("conv1.weight", weights["conv1.weight"], (64, 3, 7, 7))
+    expect_shape("layer4.2.conv3.weight", weights["layer4.2.conv3.weight"], (2048, 512, 1, 1))
+
+
+def check_hmar_weights(path: str) -> None:
+    state = torch_load(path)
+    expect_keys("the HMAR checkpoint", state, ["model"])
+    names = list(state["model"])
+    for part in ("encoding_head", "texture_head", "backbone"):
+        if not any(part in name for name in names):
+            raise ContentError(f"the HMAR checkpoint has no {part} weights")
+
+
+def check_pose_predictor_config(path: str) -> None:
+    cfg = read_yaml(path)
+    for key in ("configs.in_feat", "configs.frame_length", "configs.transformer.depth",
+                "configs.extra_feat.pose_shape.dim", "configs.num_smpl_heads"):
+        if select(cfg, key) is None:
+            raise ContentError(f"pose_predictor.yaml has no {key}")
+
+
+def check_pose_predictor(path: str) -> None:
+    state = torch_load(path)
+    expect_keys("the pose predictor checkpoint", state, ["state_dict"])
+    key = "encoder.pose_shape_encoder.0.weight"
+    expect_keys("the pose predictor state_dict", state["state_dict"], [key])
+    if shape_of(state["state_dict"][key])[1:] != (229,):
+        raise ContentError(f"{key} has shape {shape_of(state['state_dict'][key])}, expected (N, 229)")
+
+
+class _ArrayShape:
+    """Stands for a pickled numpy array: keeps its shape, drops its bytes."""
+
+    def __init__(self, *args):
+        self.shape: tuple = ()
+
+    def __setstate__(self, state) -> None:
+        self.shape = tuple(state[1])
+
+
+def check_detectron2(path: str) -> None:
+    """detectron2's model-zoo pickle ({"model": {name: ndarray}}), read without keeping the arrays."""
+    import pickle
+
+    class ShapesOnly(pickle.Unpickler):
+        def find_class(self, module, name):
+            if name in ("_reconstruct", "ndarray") and module.startswith("numpy"):
+                return _ArrayShape
+            return super().find_class(module, name)
+
+    with open(path, "rb") as fh:
+        data = ShapesOnly(fh, encoding="latin1").load()
+    expect_keys("the detector checkpoint", data, ["model"])
+    names = list(data["model"])
+    if not any(name.startswith("backbone.") for name in names):
+        raise ContentError("the detector checkpoint has no backbone weights")
+    classifiers = [name for name in names if name.endswith("cls_score.weight")]
+    if not classifiers:
+        raise ContentError("the detector checkpoint has no box classifier (cls_score)")
+    rows = shape_of(data["model"][classifiers[0]])[:1]
+    if rows != (81,):
+        raise ContentError(f"{classifiers[0]} scores {rows and rows[0]} classes, expected 81 (COCO + background)")
+
+
+CONTENT_CHECKS = {
+    "smpl": check_smpl, "j19": check_j19, "mean_params": check_mean_params, "texture": check_texture,
+    "mean_std": check_mean_std, "uv_bary": check_uv_bary, "uv_face": check_uv_face,
+    "hmr2_config": check_hmr2_config, "hmr2_checkpoint": check_hmr2_checkpoint, "resnet50": check_resnet50,
+    "hmar_weights": check_hmar_weights, "pose_predictor": check_pose_predictor,
+    "pose_predictor_config": check_pose_predictor_config, "detectron2": check_detectron2,
+}
+FORMATS = {"smpl": "a pickle", "j19": "a pickle", "mean_params": "an npz archive", "texture": "an npz archive",
+           "mean_std": "a numpy array", "uv_bary": "a numpy array", "uv_face": "a numpy array",
+           "hmr2_config": "YAML", "pose_predictor_config": "YAML", "hmr2_checkpoint": "a torch checkpoint",
+           "resnet50": "a torch checkpoint", "hmar_weights": "a torch checkpoint",
+           "pose_predictor": "a torch checkpoint", "detectron2": "a detectron2 pickle"}

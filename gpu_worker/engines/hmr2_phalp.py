@@ -50,17 +50,27 @@ SMPL_FACES = 13776
 
 DEFAULTS: dict[str, Any] = {
     "detector": "vitdet",
-    "low_th_c": 0.8,          # PHALP's detection score threshold for tracking
+    # ViTDet/RegNetY's own score threshold (PHALP's setup_detectron2 uses 0.5)
+    "detector_score": 0.5,
+    # LazyConfig overrides for the detector ("key=value", detectron2's LazyConfig.apply_overrides),
+    # e.g. a smaller input or backbone; the weights file must fit the overridden model
+    "detector_overrides": [],
+    # PHALP tracks detections above low_th_c (0.8) wider than small_w (50 px) and taller than
+    # small_h (100 px). Those drop a rider far from the camera in a 640x360 clip, so the defaults
+    # here keep every person the detector reports (docs/hmr2-phalp.md, deviations)
+    "low_th_c": 0.5,
+    "small_w": 10,
+    "small_h": 20,
     "n_init": 5,              # hits before a track is confirmed (and back-filled)
     "max_age_track": 50,
     "track_history": 7,
     "image_min_score": 0.5,   # demo.py's threshold for single images
-    "appearance": "texture",  # "texture" (track.py's NMR texture sampler) or "hmar" (PHALP's ResNet)
+    # "texture" (track.py's NMR texture sampler, CUDA only), "hmar" (PHALP's ResNet texture head,
+    # any device) or "auto" (texture on CUDA, hmar on the CPU)
+    "appearance": "auto",
     "video_vertices": False,  # 6890x3 per person per frame is large; images always get them
     "warm_up": True,
 }
-TRACKER_NEEDS_CUDA = ("video tracking with hmr2_phalp needs CUDA: PHALP calls .cuda() internally; "
-                      "use engine.device=cuda, or the mediapipe engine on CPU")
 CACHE_OVERRIDES = {"cache_home": "HOME", "torch_home": "TORCH_HOME", "fvcore_cache": "FVCORE_CACHE"}
 
 
@@ -71,7 +81,11 @@ CACHE_OVERRIDES = {"cache_home": "HOME", "torch_home": "TORCH_HOME", "fvcore_cac
 @dataclass
 class Settings:
     detector: str
+    detector_score: float
+    detector_overrides: list[str]
     low_th_c: float
+    small_w: int
+    small_h: int
     n_init: int
     max_age_track: int
     track_history: int
@@ -86,7 +100,10 @@ class Settings:
         merged = {**DEFAULTS, **{k: v for k, v in options.items() if k in DEFAULTS}}
         settings = cls(
             detector=hmr2_assets.normalize_detector(merged["detector"]),
-            low_th_c=float(merged["low_th_c"]), n_init=int(merged["n_init"]),
+            detector_score=float(merged["detector_score"]),
+            detector_overrides=[str(o) for o in merged["detector_overrides"] or []],
+            low_th_c=float(merged["low_th_c"]), small_w=int(merged["small_w"]), small_h=int(merged["small_h"]),
+            n_init=int(merged["n_init"]),
             max_age_track=int(merged["max_age_track"]), track_history=int(merged["track_history"]),
             image_min_score=float(merged["image_min_score"]), appearance=str(merged["appearance"]),
             video_vertices=bool(merged["video_vertices"]), warm_up=bool(merged["warm_up"]),
@@ -100,12 +117,23 @@ class Settings:
         # PHALP back-fills from the track's history deque, which holds track_history entries
         if self.n_init > self.track_history:
             raise ValueError(f"n_init ({self.n_init}) must not exceed track_history ({self.track_history})")
-        if self.appearance not in ("texture", "hmar"):
-            raise ValueError("appearance must be 'texture' or 'hmar'")
+        if self.appearance not in ("texture", "hmar", "auto"):
+            raise ValueError("appearance must be 'texture', 'hmar' or 'auto'")
 
     @property
     def phalp_detector(self) -> str:
         return "vitdet" if self.detector == "vitdet" else "maskrcnn"
+
+    def appearance_on(self, device_type: str) -> str:
+        """The texture sampler's renderer (neural_renderer) is a CUDA extension."""
+        if self.appearance == "auto":
+            return "texture" if device_type == "cuda" else "hmar"
+        if self.appearance == "texture" and device_type != "cuda":
+            raise ValueError("appearance=texture needs CUDA (neural_renderer); use appearance=hmar on the CPU")
+        return self.appearance
+
+    def asset_options(self) -> dict[str, Any]:
+        return {"detector": self.detector, "appearance": self.appearance}
 
     def environment(self, base: Mapping[str, str] = os.environ) -> dict[str, str]:
         return {**base, **self.env_overrides}
@@ -117,9 +145,14 @@ def apply_env_overrides(overrides: Mapping[str, str]) -> None:
         os.environ[var] = value
 
 
-def check_assets(detector: str, env: Mapping[str, str], probe_only: bool = False) -> list[dict]:
-    assets = (hmr2_assets.probe_assets if probe_only else hmr2_assets.required_assets)(detector, env)
-    rows = hmr2_assets.verify(assets)
+def asset_rows(settings: Settings, device_type: str, probe_only: bool = False) -> list[dict]:
+    """The files these settings read, checked (hmr2_assets.check: the same for `models verify`)."""
+    return hmr2_assets.check(settings.detector, settings.environment(), settings.appearance_on(device_type),
+                             probe_only=probe_only)
+
+
+def check_assets(settings: Settings, device_type: str, probe_only: bool = False) -> list[dict]:
+    rows = asset_rows(settings, device_type, probe_only)
     if hmr2_assets.problems(rows):
         raise WeightsMissing("hmr2_phalp weights are not ready (nothing was downloaded; pre-seed the "
                              "caches, see docs/hmr2-phalp.md):\n" + hmr2_assets.describe_problems(rows))
@@ -331,17 +364,19 @@ def track_step(tracker: Any, detections: list, seq: int, frame_name: str, n_init
 def record_tracks(pending: PendingFrames, seq: int, views: list[TrackView], n_init: int,
                   to_person: Callable[[int, Mapping[str, Any]], Person] = person_from_detection) -> None:
     """PHALP's bookkeeping for one frame: observed confirmed tracks go to this frame; a track
-    confirmed just now (hits == n_init) is also back-filled into the frames it was tentative in."""
+    confirmed just now (hits == n_init) is also back-filled into the frames it was tentative in.
+    Each history entry goes to the frame it was detected in (its own "time"), not to seq minus its
+    position: a retried frame or a miss inside the history cannot shift it onto another frame."""
     for view in views:
         if view.time_since_update != 0:
             continue  # a "ghost": predicted, not seen in this frame
         pending.add(seq, to_person(view.track_id, view.history[-1]))
         if view.hits != n_init:
             continue
-        for back in range(1, n_init):
-            if seq - back < 0 or back >= len(view.history):
-                break
-            pending.add(seq - back, to_person(view.track_id, view.history[-1 - back]))
+        for entry in view.history[-n_init:-1]:
+            seen_at = int(entry.get("time", -1))
+            if 0 <= seen_at < seq:
+                pending.add(seen_at, to_person(view.track_id, entry))
 
 
 def frame_name_for(seq: int) -> str:
@@ -358,18 +393,78 @@ def person_boxes(instances: Any, min_score: float) -> tuple[np.ndarray, np.ndarr
 
 
 @contextlib.contextmanager
-def trusted_torch_load() -> Iterator[None]:
+def trusted_torch_load(device: Any = "cpu") -> Iterator[None]:
     """PHALP calls torch.load(path) with torch's default weights_only, which became True in torch
-    2.6 and rejects these (trusted, locally verified) checkpoints. Scoped to the load stages."""
+    2.6 and rejects these (trusted, locally verified) checkpoints, and without map_location, which
+    fails on a machine without CUDA when a file holds CUDA tensors. Scoped to the load stages."""
+    import torch
+
     previous = os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
     os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = "1"
+    original = torch.load
+
+    def load(*args, **kwargs):
+        kwargs.setdefault("map_location", device)
+        return original(*args, **kwargs)
+
+    torch.load = load
     try:
         yield
     finally:
+        torch.load = original
         if previous is None:
             os.environ.pop("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", None)
         else:
             os.environ["TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD"] = previous
+
+
+@contextlib.contextmanager
+def cuda_calls_on(device: Any) -> Iterator[None]:
+    """PHALP hard-codes tensor.cuda() in get_human_features, get_uv_distance and its pose
+    predictor. On a CUDA device the runtime stage made the engine's device the current one, so
+    .cuda() already lands there; on the CPU, .cuda() inside these calls stays on the CPU."""
+    if device is None or device.type == "cuda":
+        yield
+        return
+    import torch
+
+    original = torch.Tensor.cuda
+    torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor.to(device)
+    try:
+        yield
+    finally:
+        torch.Tensor.cuda = original
+
+
+VIT_SIZE_KEYS = ("EMBED_DIM", "DEPTH", "NUM_HEADS")
+
+
+@contextlib.contextmanager
+def backbone_sized_by(model_cfg: Any) -> Iterator[None]:
+    """hmr2's vit(cfg) always builds ViT-H (embed 1280, depth 32, 16 heads). A model_config.yaml
+    that names MODEL.BACKBONE.EMBED_DIM / DEPTH / NUM_HEADS gets the same ViT class at that size
+    (the test tier's small random checkpoints, docs/hmr2-phalp.md); the released config names none
+    and gets upstream's vit(cfg) untouched."""
+    backbone = model_cfg.MODEL.BACKBONE
+    sizes = {key.lower(): int(backbone[key]) for key in VIT_SIZE_KEYS if key in backbone}
+    if not sizes:
+        yield
+        return
+    import hmr2.models.hmr2 as hmr2_module
+    from hmr2.models.backbones.vit import ViT
+
+    def sized_vit(cfg: Any) -> Any:
+        # vit(cfg)'s other arguments, unchanged
+        arguments = dict(img_size=(256, 192), patch_size=16, embed_dim=1280, depth=32, num_heads=16, ratio=1,
+                         use_checkpoint=False, mlp_ratio=4, qkv_bias=True, drop_path_rate=0.55)
+        return ViT(**{**arguments, **sizes})
+
+    original = hmr2_module.create_backbone
+    hmr2_module.create_backbone = sized_vit
+    try:
+        yield
+    finally:
+        hmr2_module.create_backbone = original
 
 
 # ----------------------------------------------------------------------------------------------
@@ -394,6 +489,15 @@ class HMR2PhalpEngine(Engine):
         self.track_frame: Callable[[list, int, str], list[TrackView]] = self._track_frame_with_phalp
         self._pending = PendingFrames(self.settings.n_init - 1)
         self._seq = 0
+        self._open: Optional[tuple[int, int]] = None  # (index, seq) of the frame being pushed
+
+    @property
+    def device_type(self) -> str:
+        return "cuda" if str(self.device).startswith("cuda") else "cpu"
+
+    @property
+    def appearance(self) -> str:
+        return self.settings.appearance_on(self.device_type)
 
     @property
     def version(self) -> str:
@@ -417,19 +521,22 @@ class HMR2PhalpEngine(Engine):
 
     def _load_runtime(self) -> None:
         apply_env_overrides(self.settings.env_overrides)
+        self.settings.appearance_on(self.device_type)  # texture on the CPU: say so before loading anything
         import torch
 
-        wants_cuda = str(self.device).startswith("cuda")
+        wants_cuda = self.device_type == "cuda"
         # under WSL is_available() can hang; the supervisor's deadline for this stage covers that
         if wants_cuda and not torch.cuda.is_available():
             raise RuntimeError(f"engine.device={self.device} but torch {torch.__version__} sees no CUDA device")
         self._torch = torch
         self._torch_device = torch.device(self.device if wants_cuda else "cpu")
         if wants_cuda:
+            # PHALP's .cuda() calls mean "the current device": make that the configured one (cuda:1 ...)
+            torch.cuda.set_device(self._torch_device)
             torch.zeros(1, device=self._torch_device)  # creates the CUDA context now, not on frame 0
 
     def _check_weights(self, probe_only: bool = False) -> None:
-        check_assets(self.settings.detector, self.settings.environment(), probe_only=probe_only)
+        check_assets(self.settings, self.device_type, probe_only=probe_only)
 
     def _load_hmr2(self) -> None:
         """hmr2.models.load_hmr2, minus its renderer: load_hmr2 cannot pass init_renderer=False."""
@@ -449,27 +556,25 @@ class HMR2PhalpEngine(Engine):
                                   "map_location": "cpu"}
         if "weights_only" in inspect.signature(HMR2.load_from_checkpoint).parameters:
             kwargs["weights_only"] = False
-        with trusted_torch_load():
+        with trusted_torch_load(), backbone_sized_by(model_cfg):
             model = HMR2.load_from_checkpoint(DEFAULT_CHECKPOINT, **kwargs)
         self._hmr2 = model.to(self._torch_device).eval()
         self._hmr2_cfg = model_cfg
 
     def _build_tracker(self) -> None:
-        if self._torch_device.type != "cuda":
-            # PHALP hard-codes .cuda() in get_human_features, get_uv_distance and its pose predictor;
-            # single images (detector -> HMR2) still work on CPU
-            log.warning(TRACKER_NEEDS_CUDA)
-            return
         cfg = build_phalp_config(self.settings, str(self._torch_device))
-        with trusted_torch_load():
-            self._phalp = build_streaming_phalp(cfg, self._hmr2, self.settings)
+        with trusted_torch_load(self._torch_device):
+            self._phalp = build_streaming_phalp(cfg, self._hmr2, self.settings, self.appearance)
         self._phalp.setup_deepsort()
         if self._detector is not None:
             self._phalp.detector = self._detector
 
     def _build_detector(self) -> None:
-        weights = hmr2_assets.detector_weights_path(self.settings.detector, self.settings.environment())
-        self._detector = build_detector(self.settings.detector, weights, self._torch_device)
+        if self.settings.detector == "mediapipe":
+            self._detector = MediaPipePersonDetector()
+        else:
+            weights = hmr2_assets.detector_weights_path(self.settings.detector, self.settings.environment())
+            self._detector = build_detector(self.settings, weights, self._torch_device)
         if self._phalp is not None:
             self._phalp.detector = self._detector
         if self.settings.warm_up:
@@ -481,12 +586,21 @@ class HMR2PhalpEngine(Engine):
     def begin_video(self, width: int, height: int, fps: float) -> None:
         if self._phalp is not None:
             self._phalp.setup_deepsort()  # a fresh deep_sort Tracker; the models stay
+        if isinstance(self._detector, MediaPipePersonDetector):
+            self._detector.begin_video()
         self._pending = PendingFrames(self.settings.n_init - 1)
         self._seq = 0
+        self._open = None
 
     def push(self, index: int, pts_s: float, rgb: np.ndarray) -> list[FrameOut]:
-        seq = self._seq
-        self._seq += 1
+        """Safe to call again for the same frame after it raised (the worker retries a frame once
+        after a CUDA out-of-memory): the frame keeps its place in the sequence and is emitted once."""
+        if self._open is not None and self._open[0] == index:
+            seq = self._open[1]  # a retry: the failed attempt never reached the tracker's bookkeeping
+        else:
+            seq = self._seq
+            self._seq += 1
+        self._open = (index, seq)
         self._pending.open(seq, index)
         bgr = rgb_to_bgr(rgb)
         frame_name = frame_name_for(seq)
@@ -494,6 +608,7 @@ class HMR2PhalpEngine(Engine):
             detections = self.describe_frame(bgr, seq, frame_name)
             views = self.track_frame(detections, seq, frame_name)
         record_tracks(self._pending, seq, views, self.settings.n_init)
+        self._open = None
         return self._pending.pop_final(seq)
 
     def end_video(self) -> list[FrameOut]:
@@ -506,8 +621,7 @@ class HMR2PhalpEngine(Engine):
         """Detector -> HMR2 (+ appearance) for one frame, through PHALP's own methods."""
         phalp = self._phalp
         if phalp is None:
-            raise RuntimeError(TRACKER_NEEDS_CUDA if self._torch_device is not None
-                               and self._torch_device.type != "cuda" else "the tracker stage has not run")
+            raise RuntimeError("the tracker stage has not run")
         measurements = frame_measurements(*bgr.shape[:2])
         phalp.cfg.phalp.shot = 0
         (bbox, bbox_pad, masks, scores, classes, gt_tids, gt_annots) = phalp.get_detections(
@@ -527,7 +641,8 @@ class HMR2PhalpEngine(Engine):
         bgr = rgb_to_bgr(rgb)
         height, width = bgr.shape[:2]
         with self._no_grad():
-            instances = self._detector(bgr)["instances"]
+            instances = self._detector.single_image(bgr)["instances"] \
+                if isinstance(self._detector, MediaPipePersonDetector) else self._detector(bgr)["instances"]
             boxes, scores = person_boxes(instances, self.settings.image_min_score)
             if len(boxes) == 0:
                 return []
@@ -580,11 +695,11 @@ class HMR2PhalpEngine(Engine):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "detector": self.settings.detector, "n_init": self.settings.n_init,
-                "appearance": self.settings.appearance}
+                "appearance": self.appearance}
 
 
 # ----------------------------------------------------------------------------------------------
-# builders that need hmr2 / phalp / detectron2 (GPU machine only; see docs/hmr2-phalp.md)
+# builders that need hmr2 / phalp / detectron2 (see docs/hmr2-phalp.md)
 
 
 def build_phalp_config(settings: Settings, device: str) -> Any:
@@ -600,15 +715,17 @@ def build_phalp_config(settings: Settings, device: str) -> Any:
     cfg.use_gt = False
     cfg.phalp.detector = settings.phalp_detector
     cfg.phalp.low_th_c = settings.low_th_c
+    cfg.phalp.small_w = settings.small_w
+    cfg.phalp.small_h = settings.small_h
     cfg.phalp.n_init = settings.n_init
     cfg.phalp.max_age_track = settings.max_age_track
     cfg.phalp.track_history = settings.track_history
     return cfg
 
 
-def build_streaming_phalp(cfg: Any, hmr2_model: Any, settings: Settings) -> Any:
+def build_streaming_phalp(cfg: Any, hmr2_model: Any, settings: Settings, appearance: str) -> Any:
     """A PHALP whose HMAR is HMR2 (as track.py's HMR2_4dhuman), built without detector, visualizer,
-    downloads or output folders."""
+    downloads or output folders, whose .cuda()-calling methods run on the engine's device."""
     from hmr2.datasets.utils import expand_bbox_to_aspect_ratio
     from phalp.trackers.PHALP import PHALP
 
@@ -619,7 +736,7 @@ def build_streaming_phalp(cfg: Any, hmr2_model: Any, settings: Settings) -> Any:
             pass  # the weights stage verified every file; never wget into the CWD
 
         def setup_hmr(self):
-            self.HMAR = adapter_class(self.cfg, hmr2_model, settings.appearance)
+            self.HMAR = adapter_class(self.cfg, hmr2_model, appearance)
 
         def setup_detectron2(self):
             self.detector = None  # built by the engine's "detector" stage; the X101 is never built
@@ -637,13 +754,22 @@ def build_streaming_phalp(cfg: Any, hmr2_model: Any, settings: Settings) -> Any:
             return bbox, padded, masks, scores, classes, gt_tids, gt_annots
 
         def get_human_features(self, *args, **kwargs):
-            detections = super().get_human_features(*args, **kwargs)
+            with cuda_calls_on(self.device):
+                detections = super().get_human_features(*args, **kwargs)
             vertices = getattr(self.HMAR, "last_vertices", None)
             if settings.video_vertices and detections and vertices is not None:
                 # detections follow the order of the crops HMAR just ran on
                 for detection, verts in zip(detections, vertices):
                     detection.detection_data["vertices"] = verts.float().cpu().numpy()
             return detections
+
+        def get_uv_distance(self, t_uv, d_uv):
+            with cuda_calls_on(self.device):
+                return super().get_uv_distance(t_uv, d_uv)
+
+        def forward_for_tracking(self, vectors, attibute="A", time=1):
+            with cuda_calls_on(self.device):
+                return super().forward_for_tracking(vectors, attibute, time)
 
     return StreamingPHALP(cfg)
 
@@ -683,9 +809,13 @@ def hmr2_hmar_adapter_class() -> type:
             self.last_vertices = out["pred_vertices"]
             if self.appearance == "texture":
                 uv_image = self._sample_texture(rgb, mask, out)
+                uv_vector = self.hmar_old.process_uv_image(uv_image)
             else:
-                uv_image = self.hmar_old(x)["uv_image"]
-            return {"uv_image": uv_image, "uv_vector": self.hmar_old.process_uv_image(uv_image),
+                # HMAR.forward already turned its uv image into the autoencoder's input, in place:
+                # processing it again would make every texel count as visible
+                appearance = self.hmar_old(x)
+                uv_image, uv_vector = appearance["uv_image"], appearance["uv_vector"]
+            return {"uv_image": uv_image, "uv_vector": uv_vector,
                     "pose_smpl": out["pred_smpl_params"], "pred_cam": out["pred_cam"]}
 
         def _sample_texture(self, rgb, mask, out):
@@ -712,25 +842,34 @@ def hmr2_hmar_adapter_class() -> type:
     return HMR2AsHMAR
 
 
-def build_detector(detector: str, weights_path: str, device: Any) -> Callable[[np.ndarray], dict]:
-    """The detector PHALP.setup_detectron2 builds (same LazyConfig, thresholds and weights), loaded
-    from the verified local file and placed on `device` instead of a hard-coded .cuda()."""
+def detector_config(settings: Settings) -> Any:
+    """The LazyConfig PHALP.setup_detectron2 builds (same file, same thresholds), with the engine's
+    score threshold and any LazyConfig overrides applied."""
     from detectron2.config import LazyConfig
 
-    if hmr2_assets.normalize_detector(detector) == "vitdet":
+    if settings.detector == "vitdet":
         from pathlib import Path
 
         import phalp
 
         cfg = LazyConfig.load(str(Path(phalp.__file__).parent / "configs" / "cascade_mask_rcnn_vitdet_h_75ep.py"))
         for predictor in cfg.model.roi_heads.box_predictors:
-            predictor.test_score_thresh = 0.5
+            predictor.test_score_thresh = settings.detector_score
     else:
         from detectron2 import model_zoo
 
         cfg = model_zoo.get_config("new_baselines/mask_rcnn_regnety_4gf_dds_FPN_400ep_LSJ.py", trained=True)
-        cfg.model.roi_heads.box_predictor.test_score_thresh = 0.5
+        cfg.model.roi_heads.box_predictor.test_score_thresh = settings.detector_score
         cfg.model.roi_heads.box_predictor.test_nms_thresh = 0.4
+    if settings.detector_overrides:
+        cfg = LazyConfig.apply_overrides(cfg, settings.detector_overrides)
+    return cfg
+
+
+def build_detector(settings: Settings, weights_path: str, device: Any) -> Callable[[np.ndarray], dict]:
+    """The detector PHALP.setup_detectron2 builds, loaded from the verified local file and placed on
+    `device` instead of a hard-coded .cuda()."""
+    cfg = detector_config(settings)
     cfg.train.init_checkpoint = weights_path
     return LazyConfigPredictor(cfg, device)
 
@@ -761,3 +900,69 @@ class LazyConfigPredictor:
         tensor = self._torch.as_tensor(np.ascontiguousarray(resized).astype("float32").transpose(2, 0, 1))
         with self._torch.no_grad():
             return self.model([{"image": tensor, "height": height, "width": width}])[0]
+
+
+class MediaPipePersonDetector:
+    """A person detector that is practical on a CPU (the CPU rung): MediaPipe Pose's landmarks and
+    segmentation give one person's box and mask per frame, as detectron2 Instances (class 0), so
+    PHALP reads them as it reads ViTDet's. One person at most: MediaPipe Pose tracks one."""
+
+    BOX_MARGIN = 0.1  # landmarks hug the body; grow the box by this share of its size on each side
+
+    def __init__(self):
+        import mediapipe as mp
+
+        self._pose_class = mp.solutions.pose.Pose
+        self._video = self._make(video=True)
+
+    def _make(self, video: bool) -> Any:
+        return self._pose_class(static_image_mode=not video, model_complexity=1, enable_segmentation=True)
+
+    def begin_video(self) -> None:
+        self._video.close()
+        self._video = self._make(video=True)
+
+    def __call__(self, bgr: np.ndarray) -> dict:
+        return self._instances(self._video, bgr)
+
+    def single_image(self, bgr: np.ndarray) -> dict:
+        still = self._make(video=False)
+        try:
+            return self._instances(still, bgr)
+        finally:
+            still.close()
+
+    def _instances(self, pose: Any, bgr: np.ndarray) -> dict:
+        import torch
+        from detectron2.structures import Boxes, Instances
+
+        height, width = bgr.shape[:2]
+        found = pose.process(np.ascontiguousarray(bgr[:, :, ::-1]))
+        instances = Instances((height, width))
+        box, score, mask = person_from_landmarks(found, height, width, self.BOX_MARGIN)
+        count = 0 if box is None else 1
+        instances.pred_boxes = Boxes(torch.tensor([box] if count else np.zeros((0, 4)), dtype=torch.float32))
+        instances.scores = torch.tensor([score] if count else [], dtype=torch.float32)
+        instances.pred_classes = torch.zeros(count, dtype=torch.int64)
+        instances.pred_masks = torch.from_numpy(mask[None] if count else np.zeros((0, height, width), dtype=bool))
+        return {"instances": instances}
+
+
+def person_from_landmarks(found: Any, height: int, width: int, margin: float
+                          ) -> tuple[Optional[list[float]], float, np.ndarray]:
+    """MediaPipe Pose's result -> (xyxy box over the visible landmarks grown by margin, mean
+    visibility as the score, a boolean mask: its segmentation, else the box)."""
+    if found is None or found.pose_landmarks is None:
+        return None, 0.0, np.zeros((height, width), dtype=bool)
+    points = np.array([[lm.x * width, lm.y * height, lm.visibility] for lm in found.pose_landmarks.landmark])
+    seen = points[points[:, 2] > 0.5] if (points[:, 2] > 0.5).sum() >= 2 else points
+    x0, y0 = seen[:, :2].min(axis=0)
+    x1, y1 = seen[:, :2].max(axis=0)
+    grow_x, grow_y = (x1 - x0) * margin, (y1 - y0) * margin
+    box = [max(0.0, x0 - grow_x), max(0.0, y0 - grow_y), min(width - 1.0, x1 + grow_x), min(height - 1.0, y1 + grow_y)]
+    if found.segmentation_mask is not None:
+        mask = np.asarray(found.segmentation_mask) > 0.5
+    else:
+        mask = np.zeros((height, width), dtype=bool)
+        mask[int(box[1]):int(box[3]) + 1, int(box[0]):int(box[2]) + 1] = True
+    return box, float(points[:, 2].mean()), mask
