@@ -180,7 +180,7 @@ def write_hmar(path: str) -> None:
 
 
 POSE_PREDICTOR_CONFIG = {"configs": {
-    "in_feat": 64, "frame_length": 16, "num_smpl_heads": 1, "mask_type_test": "zero", "mask_ratio": 0.0,
+    "in_feat": 64, "frame_length": 64, "num_smpl_heads": 1, "mask_type_test": "zero", "mask_ratio": 0.0,
     "max_people": 1,
     "transformer": {"depth": 1, "heads": 2, "mlp_dim": 64, "dim_head": 32, "dropout": 0.0, "emb_dropout": 0.0,
                     "droppath": 0.0, "conv": {"pad": 1, "stride": 2}},
