@@ -15,7 +15,23 @@ class GatewayConfig:
     max_upload_mb: int = 4096
     # JSON/multipart bodies of /pose/hybrid carry whole images as base64
     max_json_mb: int = 64
+    # when set (here, in $POSE_SERVICE_TOKEN, or in auth_token_file), every route but /health and
+    # /v1/health needs `Authorization: Bearer <token>`; binding beyond loopback requires one
     auth_token: Optional[str] = None
+    auth_token_file: Optional[str] = None
+    # Host names served besides loopback names and IP literals (a web page's DNS rebinding sends its
+    # own name); "*" turns the check off. The backend's docker-compose name is the default
+    allowed_hosts: list[str] = field(default_factory=lambda: ["pose-service"])
+    # web origins allowed to call the service from a browser (CORS); the Node backend needs none
+    allowed_origins: list[str] = field(default_factory=list)
+    # an image declaring more pixels than this is refused (413) from its header, before decoding
+    max_image_pixels: int = 50_000_000
+    # a connection idle (or still sending its request's head) this long is closed
+    idle_timeout_s: float = 15.0
+    # a request body that sends nothing for this long ends in 408
+    body_timeout_s: float = 30.0
+    # open connections beyond this are answered 503 and closed
+    max_connections: int = 256
     # POST /process_video (synchronous) waits this long for the job, then answers 504 with its id
     sync_timeout_s: float = 3600.0
     # GET /warmup waits this long for the models (the backend gives up after 120 s)
@@ -41,6 +57,8 @@ class JobsConfig:
     retention_sweep_s: float = 300.0
     # an upload is refused (507) when it would leave less free space than this in storage_dir
     min_free_mb: int = 1024
+    # a video whose frames declare more pixels than this is refused (413) before a frame is decoded
+    max_video_pixels: int = 40_000_000
 
 
 @dataclass

@@ -2,22 +2,26 @@
 (gateway.legacy) on one port, with one supervisor client and one error middleware."""
 from __future__ import annotations
 
+import asyncio
 import os
+import signal
 import socket
 from contextlib import asynccontextmanager
 
 from aiohttp import web
 
-from gateway import apidoc, legacy, native
+from gateway import apidoc, legacy, native, security
 from gateway.errors import BODY_LIMIT_KEY, LOG_KEY, json_errors
 from gateway.helpers import CFG_KEY, CLIENT_KEY
+from gateway.serving import GuardedRunner
 from gateway.store import READER_KEY, LedgerReader
 from pose_common.client import SupervisorClient
 from pose_common.logs import setup_logging
 
 
 def build_app(cfg) -> web.Application:
-    app = web.Application(middlewares=[json_errors], client_max_size=cfg.gateway.max_json_mb << 20)
+    app = web.Application(middlewares=[json_errors, security.guard(cfg, security.read_token(cfg))],
+                          client_max_size=cfg.gateway.max_json_mb << 20)
     app[CFG_KEY] = cfg
     app[BODY_LIMIT_KEY] = cfg.gateway.max_json_mb << 20
     app[LOG_KEY] = setup_logging("gateway", cfg.log_level)
@@ -53,11 +57,27 @@ async def supervisor_client(app: web.Application):
 
 
 def main(cfg) -> int:
+    """The caller (pose_service.cli) has checked security.startup_refusal first."""
     app = build_app(cfg)
     app[LOG_KEY].info("gateway_start", host=cfg.gateway.host, port=cfg.gateway.port)
-    handed_over = os.environ.get("POSE_SERVICE_LISTEN_FD")  # the service manager's listening socket
-    if handed_over:
-        web.run_app(app, sock=socket.socket(fileno=int(handed_over)), print=None, shutdown_timeout=10)
-    else:
-        web.run_app(app, host=cfg.gateway.host, port=cfg.gateway.port, print=None, shutdown_timeout=10)
+    asyncio.run(serve(app, cfg))
     return 0
+
+
+async def serve(app: web.Application, cfg) -> None:
+    """Serve until SIGTERM/SIGINT, then finish what is in flight (up to 10 s). Slow, idle and surplus
+    connections are dealt with by gateway.serving."""
+    runner = GuardedRunner(app, max_connections=cfg.gateway.max_connections, shutdown_timeout=10,
+                           keepalive_timeout=cfg.gateway.idle_timeout_s, access_log=None)
+    await runner.setup()
+    handed_over = os.environ.get("POSE_SERVICE_LISTEN_FD")  # the service manager's listening socket
+    site = web.SockSite(runner, socket.socket(fileno=int(handed_over))) if handed_over else \
+        web.TCPSite(runner, cfg.gateway.host, cfg.gateway.port, backlog=1024)
+    await site.start()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()

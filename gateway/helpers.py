@@ -8,7 +8,7 @@ import os
 import shutil
 from typing import Any, Optional
 
-from aiohttp import web
+from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
 
 from configs import uploads_dir
@@ -19,6 +19,8 @@ from pose_common.hostinfo import is_wsl
 
 CFG_KEY = web.AppKey("cfg", object)
 CLIENT_KEY = web.AppKey("client", SupervisorClient)
+IDEMPOTENCY_KEY_MAX = 256
+FIELD_LIMIT = 1 << 20  # a form field beside an uploaded video (max_frames, idempotency_key, ...)
 
 def client(request: web.Request) -> SupervisorClient:
     return request.app[CLIENT_KEY]
@@ -35,11 +37,16 @@ async def ask(request: web.Request, kind: str, timeout_s: Optional[float] = None
 
 async def read_json_body(request: web.Request) -> dict:
     if request.content_type != "application/json":
-        raise json_error(415, f"expected application/json, got {request.content_type or 'no content type'}")
+        raise json_error(415, f"expected application/json, got {request.content_type or 'no content type'}",
+                         code="unsupported_media_type")
+    raw = await within(request.read(), config(request).gateway.body_timeout_s)
     try:
-        body = await request.json()
+        body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
-        raise json_error(400, f"malformed JSON: {exc}") from None
+        raise json_error(400, f"malformed JSON: {type(exc).__name__} at {getattr(exc, 'pos', '?')}",
+                         code="malformed_json") from None
+    except RecursionError:
+        raise json_error(400, "malformed JSON: nested too deeply", code="malformed_json") from None
     if not isinstance(body, dict):
         raise json_error(400, "JSON body must be an object")
     return body
@@ -49,14 +56,22 @@ async def accept_video_path(request: web.Request, raw_path: Any, source: str = "
                             idempotency_key: Optional[str] = None, max_frames: Optional[int] = None) -> dict:
     """Validate a path (roots, existence, decodability) and submit it. -> job view."""
     cfg = config(request)
+    check_idempotency_key(idempotency_key)
     mapped = validation.map_windows_path(raw_path, is_wsl()) if isinstance(raw_path, str) and \
         cfg.jobs.map_windows_paths else raw_path
     roots = list(cfg.jobs.allowed_roots)
     if source == "upload":
         roots = [uploads_dir(cfg)]
-    path = validation.check_video_path(mapped, roots)
-    await asyncio.get_running_loop().run_in_executor(None, validation.probe_video_or_4xx, path, roots)
+    path = validation.check_video_path(mapped, roots, raw_path if source == "path" else "the uploaded file")
+    await asyncio.get_running_loop().run_in_executor(None, validation.probe_video_or_4xx, path, roots,
+                                                     cfg.jobs.max_video_pixels)
     return await submit(request, path, source, idempotency_key, max_frames)
+
+
+def check_idempotency_key(key: Any) -> None:
+    if key is not None and not (isinstance(key, str) and 0 < len(key) <= IDEMPOTENCY_KEY_MAX and key.isprintable()):
+        raise json_error(400, f"an idempotency key is a printable string of 1 to {IDEMPOTENCY_KEY_MAX} characters",
+                         code="bad_idempotency_key")
 
 
 def parse_max_frames(raw: Any) -> Optional[int]:
@@ -92,16 +107,32 @@ async def open_multipart(request: web.Request):
         raise json_error(400, "malformed multipart body", code="bad_multipart") from None
 
 
-async def parts(reader):
-    """The parts of a multipart body; one that cannot be parsed is the client's error (400)."""
+async def parts(reader, timeout_s: float):
+    """The parts of a flat multipart body; one that cannot be parsed, or a nested multipart, is the
+    client's error (400)."""
     while True:
         try:
-            part = await reader.next()
+            part = await within(reader.next(), timeout_s)
         except (AssertionError, ValueError, HttpProcessingError):
             raise json_error(400, "malformed multipart body", code="bad_multipart") from None
         if part is None:
             return
+        if not isinstance(part, BodyPartReader):
+            raise json_error(400, "nested multipart bodies are not accepted", code="bad_multipart")
         yield part
+
+
+async def read_field(part: BodyPartReader, limit: int, timeout_s: float) -> str:
+    """A form field that is not the file: read within a size limit (a field is no way round the
+    upload limits) and the body timeout, without undoing any content encoding (no zip bombs)."""
+    chunks, size = [], 0
+    while chunk := await within(part.read_chunk(64 << 10), timeout_s):
+        size += len(chunk)
+        if size > limit:
+            raise json_error(413, f"a form field is larger than {limit:,} bytes", code="field_too_large",
+                             limit_bytes=limit)
+        chunks.append(chunk)
+    return b"".join(chunks).decode("utf-8", "replace")
 
 
 async def receive_upload(request: web.Request, field_names: tuple[str, ...] = ("video", "file")) -> tuple[str, dict]:
@@ -110,15 +141,30 @@ async def receive_upload(request: web.Request, field_names: tuple[str, ...] = ("
     check_free_space(cfg, request.content_length)
     reader = await open_multipart(request)
     path, fields = None, {}
-    async for part in parts(reader):
-        if part.name in field_names and part.filename is not None and path is None:
-            path = await validation.save_upload(part, uploads_dir(cfg),
-                                                cfg.gateway.max_upload_mb << 20)
-        elif part.name:
-            fields[part.name] = (await part.read(decode=True)).decode("utf-8", "replace")
+    timeout_s = cfg.gateway.body_timeout_s
+    try:
+        async for part in parts(reader, timeout_s):
+            if part.name in field_names and part.filename is not None and path is None:
+                path = await validation.save_upload(part, uploads_dir(cfg), cfg.gateway.max_upload_mb << 20,
+                                                    lambda read: within(read, timeout_s))
+            elif part.name:
+                fields[part.name] = await read_field(part, FIELD_LIMIT, timeout_s)
+    except BaseException:
+        if path:
+            os.unlink(path)
+        raise
     if path is None:
-        raise json_error(400, f"multipart body has no file field ({' or '.join(field_names)})")
+        raise json_error(400, f"multipart body has no file field ({' or '.join(field_names)})", code="no_file")
     return path, fields
+
+
+async def within(reading, timeout_s: float):
+    """A read of the request body that sends nothing for timeout_s is the client's failure (408)."""
+    try:
+        return await asyncio.wait_for(reading, timeout_s)
+    except asyncio.TimeoutError:
+        raise json_error(408, f"the request body stalled for {timeout_s:g} s (gateway.body_timeout_s)",
+                         code="body_timeout") from None
 
 
 def check_free_space(cfg, incoming: Optional[int]) -> None:

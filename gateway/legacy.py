@@ -60,11 +60,14 @@ from typing import Any, Optional, Sequence
 from aiohttp import web
 
 from configs import video_roots
-from gateway.errors import ApiError, json_error
+from gateway import validation
+from gateway.errors import ApiError, json_error, with_code
 from gateway.helpers import (
+    within,
     live,
     parse_max_frames,
     parts,
+    read_field,
     accept_video_path,
     ask,
     config,
@@ -108,7 +111,7 @@ def finite(value: Any) -> Any:
 
 
 def respond(body: dict, status: int = 200) -> web.Response:
-    return web.json_response(finite(body), status=status, dumps=functools.partial(json.dumps, allow_nan=False))
+    return web.json_response(finite(with_code(body, status)), status=status, dumps=functools.partial(json.dumps, allow_nan=False))
 
 
 
@@ -257,29 +260,35 @@ def decode_base64_image(text: str) -> bytes:
     text = "".join(text.split())
     try:
         data = base64.b64decode(text + "=" * (-len(text) % 4), validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise json_error(400, f"Failed to decode image: invalid base64 ({exc})") from None
+    except (binascii.Error, ValueError):
+        raise json_error(400, "Failed to decode image: invalid base64", code="bad_base64") from None
     if not data:
         raise json_error(400, "Failed to decode image: empty image data")
     return data
 
 
 async def read_multipart_image(request: web.Request) -> tuple[Optional[bytes], dict]:
-    limit = config(request).gateway.max_json_mb << 20
+    gateway = config(request).gateway
+    limit, timeout_s = gateway.max_json_mb << 20, gateway.body_timeout_s
     reader = await open_multipart(request)
     image, fields = None, {}
-    async for part in parts(reader):
+    async for part in parts(reader, timeout_s):
         if part.name in IMAGE_FIELDS and part.filename is not None and image is None:
-            chunks, size = [], 0
-            while chunk := await part.read_chunk(1 << 20):
-                size += len(chunk)
-                if size > limit:
-                    raise json_error(413, f"image larger than {limit >> 20} MB")
-                chunks.append(chunk)
-            image = b"".join(chunks)
+            image = await read_image_part(part, limit, timeout_s)
         elif part.name:
-            fields[part.name] = (await part.read(decode=True)).decode("utf-8", "replace")
+            fields[part.name] = await read_field(part, limit, timeout_s)  # image_base64 may come as a field
     return image, fields
+
+
+async def read_image_part(part, limit: int, timeout_s: float) -> bytes:
+    chunks, size = [], 0
+    while chunk := await within(part.read_chunk(1 << 20), timeout_s):
+        size += len(chunk)
+        if size > limit:
+            raise json_error(413, f"image larger than {limit >> 20} MB (gateway.max_json_mb)", code="too_large",
+                             limit_bytes=limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def _truthy(value: Any) -> bool:
@@ -371,7 +380,7 @@ async def pose_hybrid(request: web.Request) -> web.Response:
         body = await read_json_body(request)
         b64 = body.get("image_base64")
         if b64 is None or b64 == "":
-            raise json_error(400, "Missing image_base64")
+            raise json_error(400, "Missing image_base64", code="missing_image")
         if not isinstance(b64, str):
             raise json_error(400, "image_base64 must be a string")
         image = decode_base64_image(b64)
@@ -390,6 +399,7 @@ async def pose_hybrid(request: web.Request) -> web.Response:
         raise json_error(415, "Expected application/json {image_base64, frame_number} or multipart/form-data "
                               f"with a `frame` file, got {ctype or 'no content type'}")
     cfg = config(request)
+    validation.check_image_or_4xx(image, cfg.gateway.max_image_pixels)
     # the supervisor answers 504 at deadlines.image_s; the margin only covers the answer's way back
     status, reply = await ask(request, "image", timeout_s=float(cfg.deadlines.image_s) + 2.0, blobs=[image])
     if status != 200:
@@ -514,7 +524,10 @@ def timeline_frame(position: int, frame: dict, fps: float, names: Sequence[str])
 
 async def cached_native(request: web.Request, path: str) -> dict:
     cache = request.app[RESULT_CACHE_KEY]
-    key = (path, os.stat(path).st_mtime_ns)
+    try:
+        key = (path, os.stat(path).st_mtime_ns)
+    except FileNotFoundError:
+        raise json_error(410, "the job's result file is gone", code="removed") from None
     if key in cache:
         cache.move_to_end(key)
         return cache[key]
@@ -657,8 +670,8 @@ async def pose_video(request: web.Request) -> web.Response:
     except ApiError as exc:
         if exc.body.get("code") not in ("outside_roots", "no_roots"):
             raise
-        raise json_error(400, f"Video file not found: {raw} (or outside jobs.allowed_roots)", code=exc.body["code"]) \
-            from None
+        raise json_error(400, f"Video file not found: {validation.clipped(raw)} (or outside jobs.allowed_roots)",
+                         code=exc.body["code"]) from None
     position = job.get("queue_position") or 0
     return respond({"status": "processing" if position == 0 else "queued", "job_id": job["job_id"],
                     "queue_position": position, "video_path": job.get("video_path"),
@@ -667,15 +680,26 @@ async def pose_video(request: web.Request) -> web.Response:
 
 # --- /frame/{job}/{idx} -----------------------------------------------------------------------------------------------
 def read_frame_jpeg(video_path: str, index: int, pts_s: Optional[float], persons: list, names: Sequence[str],
-                    overlay: bool) -> bytes:
+                    overlay: bool, max_pixels: int) -> bytes:
     """Decode frame `index` (seek to the keyframe before its pts, decode forward), draw, JPEG."""
+    import av
+
+    try:
+        return _read_frame_jpeg(video_path, index, pts_s, persons, names, overlay, max_pixels)
+    except (av.FFmpegError, IndexError) as exc:  # the file changed since the job read it
+        raise ValueError(f"frame {index} could not be decoded") from exc
+
+
+def _read_frame_jpeg(video_path: str, index: int, pts_s: Optional[float], persons: list, names: Sequence[str],
+                     overlay: bool, max_pixels: int) -> bytes:
     import av
     import cv2
 
-    from pose_common.video import to_rgb
+    from pose_common.video import check_declared_size, to_rgb
 
     with av.open(video_path) as container:
         stream = container.streams.video[0]
+        check_declared_size(stream, max_pixels)
         frame = None
         if pts_s is not None and stream.time_base:
             start = stream.start_time or 0
@@ -726,10 +750,12 @@ async def frame_route(request: web.Request) -> web.Response:
         raise json_error(400, f"frame index {index} out of range (0..{len(frames) - 1})")
     frame = frames[index]
     overlay = request.query.get("overlay", "1").lower() not in ("0", "false", "no")
+    cfg = config(request)
     try:
         jpeg = await asyncio.get_running_loop().run_in_executor(
-            None, frame_jpeg, job["video_path"], video_roots(config(request)), frame.get("frame_index", index),
-            frame.get("pts_s"), frame.get("persons") or [], native.get("joint_names") or [], overlay)
+            None, frame_jpeg, job["video_path"], video_roots(cfg), frame.get("frame_index", index),
+            frame.get("pts_s"), frame.get("persons") or [], native.get("joint_names") or [], overlay,
+            cfg.jobs.max_video_pixels)
     except PathRefused as exc:
         raise json_error(410 if exc.code == "unreadable" else 403, f"the job's video cannot be read: {exc}",
                          code=exc.code) from None
@@ -740,10 +766,10 @@ async def frame_route(request: web.Request) -> web.Response:
 
 
 def frame_jpeg(video_path: str, roots: list, index: int, pts_s: Optional[float], persons: list, names: Sequence[str],
-               overlay: bool) -> bytes:
+               overlay: bool, max_pixels: int) -> bytes:
     """The frame, from the very file checked to be inside the roots (not a symlink swapped in later)."""
     with open_inside(video_path, roots) as readable:
-        return read_frame_jpeg(readable, index, pts_s, persons, names, overlay)
+        return read_frame_jpeg(readable, index, pts_s, persons, names, overlay, max_pixels)
 
 
 # --- native: the legacy shape of a native job -------------------------------------------------------------------------

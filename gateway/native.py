@@ -14,13 +14,13 @@ from typing import Optional
 from aiohttp import web
 
 from configs import ledger_path, results_dir
-from gateway.errors import json_error
+from gateway.errors import LOG_KEY, json_error, with_code
 from gateway.helpers import (accept_video_path, ask, config, finished_job, job_status, live, load_result,
                              parse_max_frames, read_json_body, receive_upload)
 from gateway.store import reader
 from pose_common import results
 from pose_common.client import Unavailable
-from pose_common.faults import KINDS
+from pose_common import faults
 from pose_common.views import job_view
 
 routes = web.RouteTableDef()
@@ -236,7 +236,7 @@ async def health(request: web.Request) -> web.Response:
     try:
         _, body = await ask(request, "health")
     except Unavailable as exc:
-        return web.json_response({"status": "unavailable", "error": str(exc)}, status=503)
+        return web.json_response({"status": "unavailable", "error": str(exc), "code": "unavailable"}, status=503)
     state = body["health"]
     return web.json_response(state, status=200 if state["status"] in ("ready", "degraded") else 503)
 
@@ -265,16 +265,18 @@ async def metrics(request: web.Request) -> web.Response:
 @routes.post("/v1/drill")
 async def drill(request: web.Request) -> web.Response:
     body = await read_json_body(request)
-    if body.get("kind") not in KINDS:
-        raise json_error(400, f"kind must be one of {', '.join(KINDS)}")
-    status, reply = await ask(request, "drill", fault=body["kind"], at=body.get("at") or "frame:0")
-    return web.json_response(reply, status=status)
+    try:
+        kind, at = faults.check(body.get("kind"), body.get("at") or "frame:0")
+    except faults.BadFault as exc:
+        raise json_error(400, str(exc), code="bad_drill") from None
+    status, reply = await ask(request, "drill", fault=kind, at=at)
+    return web.json_response(with_code(reply, status), status=status)
 
 
 @routes.post("/v1/reload")
 async def reload(request: web.Request) -> web.Response:
     status, reply = await ask(request, "reload")
-    return web.json_response(reply, status=status)
+    return web.json_response(with_code(reply, status), status=status)
 
 
 @routes.get("/v1/jobs/{job_id}/report")
@@ -289,15 +291,22 @@ async def get_report(request: web.Request) -> web.StreamResponse:
     cfg = config(request)
     out = os.path.join(results_dir(cfg), f"{job['job_id']}.report.html")
     if not os.path.exists(out):
-        await build_report(cfg.ledger.url or ledger_path(cfg), job["job_id"], out)
+        await build_report(request.app[LOG_KEY], cfg.ledger.url or ledger_path(cfg), job["job_id"], out)
     return web.FileResponse(out, headers={"Content-Type": "text/html; charset=utf-8"})
 
 
-async def build_report(ledger: str, job_id: str, out: str) -> None:
+async def build_report(log, ledger: str, job_id: str, out: str) -> None:
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "pose_common.report", ledger, job_id, out,
                                                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                                                 stderr=asyncio.subprocess.PIPE)
-    _, stderr = await asyncio.wait_for(proc.communicate(), timeout=REPORT_TIMEOUT_S)
+    try:
+        _, stderr = await asyncio.wait_for(proc.communicate(), timeout=REPORT_TIMEOUT_S)
+    except asyncio.TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise json_error(504, f"the report took longer than {REPORT_TIMEOUT_S:g} s", code="report_timeout") from None
     if proc.returncode != 0:
         last_line = stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
-        raise json_error(500, "the report could not be built", detail=last_line[0][:300])
+        log.error("report_failed", job_id=job_id, detail=last_line[0][:300])
+        raise json_error(500, "the report could not be built (the reason is in the gateway's log)",
+                         code="report_failed")

@@ -9,6 +9,8 @@ from typing import Iterator, Optional
 import av
 import numpy as np
 
+from pose_common.limits import DEFAULT_MAX_VIDEO_PIXELS, TooLarge, check_frame
+
 
 class VideoError(ValueError):
     """The input is not a video we can decode; the message is meant for the user."""
@@ -41,13 +43,18 @@ class VideoMeta:
         return asdict(self)
 
 
-def probe(path: str) -> VideoMeta:
+class FramesTooLarge(VideoError):
+    """The container declares frames larger than allowed (checked before decoding one)."""
+
+
+def probe(path: str, max_pixels: int = DEFAULT_MAX_VIDEO_PIXELS) -> VideoMeta:
     """Read the header and decode the first frame; raise VideoError with a readable reason."""
     try:
         with av.open(path) as container:
             if is_still_image(container):
                 raise NotAVideo(f"{path}: a still image ({container.format.name}), not a video")
             stream = _video_stream(container, path)
+            check_declared_size(stream, max_pixels)
             first = next(container.decode(stream), None)
             if first is None:
                 raise VideoError(f"{path}: no decodable video frame")
@@ -58,7 +65,8 @@ def probe(path: str) -> VideoMeta:
         raise VideoError(f"{path}: not a readable video ({_reason(exc)})") from None
 
 
-def frames(path: str, start: int = 0) -> Iterator[tuple[VideoMeta, int, float, np.ndarray]]:
+def frames(path: str, start: int = 0,
+           max_pixels: int = DEFAULT_MAX_VIDEO_PIXELS) -> Iterator[tuple[VideoMeta, int, float, np.ndarray]]:
     """Yield (meta, index, pts_s, rgb) for every decoded frame with index >= start.
 
     Frames before `start` are decoded and dropped so indices stay exact on resume."""
@@ -68,6 +76,7 @@ def frames(path: str, start: int = 0) -> Iterator[tuple[VideoMeta, int, float, n
         raise VideoError(f"{path}: not a readable video ({_reason(exc)})") from None
     with container:
         stream = _video_stream(container, path)
+        check_declared_size(stream, max_pixels)
         stream.thread_type = "AUTO"
         meta: Optional[VideoMeta] = None
         for index, frame in enumerate(_decode(container, stream, path)):
@@ -88,6 +97,14 @@ def _decode(container, stream, path):
 
 class TruncatedVideo(VideoError):
     pass
+
+
+def check_declared_size(stream, max_pixels: int) -> None:
+    """From the codec's header, before a frame is decoded: a small file can declare huge frames."""
+    try:
+        check_frame(stream.codec_context.width or 0, stream.codec_context.height or 0, max_pixels)
+    except TooLarge as exc:
+        raise FramesTooLarge(str(exc)) from None
 
 
 def _video_stream(container, path):
@@ -137,6 +154,8 @@ def user_reason(exc: BaseException) -> str:
     (those go to the log)."""
     if isinstance(exc, TruncatedVideo):
         return "decoding stopped early: the video is cut or damaged after its first frames"
+    if isinstance(exc, FramesTooLarge):
+        return str(exc)
     if isinstance(exc, NotAVideo):
         return "not a video: a still image, or a file without a video stream"
     if isinstance(exc, VideoError):

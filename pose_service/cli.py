@@ -5,6 +5,7 @@ Every verb takes Hydra overrides such as `gateway.port=5123 state_dir=/tmp/x eng
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from typing import Optional
 
@@ -62,14 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
+    os.umask(0o077)  # the ledger, uploads, results and sockets are this user's alone (children inherit it)
     argv = list(sys.argv[1:] if argv is None else argv)
     words, overrides = split_overrides(argv)
     args = build_parser().parse_args(words)
-    from configs import load_config
+    from configs import ConfigError, load_config
 
     if args.verb == "run" and not any(o.split("=")[0].lstrip("+") == "state_dir" for o in overrides):
         overrides = [*overrides, f"state_dir={_temp_state_dir()}"]
-    cfg = load_config(overrides, config_name=args.config_name)
+    try:
+        cfg = load_config(overrides, config_name=args.config_name)
+    except ConfigError as exc:
+        print(f"pose-service: {exc}", file=sys.stderr)
+        return 2
+    if args.verb in ("serve", "gateway"):
+        from gateway.security import startup_refusal
+        refusal = startup_refusal(cfg, served_host(cfg))
+        if refusal:
+            print(f"pose-service {args.verb}: refusing to start: {refusal}", file=sys.stderr)
+            return 2
     if args.verb == "serve":
         from pose_service.service import main as serve
         return serve(cfg, overrides, args.config_name)
@@ -95,6 +107,21 @@ def main(argv: Optional[list[str]] = None) -> int:
         from pose_service.commands import models_verify
         return models_verify(cfg, args)
     return 2
+
+
+def served_host(cfg) -> str:
+    """The address the gateway will really answer on: a listening socket handed to this process
+    (systemd's socket unit, or serve's own to its gateway) wins over gateway.host."""
+    import socket
+    from pose_service.listener import HANDOVER_ENV, SD_LISTEN_FDS_START
+
+    fd = os.environ.get(HANDOVER_ENV)
+    if fd is None and os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS", "0") != "0":
+        fd = SD_LISTEN_FDS_START
+    if fd is None:
+        return cfg.gateway.host
+    with socket.socket(fileno=os.dup(int(fd))) as sock:
+        return "localhost" if sock.family == socket.AF_UNIX else sock.getsockname()[0]
 
 
 def _temp_state_dir() -> str:

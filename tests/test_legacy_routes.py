@@ -355,7 +355,7 @@ def test_visualize_draws_a_png(stack, photo_b64):
 # --- §5.8, 5.9, 5.10, 5.11 -----------------------------------------------------------------------------------------
 def test_bad_requests_are_json_4xx(stack, photo_b64):
     reply = stack.post("/pose/hybrid", {"frame_number": 1})
-    assert reply.status == 400 and reply.json == {"error": "Missing image_base64"}
+    assert reply.status == 400 and reply.json == {"error": "Missing image_base64", "code": "missing_image"}
     reply = http(stack.base, "POST", "/pose/hybrid", b"hello", "text/plain")
     assert 400 <= reply.status < 500 and isinstance(reply.json["error"], str)
     reply = http(stack.base, "POST", "/pose/hybrid", b"{not json", "application/json")
@@ -558,9 +558,9 @@ def test_job_status_moves_to_complete(stack, clip_job):
     assert isinstance(final["processing_time"], (int, float)) and final["processing_time"] > 0
     assert final["output_path"] and os.path.isfile(final["output_path"])
     reply = stack.get("/job_status/no-such-job")
-    assert reply.status == 404 and reply.json == {"error": "Job not found"}
+    assert reply.status == 404 and reply.json == {"error": "Job not found", "code": "not_found"}
     reply = stack.get("/pose/video/status/no-such-job")
-    assert reply.status == 404 and reply.json == {"error": "Job not found"}
+    assert reply.status == 404 and reply.json == {"error": "Job not found", "code": "not_found"}
     assert stack.job_status(clip_job["job_id"], "/pose/video/status/")["status"] == "complete"
 
 
@@ -606,7 +606,7 @@ def test_frame_route(stack, clip_job):
         reply = stack.get(f"/frame/{job_id}/{bad}")
         assert reply.status == 400 and isinstance(reply.json["error"], str), (bad, reply.data[:200])
     reply = stack.get("/frame/no-such-job/0")
-    assert reply.status == 404 and reply.json == {"error": "Job not found"}
+    assert reply.status == 404 and reply.json == {"error": "Job not found", "code": "not_found"}
 
 
 # --- §5.20 corrupt input, §5.23 job not complete ---------------------------------------------------------------------------

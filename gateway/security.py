@@ -1,0 +1,141 @@
+"""Who may talk to the gateway.
+
+- A web page the user visits must not drive or read the service: requests whose `Host` is not a
+  configured name, a loopback name or an IP literal are refused (DNS rebinding gives a page's own
+  host name to 127.0.0.1), and a request carrying an `Origin` that is not allowed is refused on every
+  state-changing method (a cross-site form POST). The Node backend sends no Origin. CORS headers are
+  sent only for the origins configured in `gateway.allowed_origins`.
+- With `gateway.auth_token` (or the environment variable, or the file), every route but the
+  liveness ones needs `Authorization: Bearer <token>`, compared in constant time."""
+from __future__ import annotations
+
+import hmac
+import ipaddress
+import os
+from typing import Optional
+
+from aiohttp import web
+
+from gateway.errors import json_error
+
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
+OPEN_ROUTES = frozenset({"/health", "/v1/health"})  # liveness, for probes that carry no token
+TOKEN_ENV = "POSE_SERVICE_TOKEN"
+CORS_METHODS = "GET, POST, DELETE, OPTIONS"
+CORS_HEADERS = "Authorization, Content-Type, Idempotency-Key, Last-Event-ID"
+
+
+def host_name(host_header: str) -> str:
+    """`Host` without its port (`[::1]:5000` -> `::1`, `example:80` -> `example`)."""
+    host = host_header.strip().lower()
+    if host.startswith("["):
+        return host[1:host.find("]")] if "]" in host else host
+    return host.rsplit(":", 1)[0] if host.count(":") == 1 else host
+
+
+def is_ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
+
+
+def host_allowed(host_header: Optional[str], allowed: list[str]) -> bool:
+    """A rebinding attack needs a host *name* it controls; IP literals and loopback names are safe."""
+    if "*" in allowed:
+        return True
+    if not host_header:
+        return False
+    name = host_name(host_header)
+    return name in LOOPBACK_NAMES or is_ip_literal(name) or name in {h.lower() for h in allowed}
+
+
+class TokenUnreadable(ValueError):
+    pass
+
+
+def read_token(cfg) -> Optional[str]:
+    """gateway.auth_token, else $POSE_SERVICE_TOKEN, else the first line of gateway.auth_token_file."""
+    token = cfg.gateway.auth_token or os.environ.get(TOKEN_ENV)
+    if token or not cfg.gateway.auth_token_file:
+        return token or None
+    path = os.path.expanduser(cfg.gateway.auth_token_file)
+    try:
+        with open(path) as fh:
+            token = fh.readline().strip()
+    except OSError as exc:
+        raise TokenUnreadable(f"gateway.auth_token_file={path} cannot be read ({exc.strerror})") from None
+    if not token:
+        raise TokenUnreadable(f"gateway.auth_token_file={path} is empty")
+    return token
+
+
+def bearer_matches(header: Optional[str], token: str) -> bool:
+    scheme, _, given = (header or "").partition(" ")
+    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+
+
+def guard(cfg, token: Optional[str]):
+    allowed_hosts = list(cfg.gateway.allowed_hosts)
+    allowed_origins = {o.rstrip("/").lower() for o in cfg.gateway.allowed_origins}
+
+    @web.middleware
+    async def check(request: web.Request, handler):
+        if not host_allowed(request.headers.get("Host"), allowed_hosts):
+            raise json_error(403, "this Host is not served here (add it to gateway.allowed_hosts)",
+                             code="host_not_allowed")
+        origin = request.headers.get("Origin")
+        cross_site = origin is not None and not origin_allowed(origin, request, allowed_origins)
+        if cross_site and request.method not in SAFE_METHODS:
+            raise json_error(403, "requests from a web page of another origin are refused "
+                                  "(add it to gateway.allowed_origins)", code="origin_not_allowed")
+        if request.method == "OPTIONS" and origin is not None and not cross_site:
+            return web.Response(status=204, headers=cors_headers(origin, preflight=True))
+        if token and request.path not in OPEN_ROUTES and not bearer_matches(request.headers.get("Authorization"), token):
+            raise json_error(401, "authentication required: Authorization: Bearer <gateway.auth_token>",
+                             headers={"WWW-Authenticate": 'Bearer realm="pose-service"'}, code="unauthorized")
+        response = await handler(request)
+        if origin is not None and not cross_site:
+            response.headers.update(cors_headers(origin))
+        return response
+
+    return check
+
+
+def origin_allowed(origin: str, request: web.Request, allowed: set[str]) -> bool:
+    """A configured origin, or the service's own pages (same origin: the Host was checked first)."""
+    origin = origin.rstrip("/").lower()
+    return origin in allowed or origin == f"{request.scheme}://{request.host}".lower()
+
+
+def cors_headers(origin: str, preflight: bool = False) -> dict[str, str]:
+    headers = {"Access-Control-Allow-Origin": origin, "Vary": "Origin"}
+    if preflight:
+        headers.update({"Access-Control-Allow-Methods": CORS_METHODS, "Access-Control-Allow-Headers": CORS_HEADERS,
+                        "Access-Control-Max-Age": "600"})
+    return headers
+
+
+def is_loopback(host: str) -> bool:
+    name = host_name(host) if host else ""
+    if name in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(name).is_loopback
+    except ValueError:
+        return False
+
+
+def startup_refusal(cfg, served_host: str) -> Optional[str]:
+    """Why the gateway must not start, in one line: an unreadable token file, or an address reachable
+    from other machines with no token (that would hand the service to the network)."""
+    try:
+        token = read_token(cfg)
+    except TokenUnreadable as exc:
+        return str(exc)
+    if token or is_loopback(served_host):
+        return None
+    return (f"it would listen on {served_host}, reachable from other machines, without a token: set "
+            f"gateway.auth_token (or ${TOKEN_ENV}, or gateway.auth_token_file), or listen on 127.0.0.1")
