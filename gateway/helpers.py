@@ -39,7 +39,7 @@ async def read_json_body(request: web.Request) -> dict:
     if request.content_type != "application/json":
         raise json_error(415, f"expected application/json, got {request.content_type or 'no content type'}",
                          code="unsupported_media_type")
-    raw = await within(request.read(), config(request).gateway.body_timeout_s)
+    raw = await read_body(request)
     try:
         body = json.loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -50,6 +50,27 @@ async def read_json_body(request: web.Request) -> dict:
     if not isinstance(body, dict):
         raise json_error(400, "JSON body must be an object")
     return body
+
+
+async def read_body(request: web.Request) -> bytes:
+    """The whole (JSON) body, at most gateway.max_json_mb (413), each read within
+    gateway.body_timeout_s (408): a client that stops sending is not waited for."""
+    gateway = config(request).gateway
+    limit = gateway.max_json_mb << 20
+    if (request.content_length or 0) > limit:
+        raise body_too_large(limit)
+    chunks, size = [], 0
+    while chunk := await within(request.content.readany(), gateway.body_timeout_s):
+        size += len(chunk)
+        if size > limit:
+            raise body_too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def body_too_large(limit: int):
+    return json_error(413, f"request body larger than {limit:,} bytes (gateway.max_json_mb)", code="too_large",
+                      limit_bytes=limit)
 
 
 async def accept_video_path(request: web.Request, raw_path: Any, source: str = "path",
@@ -159,7 +180,7 @@ async def receive_upload(request: web.Request, field_names: tuple[str, ...] = ("
 
 
 async def within(reading, timeout_s: float):
-    """A read of the request body that sends nothing for timeout_s is the client's failure (408)."""
+    """One read of the request body: a client that sends nothing for timeout_s has failed (408)."""
     try:
         return await asyncio.wait_for(reading, timeout_s)
     except asyncio.TimeoutError:

@@ -757,7 +757,7 @@ async def frame_route(request: web.Request) -> web.Response:
             frame.get("pts_s"), frame.get("persons") or [], native.get("joint_names") or [], overlay,
             cfg.jobs.max_video_pixels)
     except PathRefused as exc:
-        raise json_error(410 if exc.code == "unreadable" else 403, f"the job's video cannot be read: {exc}",
+        raise json_error(410 if exc.code == "missing" else 403, f"the job's video cannot be read: {exc}",
                          code=exc.code) from None
     except ValueError:
         raise json_error(410, f"frame {index} can no longer be decoded from the job's video", code="undecodable") \

@@ -16,7 +16,7 @@ from typing import Optional
 
 from aiohttp import web
 
-from gateway.errors import json_error
+from gateway.errors import ApiError, json_error
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost"})
@@ -78,30 +78,43 @@ def bearer_matches(header: Optional[str], token: str) -> bool:
 
 
 def guard(cfg, token: Optional[str]):
+    """The middleware: Host, then Origin, then the token; CORS headers for an allowed web origin
+    (on errors too, so its page can read why)."""
     allowed_hosts = list(cfg.gateway.allowed_hosts)
     allowed_origins = {o.rstrip("/").lower() for o in cfg.gateway.allowed_origins}
 
     @web.middleware
     async def check(request: web.Request, handler):
-        if not host_allowed(request.headers.get("Host"), allowed_hosts):
-            raise json_error(403, "this Host is not served here (add it to gateway.allowed_hosts)",
-                             code="host_not_allowed")
+        check_host(request, allowed_hosts)
         origin = request.headers.get("Origin")
-        cross_site = origin is not None and not origin_allowed(origin, request, allowed_origins)
-        if cross_site and request.method not in SAFE_METHODS:
+        web_origin = origin if origin is not None and origin_allowed(origin, request, allowed_origins) else None
+        if origin is not None and web_origin is None and request.method not in SAFE_METHODS:
             raise json_error(403, "requests from a web page of another origin are refused "
                                   "(add it to gateway.allowed_origins)", code="origin_not_allowed")
-        if request.method == "OPTIONS" and origin is not None and not cross_site:
-            return web.Response(status=204, headers=cors_headers(origin, preflight=True))
-        if token and request.path not in OPEN_ROUTES and not bearer_matches(request.headers.get("Authorization"), token):
-            raise json_error(401, "authentication required: Authorization: Bearer <gateway.auth_token>",
-                             headers={"WWW-Authenticate": 'Bearer realm="pose-service"'}, code="unauthorized")
-        response = await handler(request)
-        if origin is not None and not cross_site:
-            response.headers.update(cors_headers(origin))
+        if request.method == "OPTIONS" and web_origin:
+            return web.Response(status=204, headers=cors_headers(web_origin, preflight=True))
+        try:
+            check_token(request, token)
+            response = await handler(request)
+        except ApiError as exc:
+            exc.headers.update(cors_headers(web_origin) if web_origin else {})
+            raise
+        response.headers.update(cors_headers(web_origin) if web_origin else {})
         return response
 
     return check
+
+
+def check_host(request: web.Request, allowed_hosts: list[str]) -> None:
+    if not host_allowed(request.headers.get("Host"), allowed_hosts):
+        raise json_error(403, "this Host is not served here (add it to gateway.allowed_hosts)",
+                         code="host_not_allowed")
+
+
+def check_token(request: web.Request, token: Optional[str]) -> None:
+    if token and request.path not in OPEN_ROUTES and not bearer_matches(request.headers.get("Authorization"), token):
+        raise json_error(401, "authentication required: Authorization: Bearer <gateway.auth_token>",
+                         headers={"WWW-Authenticate": 'Bearer realm="pose-service"'}, code="unauthorized")
 
 
 def origin_allowed(origin: str, request: web.Request, allowed: set[str]) -> bool:

@@ -48,7 +48,7 @@ def open_inside(path: str, roots: Sequence[str]) -> Iterator[str]:
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
-        raise PathRefused(_open_reason(exc), "unreadable") from None
+        raise PathRefused(*_open_refusal(exc)) from None
     try:
         if not is_inside(os.readlink(f"/proc/self/fd/{fd}"), roots):
             raise PathRefused("the video path is outside the allowed roots", "outside_roots")
@@ -64,12 +64,13 @@ def _is_regular(fd: int) -> bool:
     return stat.S_ISREG(os.fstat(fd).st_mode)
 
 
-def _open_reason(exc: OSError) -> str:
+def _open_refusal(exc: OSError) -> tuple[str, str]:
+    """-> (a reason for the client, a code)."""
     import errno
     if exc.errno == errno.ELOOP:
-        return "the video path is a symbolic link (refused: it could point anywhere)"
+        return "the video path is a symbolic link (refused: it could point anywhere)", "symlink"
     if exc.errno == errno.ENOENT:
-        return "the video file does not exist (any more)"
+        return "the video file does not exist (any more)", "missing"
     if exc.errno == errno.EACCES:
-        return "the video file is not readable by the service"
-    return "the video file could not be opened"
+        return "the video file is not readable by the service", "unreadable"
+    return "the video file could not be opened", "unreadable"

@@ -224,6 +224,11 @@ def test_a_symlink_swapped_in_after_acceptance_is_refused_everywhere(tmp_path):
         assert status == 202, job
         job = stack.wait_job(job["job_id"], 30)
         assert http("GET", f"{stack.url}/frame/{job['job_id']}/0")[0] == 200
+        alias = videos / "alias.mp4"
+        alias.symlink_to(done_clip)  # a link inside the roots is resolved once, at acceptance
+        status, body = http("POST", stack.url + "/v1/jobs", {"video_path": str(alias)})
+        assert status == 202 and body["video_path"] == str(done_clip), body
+        stack.wait_job(body["job_id"], 30)
         done_clip.unlink()
         done_clip.symlink_to(secret)  # swapped after the job finished
         status, body = http("GET", f"{stack.url}/frame/{job['job_id']}/0")

@@ -95,12 +95,23 @@ export interface HealthResponse {
   [extra: string]: unknown;
 }
 
+/** Every error the service answers: a reason for people and a stable machine word. */
+export interface ErrorBody {
+  error: string;
+  /** e.g. "unauthorized", "host_not_allowed", "origin_not_allowed", "outside_roots", "not_found",
+   * "image_too_large", "video_too_large", "queue_full", "unavailable". */
+  code: string;
+  [extra: string]: unknown;
+}
+
 /**
- * A non-2xx answer (`status` = HTTP status, `message` = its JSON `error`), a network failure or
- * timeout (`status` 0), or a job that ended in error (`status` 0, `job` set).
+ * A non-2xx answer (`status` = HTTP status, `message` = its JSON `error`, `code` = its machine
+ * word), a network failure or timeout (`status` 0), or a job that ended in error (`status` 0,
+ * `job` set).
  */
 export class PoseServiceError extends Error {
   readonly status: number;
+  readonly code?: string;
   readonly body: unknown;
   readonly job?: JobStatus;
 
@@ -108,9 +119,19 @@ export class PoseServiceError extends Error {
     super(message);
     this.name = "PoseServiceError";
     this.status = status;
+    this.code = isErrorBody(body) ? body.code : undefined;
     this.body = body;
     this.job = job;
   }
+}
+
+function isErrorBody(body: unknown): body is ErrorBody {
+  return (
+    typeof body === "object" &&
+    body !== null &&
+    typeof (body as { error?: unknown }).error === "string" &&
+    typeof (body as { code?: unknown }).code === "string"
+  );
 }
 
 export interface WaitOptions {
@@ -121,16 +142,26 @@ export interface WaitOptions {
 }
 
 export interface ClientOptions {
+  /**
+   * The daemon's gateway.auth_token, sent as `Authorization: Bearer <token>` on every request.
+   * Defaults to the POSE_SERVICE_TOKEN environment variable; leave both unset when the daemon has
+   * no token (it listens on loopback only).
+   */
+  token?: string;
   /** Per-request timeout for small calls (status, health, submit by path). */
   requestTimeoutMs?: number;
   /** Timeout for uploads and result downloads. */
   transferTimeoutMs?: number;
 }
 
-function defaultBaseUrl(): string {
+function env(name: string): string | undefined {
   // Read through globalThis so this file needs no Node type definitions.
   const proc = (globalThis as { process?: { env?: Record<string, string | undefined> } }).process;
-  return proc?.env?.POSE_SERVICE_URL ?? "http://localhost:5000";
+  return proc?.env?.[name];
+}
+
+function defaultBaseUrl(): string {
+  return env("POSE_SERVICE_URL") ?? "http://localhost:5000";
 }
 
 const sleep = (ms: number) => new Promise<void>((resolve) => setTimeout(resolve, ms));
@@ -139,9 +170,12 @@ export class PoseServiceClient {
   readonly baseUrl: string;
   private readonly requestTimeoutMs: number;
   private readonly transferTimeoutMs: number;
+  private readonly authorization: Record<string, string>;
 
   constructor(baseUrl: string = defaultBaseUrl(), options: ClientOptions = {}) {
     this.baseUrl = baseUrl.replace(/\/+$/, "");
+    const token = options.token ?? env("POSE_SERVICE_TOKEN");
+    this.authorization = token ? { Authorization: `Bearer ${token}` } : {};
     this.requestTimeoutMs = options.requestTimeoutMs ?? 10_000;
     this.transferTimeoutMs = options.transferTimeoutMs ?? 600_000;
   }
@@ -234,7 +268,7 @@ export class PoseServiceClient {
       res = await fetch(this.baseUrl + path, {
         method,
         body: init.body,
-        headers: { Accept: "application/json", ...init.headers },
+        headers: { Accept: "application/json", ...this.authorization, ...init.headers },
         signal: AbortSignal.timeout(init.timeoutMs ?? this.requestTimeoutMs),
       });
     } catch (err) {
