@@ -29,6 +29,7 @@ from gpu_worker.engines.base import Engine, FrameOut
 from gpu_worker.engines.fault import FaultPlan
 from gpu_worker.errors import classify, free_cuda_cache, is_cuda_oom
 from gpu_worker.gpu import gpu_memory_used
+from gpu_worker.track_ids import Resume
 from pose_common.paths import PathRefused, open_inside
 from pose_common.video import TruncatedVideo, VideoError, frames, user_reason
 from pose_common import protocol as P
@@ -105,6 +106,8 @@ class Worker:
         self.job: Optional[str] = None
         self.frame: Optional[int] = None
         self.process = psutil.Process()
+        self.held_pts: dict[int, Optional[float]] = {}  # frames in the engine, not yet emitted
+        self.resume: Optional[Resume] = None
 
     # --- sending ----------------------------------------------------------------------------
     def send(self, kind: str, job: Optional[str] = None, blobs: Optional[list] = None, **body: Any) -> None:
@@ -194,7 +197,10 @@ class Worker:
         log = self.log
         poison = {int(k): v for k, v in (body.get("poison") or {}).items()}
         start = int(body.get("start_frame") or 0)
-        log.info("job_start", path=body["path"], start_frame=start, poison=sorted(poison))
+        self.resume = Resume.from_run_job(body, start)
+        self.held_pts = {}
+        log.info("job_start", path=body["path"], start_frame=start, poison=sorted(poison),
+                 warm_from=self.resume and self.resume.warm_from)
         progress = JobProgress(decoded=start)
         try:
             with open_inside(body["path"], video_roots(self.cfg)) as readable:  # checked again on every attempt
@@ -222,20 +228,27 @@ class Worker:
 
     def process_video(self, readable: str, start: int, poison: dict[int, str], max_frames: Optional[int],
                       progress: "JobProgress") -> None:
-        for meta, index, pts, rgb in only_sampled(frames(readable, start), max_frames):
-            if not progress.began:
+        first = self.resume.warm_from if self.resume else start
+        started = False
+        for meta, index, pts, rgb in only_sampled(frames(readable, first), max_frames):
+            if not started:
                 self.send(P.T.VIDEO, job=self.job, meta=meta.as_dict())
                 self.engine.begin_video(meta.width, meta.height, meta.fps)
-                progress.began = True
+                started = True
+            if index < start and not self.resume.warms(index):
+                continue
             self.mark("frame", index)
             if index in poison:
                 self.send_frame(index, pts, [], error=poison[index])
             else:
-                self.emit(self.infer_frame(index, pts, rgb), pts_of={index: pts})
-            progress.decoded = index + 1
+                self.held_pts[index] = pts
+                self.emit(self.infer_frame(index, pts, rgb))
+            if index >= start:
+                progress.began = True
+                progress.decoded = index + 1
             self.serve_pending_images()
-        if progress.began:
-            self.emit(self.engine.end_video(), {})
+        if started:
+            self.emit(self.engine.end_video())
 
     def infer_frame(self, index: int, pts: float, rgb: np.ndarray) -> list[FrameOut]:
         try:
@@ -252,9 +265,17 @@ class Worker:
         except Exception as exc:
             raise self.dying_from(exc, during_load=False) from None
 
-    def emit(self, outs: list[FrameOut], pts_of: dict[int, float]) -> None:
+    def emit(self, outs: list[FrameOut]) -> None:
+        """Frames the engine made final, each with its own pts (an engine with lag emits a frame
+        after later ones were pushed). Warm-up frames of a resumed job are kept, not sent."""
         for out in outs:
-            self.send_frame(out.index, pts_of.get(out.index), out.persons)
+            pts = self.held_pts.pop(out.index, None)
+            if self.resume is None:
+                self.send_frame(out.index, pts, out.persons)
+            elif out.index < self.resume.start:
+                self.resume.keep_warm(out.index, out.persons)
+            else:
+                self.send_frame(out.index, pts, self.resume.rename(out.persons))
 
     def send_frame(self, index: int, pts: Optional[float], persons: list, error: Optional[str] = None) -> None:
         self.send(P.T.FRAME, job=self.job, index=index, pts=pts, persons=finite(persons), error=error)

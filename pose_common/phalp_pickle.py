@@ -5,8 +5,10 @@ camera) keep working.
 Layout (PHALP.track's final_visuals_dic): a dict keyed by frame name ("000001.jpg"...) in
 processing order; per frame the scalars time/shot/frame_path and per-track lists aligned with
 "tid". Only observed persons exist in a native result, so tracked_time is always 0 and no "ghost"
-entries are written. Written with the plain pickle module (PHALP uses joblib with compression;
-joblib.load and pickle.load both read a plain pickle).
+entries are written; the detector's masks are not stored, so "mask" holds an empty list per person.
+Every other value has the type (and dtype) PHALP.track() writes: the upstream tier compares the two
+files. Written with the plain pickle module (PHALP uses joblib with compression; joblib.load and
+pickle.load both read a plain pickle).
 """
 from __future__ import annotations
 
@@ -96,7 +98,7 @@ def frame_record(frame: Mapping[str, Any], time: int, height: int, width: int) -
                 f"frame {frame['frame_index']}: person {person.get('track_id')} has no SMPL parameters; "
                 "a PHALP pickle needs an SMPL engine's result (hmr2_phalp), not a landmark-only one "
                 "such as mediapipe")
-        bbox_xywh = np.array(_xyxy_to_xywh(person["bbox_xyxy"]), dtype=np.float64)
+        bbox_xywh = np.array(_xyxy_to_xywh(person["bbox_xyxy"]), dtype=np.float32)
         joints_3d, joints_2d = joints_45(person, height, width)
         centre, wh = padded_box(person["bbox_xyxy"])
         values = {
@@ -109,11 +111,11 @@ def frame_record(frame: Mapping[str, Any], time: int, height: int, width: int) -
             "camera": camera_array(person.get("camera")),
             "camera_bbox": np.asarray(person.get("camera_bbox") or [0.0, 0.0, 0.0], dtype=np.float32),
             "conf": np.float32(person.get("score", 1.0)),
-            "center": centre,
+            "center": centre.astype(np.float32),
             "scale": float(wh.max() / max(height, width)),
             "size": [height, width],
-            "class_name": 0,
-            "mask": None,  # the detector's RLE masks are not part of a native result
+            "class_name": np.int64(0),
+            "mask": [],  # the detector's RLE masks are not part of a native result
             "annotations": [],
             "extra_data": slot,
             "img_path": name,

@@ -3,6 +3,13 @@
 Every message is a ZeroMQ multipart: [msgpack header, *binary parts]. The header is an envelope
 {v, type, seq, gen, job, req, body}. Large binaries (images, frames) travel as their own parts so
 they are never copied into msgpack. Sockets: ROUTER on the supervisor, DEALER on the others.
+
+RUN_JOB (supervisor -> worker) body: path, start_frame (the first frame not stored), max_frames,
+poison ({frame: reason} recorded as failed, not run), and for a job resumed after a worker death
+(supervisor/resume.py): warm_from (the first frame to re-run, not stored again, to warm the
+tracker), stored_tracks ({frame: [[track_id, x0, y0, x1, y1], ...]} of the stored frames from
+warm_from up to start_frame) and next_track_id (above every track id the job has stored): the
+worker maps its new tracks onto the stored ids (gpu_worker/track_ids.py).
 """
 from __future__ import annotations
 

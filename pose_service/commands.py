@@ -86,6 +86,8 @@ async def follow_job(cfg, video: str, args, frame_hint: int, sup: subprocess.Pop
         bar.close()
         if job["state"] == "error":
             print(f"error: {job['error']} (supervisor log: {log_path})", file=sys.stderr)
+            for line in await failing_stage(client, sup):
+                print(line, file=sys.stderr)
             return 1
         shutil.copyfile(job["result_path"], args.out)
         print_summary(args.out, job)
@@ -98,6 +100,25 @@ async def follow_job(cfg, video: str, args, frame_hint: int, sup: subprocess.Pop
         return 0
     finally:
         await client.close()
+
+
+async def failing_stage(client: SupervisorClient, sup: subprocess.Popen) -> list[str]:
+    """The last crash report's stage, summary and remedy: why loading failed (which files are
+    missing and where to get them), which the job's error alone does not say."""
+    try:
+        _, body = await until_answered(client, "diagnostics", sup, patience_s=10.0)
+    except SystemExit:
+        return []
+    crashes = body.get("crashes") or []
+    if not crashes:
+        return []
+    crash = crashes[-1]
+    where = f"{crash.get('process') or 'worker'} stage {crash.get('stage')}" if crash.get("stage") else "worker"
+    lines = [f"{where} failed: {crash.get('cause')}"]
+    lines += [f"  {line}" for line in str(crash.get("summary") or "").splitlines()]
+    if crash.get("remedy"):
+        lines.append(f"remedy: {crash['remedy']}")
+    return lines
 
 
 async def until_answered(client: SupervisorClient, kind: str, sup: subprocess.Popen, patience_s: float = 120.0,
@@ -216,8 +237,12 @@ def diagnose(cfg, args) -> int:
 
     rung = dict(rungs(cfg)[0])
     if args.engine:
-        rung = {"engine": args.engine, "device": args.device or ("cuda" if args.engine == "hmr2_phalp" else "cpu"),
-                "options": {}}
+        configured = next((r for r in rungs(cfg) if r["engine"] == args.engine), {})
+        default_device = "cuda" if args.engine == "hmr2_phalp" else "cpu"
+        rung = {"engine": args.engine, "device": args.device or configured.get("device") or default_device,
+                "options": configured.get("options") or {}}
+    elif args.device:
+        rung["device"] = args.device
     os.makedirs(cfg.runtime_dir, exist_ok=True)
     config_path = os.path.join(cfg.runtime_dir, "diagnose-config.yaml")
     dump_config(cfg, config_path)
@@ -292,8 +317,7 @@ def _fmt(value: Any) -> str:
 def models_verify(cfg, args) -> int:
     engine = args.engine or cfg.engine.name
     if engine == "hmr2_phalp":
-        from gpu_worker.engines.hmr2_assets import required_assets, verify
-        rows = verify(required_assets(args.detector))
+        rows = hmr2_phalp_assets(cfg, args.detector)
     elif engine == "mediapipe":
         rows = mediapipe_assets()
     else:
@@ -305,9 +329,24 @@ def models_verify(cfg, args) -> int:
         for row in rows:
             size = "-" if row.get("size") is None else f"{row['size'] / (1 << 20):.1f} MB"
             print(f"  [{row['status']:<9}] {row['name']:<28} {size:>10}  {row['path']}")
+            if row.get("problem"):
+                print(f"               {row['problem']}")
             if row["status"] != "present":
                 print(f"               get it: {row['source']}")
     return 0 if all(r["status"] == "present" for r in rows) else 1
+
+
+def hmr2_phalp_assets(cfg, detector: Optional[str]) -> list[dict]:
+    """The files the configured hmr2_phalp rung reads (its detector, appearance and cache options,
+    as the engine applies them), checked by the same function as the engine's weights stage."""
+    from configs import rungs
+    from gpu_worker.engines.hmr2_phalp import Settings, asset_rows
+
+    rung = next((r for r in rungs(cfg) if r["engine"] == "hmr2_phalp"),
+                {"engine": "hmr2_phalp", "device": "cuda", "options": {}})
+    options = {**(rung.get("options") or {}), **({"detector": detector} if detector else {})}
+    device_type = "cuda" if str(rung.get("device", "cuda")).startswith("cuda") else "cpu"
+    return asset_rows(Settings.from_options(options), device_type)
 
 
 def mediapipe_assets() -> list[dict]:

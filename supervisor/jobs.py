@@ -25,6 +25,7 @@ from pose_common.paths import PathRefused, open_inside
 from pose_common.results import mesh_faces_key, split_meshes, write_result
 from pose_common.views import job_view
 from supervisor.slot import WorkerSlot
+from supervisor.resume import resume_context
 
 SendWorker = Callable[..., bool]
 Reply = Callable[..., None]
@@ -61,7 +62,8 @@ class JobRunner:
         poison = self.ledger.poison_frames(job.job_id, self.cfg.jobs.poison_frame_deaths)
         sent = self.send_worker(P.T.RUN_JOB, job=job.job_id, path=job.video_path, start_frame=start,
                                 max_frames=job.max_frames,
-                                poison={str(k): v for k, v in poison.items() if k >= start})
+                                poison={str(k): v for k, v in poison.items() if k >= start},
+                                **resume_context(self.ledger, job.job_id, start))
         if not sent:
             self.log.error("dispatch_failed", job_id=job.job_id, generation=self.slot.generation)
             self.ledger.release(job.lease)

@@ -708,3 +708,17 @@ def test_pickle_refuses_results_without_smpl(tmp_path):
     with pytest.raises(ValueError, match="no SMPL"):
         write_phalp_pickle(result, target)
     assert not target.exists()
+
+
+def test_run_without_weights_prints_the_failing_stage_and_remedy(tmp_path):
+    """Before: only `error: service fatal: load_failure: not retried (supervisor log: ...)`."""
+    env = {**os.environ, "HOME": str(tmp_path / "home"), "PYTHONPATH": REPO}
+    env.pop("FVCORE_CACHE", None)
+    proc = subprocess.run([sys.executable, "-m", "pose_service.cli", "run", "--demo", "--quiet",
+                           "--out", str(tmp_path / "r.json"), "engine.name=hmr2_phalp", "engine.device=cpu",
+                           f"state_dir={tmp_path / 'state'}"], env=env, capture_output=True, text=True,
+                          timeout=240, cwd=REPO)
+    assert proc.returncode == 1, proc.stderr
+    assert "stage weights failed: load_failure" in proc.stderr
+    assert "missing" in proc.stderr and "model_final_f05665.pkl" in proc.stderr
+    assert "remedy:" in proc.stderr and "models verify" in proc.stderr
