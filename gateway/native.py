@@ -183,7 +183,27 @@ async def get_overlay(request: web.Request) -> web.StreamResponse:
     if not job.get("overlay_path") or not os.path.isfile(job["overlay_path"]):
         raise json_error(404, "this job has no overlay video (jobs.render_overlay was off, or rendering failed)",
                          code="no_overlay")
-    return web.FileResponse(job["overlay_path"], headers={"Content-Type": "video/mp4"})
+    return file_response(request, job["overlay_path"], "video/mp4")
+
+
+def file_response(request: web.Request, path: str, content_type: str) -> web.FileResponse:
+    """A file with range requests; a Range it cannot serve is a JSON 416 (aiohttp's own is empty)."""
+    size = os.path.getsize(path)
+    if "Range" in request.headers and not range_satisfiable(request, size):
+        raise json_error(416, f"the Range header does not fit this file of {size} bytes (one range, bytes=a-b)",
+                         headers={"Content-Range": f"bytes */{size}"}, code="range_not_satisfiable")
+    return web.FileResponse(path, headers={"Content-Type": content_type})
+
+
+def range_satisfiable(request: web.Request, size: int) -> bool:
+    try:
+        wanted = request.http_range
+    except ValueError:  # not one well-formed range
+        return False
+    start = wanted.start
+    if start is None or start < 0:  # everything, or a suffix: always something to send
+        return size > 0 or start is None
+    return start < size and (wanted.stop is None or wanted.stop > start)
 
 
 def query_flag(request: web.Request, name: str) -> bool:
@@ -228,7 +248,7 @@ async def phalp_pickle(request: web.Request, job: dict) -> web.Response:
         await asyncio.get_running_loop().run_in_executor(None, write_phalp_pickle, result, out)
     except ValueError as exc:
         raise json_error(409, str(exc)) from None
-    return web.FileResponse(out, headers={"Content-Type": "application/octet-stream"})
+    return file_response(request, out, "application/octet-stream")
 
 
 @routes.get("/v1/health")
@@ -292,7 +312,7 @@ async def get_report(request: web.Request) -> web.StreamResponse:
     out = os.path.join(results_dir(cfg), f"{job['job_id']}.report.html")
     if not os.path.exists(out):
         await build_report(request.app[LOG_KEY], cfg.ledger.url or ledger_path(cfg), job["job_id"], out)
-    return web.FileResponse(out, headers={"Content-Type": "text/html; charset=utf-8"})
+    return file_response(request, out, "text/html; charset=utf-8")
 
 
 async def build_report(log, ledger: str, job_id: str, out: str) -> None:
