@@ -25,7 +25,7 @@ def code_of(status: int) -> str:
     return CODE_OF_STATUS.get(status, "client_error" if status < 500 else "server_error")
 
 
-def error_body(status: int, message: str, **extra: Any) -> dict:
+def error_body(status: int, message: str, /, **extra: Any) -> dict:
     return {"error": message, "code": extra.pop("code", None) or code_of(status), **extra}
 
 
@@ -37,12 +37,13 @@ def with_code(body: dict, status: int) -> dict:
 
 
 class ApiError(Exception):
-    def __init__(self, status: int, message: str, headers: Optional[dict] = None, **extra: Any):
+    def __init__(self, status: int, message: str, /, headers: Optional[dict] = None, **extra: Any):
         super().__init__(message)
         self.status, self.body, self.headers = status, error_body(status, message, **extra), headers or {}
 
 
-def json_error(status: int, message: str, headers: Optional[dict] = None, **extra: Any) -> ApiError:
+def json_error(status: int, message: str, /, headers: Optional[dict] = None, **extra: Any) -> ApiError:
+    """extra may hold a body field named status (the job's), apart from the HTTP status."""
     return ApiError(status, message, headers, **extra)
 
 

@@ -30,6 +30,7 @@ from gpu_worker.engines.fault import FaultPlan
 from gpu_worker.errors import classify, free_cuda_cache, is_cuda_oom
 from gpu_worker.gpu import gpu_memory_used
 from gpu_worker.track_ids import Resume
+from pose_common.limits import check_image
 from pose_common.paths import PathRefused, open_inside
 from pose_common.video import TruncatedVideo, VideoError, frames, user_reason
 from pose_common import protocol as P
@@ -230,7 +231,7 @@ class Worker:
                       progress: "JobProgress") -> None:
         first = self.resume.warm_from if self.resume else start
         started = False
-        for meta, index, pts, rgb in only_sampled(frames(readable, first), max_frames):
+        for meta, index, pts, rgb in only_sampled(frames(readable, first, self.cfg.jobs.max_video_pixels), max_frames):
             if not started:
                 self.send(P.T.VIDEO, job=self.job, meta=meta.as_dict())
                 self.engine.begin_video(meta.width, meta.height, meta.fps)
@@ -296,7 +297,7 @@ class Worker:
     def run_image(self, env: P.Envelope) -> None:
         started = time.monotonic()
         try:
-            rgb = _decode_image(P.blob_bytes(env.blobs[0]))
+            rgb = _decode_image(P.blob_bytes(env.blobs[0]), self.cfg.gateway.max_image_pixels)
         except ValueError as exc:
             # req belongs on the envelope (send() would put it in the body, and the reply would be lost)
             self.sock.send_multipart(P.pack(P.Envelope(P.T.IMAGE_DONE, {"error": str(exc), "code": 400},
@@ -356,8 +357,10 @@ def finite(value: Any) -> Any:
     return value
 
 
-def _decode_image(data: bytes) -> np.ndarray:
+def _decode_image(data: bytes, max_pixels: int) -> np.ndarray:
+    """Header first (a small file may declare a huge image), then the pixels."""
     import cv2
+    check_image(data, max_pixels)
     try:
         array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
     except cv2.error:  # e.g. an empty buffer: a bad request, not a reason for the worker to die

@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     models_verbs = models.add_subparsers(dest="models_verb", required=True)
     verify = models_verbs.add_parser("verify", help="list every file the engine needs: present, missing, truncated")
     verify.add_argument("--engine", default=None)
-    verify.add_argument("--detector", default="vitdet")
+    verify.add_argument("--detector", default=None, help="default: the configured hmr2_phalp rung's")
     verify.add_argument("--json", action="store_true")
     return parser
 

@@ -47,6 +47,7 @@ class Supervisor:
         self.cfg = cfg
         self.log = setup_logging("supervisor", cfg.log_level)
         self.signals = signal_queue or queue.SimpleQueue()
+        make_private(cfg.state_dir, cfg.storage_dir)
         self.lock = statelock.hold(os.path.join(cfg.state_dir, "supervisor.lock"), "supervisor")
         self.runtime = RuntimeDir(cfg.runtime_dir)
         self.runtime.prepare()
@@ -468,6 +469,13 @@ class Supervisor:
                 "queue": self.ledger.queue(), "running_job": self.jobs.current, "messages": self.message_counts(),
                 "host": host_facts(), "gpu": gpu_facts(pids), "packages": package_versions(),
                 "supervisor": {"pid": os.getpid(), "started_at": self.started_at}}
+
+
+def make_private(*directories: str) -> None:
+    """State and storage are the service user's alone (0700), whatever existed before."""
+    for directory in directories:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        os.chmod(directory, 0o700)
 
 
 @dataclass
