@@ -9,6 +9,7 @@ from typing import Any
 import numpy as np
 
 from gpu_worker.engines.base import Engine, FrameOut, LoadStage, Person
+from gpu_worker.engines.roi import RiderSearch
 from gpu_worker.errors import WeightsMissing
 
 LANDMARK_NAMES = [
@@ -33,7 +34,9 @@ class MediaPipeEngine(Engine):
         self._mp = None
         self._video_pose = None
         self._image_pose = None
+        self._region_pose = None
         self._size = (0, 0)
+        self.second_pass = RiderSearch(self._find_in_region, self.options)
 
     @property
     def version(self) -> str:
@@ -54,14 +57,19 @@ class MediaPipeEngine(Engine):
                 raise WeightsMissing(f"{path} missing or truncated: reinstall mediapipe==0.10.21 "
                                      "(the last release that bundles its pose models)")
 
-    def _new_pose(self, static: bool):
+    def _new_pose(self, static: bool, min_detection_confidence: float = 0.0):
         return self._mp.solutions.pose.Pose(
             static_image_mode=static, model_complexity=1, smooth_landmarks=True,
-            min_detection_confidence=float(self.options.get("min_detection_confidence", 0.5)),
+            min_detection_confidence=min_detection_confidence or float(self.options.get("min_detection_confidence",
+                                                                                        0.5)),
             min_tracking_confidence=float(self.options.get("min_tracking_confidence", 0.5)))
 
     def _build(self) -> None:
         self._image_pose = self._new_pose(static=True)
+        # The second pass looks where a rider is likely (where one just was, or a tile enlarged), so it
+        # accepts a weaker detection: 0.3 finds all 7 first-pass misses of the shared clip, 0.5 finds 3.
+        self._region_pose = self._new_pose(static=True, min_detection_confidence=float(
+            self.options.get("second_pass_min_detection_confidence", 0.3)))
 
     def _warm_up(self) -> None:
         # runs the pose detector graph once, so a broken runtime fails here and not on frame 0
@@ -71,10 +79,11 @@ class MediaPipeEngine(Engine):
         if self._video_pose is not None:
             self._video_pose.close()
         self._video_pose = self._new_pose(static=False)
+        self.second_pass.forget()
 
     def push(self, index: int, pts_s: float, rgb: np.ndarray) -> list[FrameOut]:
-        result = self._video_pose.process(rgb)
-        return [FrameOut(index, _persons(result, rgb.shape[1], rgb.shape[0]))]
+        persons = _persons(self._video_pose.process(rgb), rgb.shape[1], rgb.shape[0])
+        return [FrameOut(index, self.second_pass.fill(persons, rgb))]
 
     def end_video(self) -> list[FrameOut]:
         if self._video_pose is not None:
@@ -83,10 +92,18 @@ class MediaPipeEngine(Engine):
         return []
 
     def infer_image(self, rgb: np.ndarray) -> list[Person]:
+        return self.second_pass.fill(self._find_in_image(rgb), rgb, follow=False)
+
+    def _find_in_image(self, rgb: np.ndarray) -> list[Person]:
         return _persons(self._image_pose.process(rgb), rgb.shape[1], rgb.shape[0])
 
+    def _find_in_region(self, rgb: np.ndarray) -> list[Person]:
+        """A static-image graph of its own: no tracking state, so the second pass cannot disturb the
+        video's."""
+        return _persons(self._region_pose.process(rgb), rgb.shape[1], rgb.shape[0])
+
     def close(self) -> None:
-        for pose in (self._video_pose, self._image_pose):
+        for pose in (self._video_pose, self._image_pose, self._region_pose):
             if pose is not None:
                 pose.close()
 
