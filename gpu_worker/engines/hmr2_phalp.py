@@ -24,6 +24,7 @@ import numpy as np
 
 from gpu_worker.engines import hmr2_assets
 from gpu_worker.engines.base import Engine, FrameOut, LoadStage, Person
+from gpu_worker.engines.roi import RiderSearch
 from gpu_worker.errors import WeightsMissing
 
 log = logging.getLogger(__name__)
@@ -571,7 +572,7 @@ class HMR2PhalpEngine(Engine):
 
     def _build_detector(self) -> None:
         if self.settings.detector == "mediapipe":
-            self._detector = MediaPipePersonDetector()
+            self._detector = MediaPipePersonDetector(self.options)
         else:
             weights = hmr2_assets.detector_weights_path(self.settings.detector, self.settings.environment())
             self._detector = build_detector(self.settings, weights, self._torch_device)
@@ -905,15 +906,21 @@ class LazyConfigPredictor:
 class MediaPipePersonDetector:
     """A person detector that is practical on a CPU (the CPU rung): MediaPipe Pose's landmarks and
     segmentation give one person's box and mask per frame, as detectron2 Instances (class 0), so
-    PHALP reads them as it reads ViTDet's. One person at most: MediaPipe Pose tracks one."""
+    PHALP reads them as it reads ViTDet's. One person at most: MediaPipe Pose tracks one. When it finds
+    nobody, the second pass (engines/roi.py) looks again where the rider was and in enlarged tiles;
+    a box found there gets a box-shaped mask."""
 
     BOX_MARGIN = 0.1  # landmarks hug the body; grow the box by this share of its size on each side
 
-    def __init__(self):
+    def __init__(self, options: Optional[Mapping[str, Any]] = None):
         import mediapipe as mp
 
+        options = dict(options or {})
         self._pose_class = mp.solutions.pose.Pose
         self._video = self._make(video=True)
+        self._region = self._pose_class(static_image_mode=True, model_complexity=1, min_detection_confidence=float(
+            options.get("second_pass_min_detection_confidence", 0.3)))
+        self.second_pass = RiderSearch(self._find_in_region, options)
 
     def _make(self, video: bool) -> Any:
         return self._pose_class(static_image_mode=not video, model_complexity=1, enable_segmentation=True)
@@ -921,31 +928,48 @@ class MediaPipePersonDetector:
     def begin_video(self) -> None:
         self._video.close()
         self._video = self._make(video=True)
+        self.second_pass.forget()
 
     def __call__(self, bgr: np.ndarray) -> dict:
-        return self._instances(self._video, bgr)
+        return self._instances(self._video, bgr, follow=True)
 
     def single_image(self, bgr: np.ndarray) -> dict:
         still = self._make(video=False)
         try:
-            return self._instances(still, bgr)
+            return self._instances(still, bgr, follow=False)
         finally:
             still.close()
 
-    def _instances(self, pose: Any, bgr: np.ndarray) -> dict:
+    def _find_in_region(self, rgb: np.ndarray) -> list[Person]:
+        height, width = rgb.shape[:2]
+        box, score, _ = person_from_landmarks(self._region.process(rgb), height, width, self.BOX_MARGIN)
+        return [] if box is None else [{"bbox_xyxy": box, "score": score, "keypoints_2d": []}]
+
+    def _instances(self, pose: Any, bgr: np.ndarray, follow: bool) -> dict:
         import torch
         from detectron2.structures import Boxes, Instances
 
         height, width = bgr.shape[:2]
-        found = pose.process(np.ascontiguousarray(bgr[:, :, ::-1]))
+        rgb = np.ascontiguousarray(bgr[:, :, ::-1])
+        box, score, mask = person_from_landmarks(pose.process(rgb), height, width, self.BOX_MARGIN)
+        first_pass = [] if box is None else [{"bbox_xyxy": box, "score": score}]
+        found = self.second_pass.fill(first_pass, rgb, follow=follow)
+        if box is None and found:
+            box, score = found[0]["bbox_xyxy"], found[0]["score"]
+            mask = box_mask(box, height, width)
         instances = Instances((height, width))
-        box, score, mask = person_from_landmarks(found, height, width, self.BOX_MARGIN)
         count = 0 if box is None else 1
         instances.pred_boxes = Boxes(torch.tensor([box] if count else np.zeros((0, 4)), dtype=torch.float32))
         instances.scores = torch.tensor([score] if count else [], dtype=torch.float32)
         instances.pred_classes = torch.zeros(count, dtype=torch.int64)
         instances.pred_masks = torch.from_numpy(mask[None] if count else np.zeros((0, height, width), dtype=bool))
         return {"instances": instances}
+
+
+def box_mask(box: Sequence[float], height: int, width: int) -> np.ndarray:
+    mask = np.zeros((height, width), dtype=bool)
+    mask[int(box[1]):int(box[3]) + 1, int(box[0]):int(box[2]) + 1] = True
+    return mask
 
 
 def person_from_landmarks(found: Any, height: int, width: int, margin: float
@@ -960,9 +984,8 @@ def person_from_landmarks(found: Any, height: int, width: int, margin: float
     x1, y1 = seen[:, :2].max(axis=0)
     grow_x, grow_y = (x1 - x0) * margin, (y1 - y0) * margin
     box = [max(0.0, x0 - grow_x), max(0.0, y0 - grow_y), min(width - 1.0, x1 + grow_x), min(height - 1.0, y1 + grow_y)]
-    if found.segmentation_mask is not None:
+    if getattr(found, "segmentation_mask", None) is not None:
         mask = np.asarray(found.segmentation_mask) > 0.5
     else:
-        mask = np.zeros((height, width), dtype=bool)
-        mask[int(box[1]):int(box[3]) + 1, int(box[0]):int(box[2]) + 1] = True
+        mask = box_mask(box, height, width)
     return box, float(points[:, 2].mean()), mask

@@ -1,0 +1,52 @@
+"""The CPU rung (configs/gpu.yaml): HMR2 + PHALP on the CPU with MediaPipe's person box as the
+detector, over video."""
+from __future__ import annotations
+
+import cv2
+import numpy as np
+
+from gpu_worker.engines.hmr2_phalp import HMR2PhalpEngine
+
+
+def test_cpu_rung_tracks_the_rider_with_the_mediapipe_person_box(cache, frames_dir):
+    engine = HMR2PhalpEngine("cpu", cache.options(detector="mediapipe", detector_overrides=[]))
+    for stage in engine.stages():
+        stage.run()
+    assert engine.describe()["appearance"] == "hmar" and engine.describe()["device"] == "cpu"
+    images = sorted(frames_dir.glob("*.jpg"))[:12]
+    first = cv2.imread(str(images[0]))
+    engine.begin_video(first.shape[1], first.shape[0], 30.0)
+    out = []
+    for index, image in enumerate(images):
+        out += engine.push(index, index / 30.0, cv2.imread(str(image))[:, :, ::-1])
+    out += engine.end_video()
+    assert [f.index for f in out] == list(range(len(images)))
+    with_rider = [f for f in out if f.persons]
+    assert len(with_rider) >= 6, "MediaPipe finds the rider in most frames of this clip"
+    assert {p["track_id"] for f in with_rider for p in f.persons} == {with_rider[0].persons[0]["track_id"]}
+    person = with_rider[-1].persons[0]
+    assert np.asarray(person["smpl"]["body_pose"]).shape == (23, 3, 3) and len(person["keypoints_3d"]) == 45
+    x0, y0, x1, y1 = person["bbox_xyxy"]
+    assert 0 <= x0 < x1 <= first.shape[1] and 0 <= y0 < y1 <= first.shape[0]
+
+
+def test_cpu_rung_detector_finds_the_small_rider_the_first_pass_misses():
+    """Frames 104-121 of the shared clip: MediaPipe's first pass misses the rider in 7 of them; with the
+    second pass (engines/roi.py) the CPU rung's detector hands PHALP a box in every one."""
+    import av
+
+    from gpu_worker.engines.hmr2_phalp import MediaPipePersonDetector
+    from support import CLIP
+
+    with av.open(str(CLIP)) as container:
+        bgr = [frame.to_ndarray(format="bgr24") for index, frame in enumerate(container.decode(video=0))
+               if index >= 104]
+    counts = {}
+    for second_pass in (False, True):
+        detector = MediaPipePersonDetector({"second_pass": second_pass})
+        detector.begin_video()
+        found = [detector(image)["instances"] for image in bgr]
+        counts[second_pass] = sum(len(instances) for instances in found)
+        for instances in found:
+            assert len(instances) <= 1 and instances.pred_masks.shape[1:] == bgr[0].shape[:2]
+    assert counts[False] <= len(bgr) - 3 and counts[True] >= len(bgr) - 1, counts
