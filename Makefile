@@ -28,7 +28,7 @@ system-packages:
 		echo "could not install chromium: the report-in-a-browser test will skip"
 
 # The core suite (minutes), then the endurance tier: the service worn down (hundreds of worker
-# generations) and attacked (Schemathesis against its own OpenAPI document).
+# generations) and attacked (Schemathesis against its own OpenAPI document, a deep fuzz of every route).
 CORE_TESTS := tests --ignore=tests/endurance --ignore=tests/upstream
 
 test: test-core test-endurance test-upstream

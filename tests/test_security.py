@@ -416,10 +416,14 @@ HEADERS = st.fixed_dictionaries({}, optional={
     "Accept": st.sampled_from(["text/html", "application/json", "*/*"])})
 
 
-EXAMPLES_PER_ROUTE = 25
+EXAMPLES_PER_ROUTE = 10  # here; the endurance tier runs the same fuzz deeper (tests/endurance/test_route_fuzz.py)
 
 
 def test_fuzzing_every_route_gives_no_server_error_and_the_supervisor_survives(gateway, tmp_path):
+    fuzz_every_route(gateway, tmp_path, EXAMPLES_PER_ROUTE)
+
+
+def fuzz_every_route(gateway, tmp_path, examples: int) -> None:
     """Every route the router has (a new one is fuzzed without editing this test), with junk in its
     path parameters, query, headers and body: never a 5xx, every error JSON with a code."""
     clip = make_clip(tmp_path / "fuzz.mp4", frames=8)
@@ -431,16 +435,17 @@ def test_fuzzing_every_route_gives_no_server_error_and_the_supervisor_survives(g
     failures, sent = [], []
     started = time.monotonic()
     for method, template in sorted(routes, key=lambda route: route[0] == "DELETE"):  # the finished job goes last
-        fuzz_route(gateway, method, template, done["job_id"], clip.read_bytes(), failures, sent)
+        fuzz_route(gateway, method, template, done["job_id"], clip.read_bytes(), failures, sent, examples)
     print(f"fuzz: {len(sent)} requests over {len(routes)} routes in {time.monotonic() - started:.1f} s")
     assert failures == []
-    assert len(sent) >= len(routes) * EXAMPLES_PER_ROUTE // 2
+    assert len(sent) >= len(routes) * examples // 2
     assert gateway.procs["supervisor"].poll() is None and gateway.procs["supervisor"].pid == supervisor
     assert http("GET", gateway.url + "/v1/health")[0] == 200
 
 
-def fuzz_route(stack, method: str, template: str, job_id: str, clip: bytes, failures: list, sent: list) -> None:
-    @settings(max_examples=EXAMPLES_PER_ROUTE, deadline=None, suppress_health_check=list(HealthCheck),
+def fuzz_route(stack, method: str, template: str, job_id: str, clip: bytes, failures: list, sent: list,
+               examples: int) -> None:
+    @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck),
               derandomize=True, database=None)
     @given(path_values([job_id, "nojob"]), QUERIES, bodies(clip), HEADERS)
     def fuzz(values, query, body, headers):
