@@ -146,14 +146,19 @@ async def parts(reader, timeout_s: float):
 async def read_field(part: BodyPartReader, limit: int, timeout_s: float) -> str:
     """A form field that is not the file: read within a size limit (a field is no way round the
     upload limits) and the body timeout, without undoing any content encoding (no zip bombs)."""
+    data = await read_part(part, limit, timeout_s, f"a form field is larger than {limit:,} bytes", "field_too_large")
+    return data.decode("utf-8", "replace")
+
+
+async def read_part(part: BodyPartReader, limit: int, timeout_s: float, too_large: str, code: str) -> bytes:
+    """A multipart part, chunk by chunk within the body timeout; past `limit` bytes a 413 saying `too_large`."""
     chunks, size = [], 0
-    while chunk := await within(part.read_chunk(64 << 10), timeout_s):
+    while chunk := await within(part.read_chunk(1 << 20), timeout_s):
         size += len(chunk)
         if size > limit:
-            raise json_error(413, f"a form field is larger than {limit:,} bytes", code="field_too_large",
-                             limit_bytes=limit)
+            raise json_error(413, too_large, code=code, limit_bytes=limit)
         chunks.append(chunk)
-    return b"".join(chunks).decode("utf-8", "replace")
+    return b"".join(chunks)
 
 
 async def receive_upload(request: web.Request, field_names: tuple[str, ...] = ("video", "file")) -> tuple[str, dict]:

@@ -68,6 +68,7 @@ from gateway.helpers import (
     parse_max_frames,
     parts,
     read_field,
+    read_part,
     accept_video_path,
     ask,
     config,
@@ -274,21 +275,11 @@ async def read_multipart_image(request: web.Request) -> tuple[Optional[bytes], d
     image, fields = None, {}
     async for part in parts(reader, timeout_s):
         if part.name in IMAGE_FIELDS and part.filename is not None and image is None:
-            image = await read_image_part(part, limit, timeout_s)
+            image = await read_part(part, limit, timeout_s, f"image larger than {limit >> 20} MB (gateway.max_json_mb)",
+                                    "too_large")
         elif part.name:
             fields[part.name] = await read_field(part, limit, timeout_s)  # image_base64 may come as a field
     return image, fields
-
-
-async def read_image_part(part, limit: int, timeout_s: float) -> bytes:
-    chunks, size = [], 0
-    while chunk := await within(part.read_chunk(1 << 20), timeout_s):
-        size += len(chunk)
-        if size > limit:
-            raise json_error(413, f"image larger than {limit >> 20} MB (gateway.max_json_mb)", code="too_large",
-                             limit_bytes=limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _truthy(value: Any) -> bool:

@@ -88,3 +88,23 @@ def option_overrides(options: dict, prefix: str = "engine.options") -> list[str]
     """Engine options as Hydra command-line overrides."""
     import json
     return [f"+{prefix}.{key}={json.dumps(value)}" for key, value in options.items()]
+
+
+def run_on_frames(options: dict, frames_dir, count: int | None = None) -> tuple[list, object]:
+    """An HMR2PhalpEngine on the CPU fed the JPEGs PHALP reads (decoded the same way, cv2.imread), one at
+    a time: (its frames out, the first image)."""
+    import cv2
+
+    from gpu_worker.engines.hmr2_phalp import HMR2PhalpEngine
+
+    engine = HMR2PhalpEngine("cpu", options)
+    for stage in engine.stages():
+        stage.run()
+    images = sorted(frames_dir.glob("*.jpg"))[:count]
+    first = cv2.imread(str(images[0]))
+    engine.begin_video(first.shape[1], first.shape[0], 30.0)
+    out = []
+    for index, image in enumerate(images):
+        out += engine.push(index, index / 30.0, cv2.imread(str(image))[:, :, ::-1])
+    out += engine.end_video()
+    return out, engine

@@ -1,30 +1,19 @@
 """The engine's streaming output against PHALP's own track() on the same frames and weights."""
 from __future__ import annotations
 
-import cv2
 import joblib
 import numpy as np
 import pytest
 
-from gpu_worker.engines.hmr2_phalp import HMR2PhalpEngine, xyxy_to_xywh
+from gpu_worker.engines.hmr2_phalp import xyxy_to_xywh
+from conftest import run_on_frames
 
 SMPL_TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
 def engine_frames(cache, frames_dir):
-    """The engine fed the JPEGs PHALP reads (decoded the same way, cv2.imread), one at a time."""
-    engine = HMR2PhalpEngine("cpu", cache.options())
-    for stage in engine.stages():
-        stage.run()
-    images = sorted(frames_dir.glob("*.jpg"))
-    first = cv2.imread(str(images[0]))
-    engine.begin_video(first.shape[1], first.shape[0], 30.0)
-    out = []
-    for index, image in enumerate(images):
-        out += engine.push(index, index / 30.0, cv2.imread(str(image))[:, :, ::-1])
-    out += engine.end_video()
-    return out
+    return run_on_frames(cache.options(), frames_dir)[0]
 
 
 def observed(record: dict) -> dict[int, int]:

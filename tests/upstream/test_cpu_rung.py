@@ -5,22 +5,14 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-from gpu_worker.engines.hmr2_phalp import HMR2PhalpEngine
+from conftest import run_on_frames
 
 
 def test_cpu_rung_tracks_the_rider_with_the_mediapipe_person_box(cache, frames_dir):
-    engine = HMR2PhalpEngine("cpu", cache.options(detector="mediapipe", detector_overrides=[]))
-    for stage in engine.stages():
-        stage.run()
+    out, engine = run_on_frames(cache.options(detector="mediapipe", detector_overrides=[]), frames_dir, 12)
     assert engine.describe()["appearance"] == "hmar" and engine.describe()["device"] == "cpu"
-    images = sorted(frames_dir.glob("*.jpg"))[:12]
-    first = cv2.imread(str(images[0]))
-    engine.begin_video(first.shape[1], first.shape[0], 30.0)
-    out = []
-    for index, image in enumerate(images):
-        out += engine.push(index, index / 30.0, cv2.imread(str(image))[:, :, ::-1])
-    out += engine.end_video()
-    assert [f.index for f in out] == list(range(len(images)))
+    assert [f.index for f in out] == list(range(12))
+    first = cv2.imread(str(sorted(frames_dir.glob("*.jpg"))[0]))
     with_rider = [f for f in out if f.persons]
     assert len(with_rider) >= 6, "MediaPipe finds the rider in most frames of this clip"
     assert {p["track_id"] for f in with_rider for p in f.persons} == {with_rider[0].persons[0]["track_id"]}
