@@ -37,6 +37,7 @@ def first_frame() -> np.ndarray:
 
 
 def bench_detector(frame: np.ndarray) -> float:
+    import detectron2.data.transforms as T
     import torch
     from detectron2.config import instantiate
 
@@ -45,8 +46,10 @@ def bench_detector(frame: np.ndarray) -> float:
     cfg = detector_config(Settings.from_options({"detector": "vitdet"}))
     model = instantiate(cfg.model).eval()
     height, width = frame.shape[:2]
-    resized = instantiate(cfg.dataloader.test.mapper).augmentations[0].get_transform(frame).apply_image(frame)
-    image = torch.as_tensor(resized[:, :, ::-1].astype("float32").transpose(2, 0, 1).copy())
+    mapper = instantiate(cfg.dataloader.test.mapper)  # the engine's own preprocessing (LazyConfigPredictor)
+    pixels = frame[:, :, ::-1] if mapper.image_format == "RGB" else frame
+    resized = mapper.augmentations(T.AugInput(pixels)).apply_image(pixels)
+    image = torch.as_tensor(resized.astype("float32").transpose(2, 0, 1).copy())
     with torch.no_grad():
         return timed(lambda: model([{"image": image, "height": height, "width": width}]), repeat=1)
 
