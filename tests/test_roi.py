@@ -121,6 +121,15 @@ def run_engine(clip_frames, options: dict, replace: dict | None = None) -> tuple
     return [frame.persons for frame in out], engine
 
 
+def person_validator():
+    import jsonschema
+    import yaml
+
+    from support import REPO
+    document = yaml.safe_load((REPO / "gateway" / "openapi.yaml").read_text())
+    return jsonschema.Draft4Validator(document["components"]["schemas"]["Person"]).validate
+
+
 @needs_shared_data()
 def test_the_rider_is_found_in_at_least_120_of_the_122_frames_of_the_shared_clip(clip_frames):
     first, _ = run_engine(clip_frames, {"second_pass": False})
@@ -138,6 +147,10 @@ def test_the_rider_is_found_in_at_least_120_of_the_122_frames_of_the_shared_clip
         assert all(n["keypoints_2d"] != both[i][0]["keypoints_2d"] for n in neighbours)
         x0, y0, x1, y1 = both[i][0]["bbox_xyxy"]
         assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 360
+    validate = person_validator()
+    for persons in both:  # first-pass and second-pass persons alike are what the API document says
+        for person in persons:
+            validate(person)
     grey = {i: np.full_like(clip_frames[i][2], 128) for i in rescued}  # the same frames with no rider in them
     blanked, _ = run_engine(clip_frames, {}, replace=grey)
     assert all(blanked[i] == [] for i in rescued)
