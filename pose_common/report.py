@@ -29,13 +29,17 @@ def build_report(ledger: SqlLedger, job: Job, overlay: Optional[str]) -> str:
     frames = list(_frame_facts(ledger, job))
     names = job.engine().get("joint_names") or []
     found = sum(1 for f in frames if f["found"])
+    second = [f["index"] for f in frames if f["second_pass"]]
     data = {"job_id": job.job_id, "frames": len(frames), "frames_with_person": found,
-            "found": [int(f["found"]) for f in frames], "scores": [f["score"] for f in frames]}
+            "found": [int(f["found"]) for f in frames], "scores": [f["score"] for f in frames],
+            "second_pass": second}
     sections = [
         _summary(job, len(frames), found),
         _video(overlay),
         _figure("frames-found", "Persons found per frame", _strip_svg(frames),
-                f"A person was found in {found} of {len(frames)} frames."),
+                f"A person was found in {found} of {len(frames)} frames"
+                + (f" ({len(second)} of them by the second pass, which looks again where the first found nobody)."
+                   if second else ".")),
         _figure("joint-angles", "Joint angles over time", _angles_svg(frames, names),
                 "Knees (hip–knee–ankle), hips (shoulder–hip–knee) and the spine's lean from vertical, degrees."),
         _mesh(ledger, job, frames),
@@ -52,7 +56,8 @@ def _frame_facts(ledger: SqlLedger, job: Job):
         angles = joint_angles(names, person.get("keypoints_3d") or []) if person else {}
         yield {"index": frame["frame_index"], "t": frame.get("pts_s"), "found": bool(frame["persons"]),
                "count": len(frame["persons"]), "score": number_or(person.get("score"), None) if person else None,
-               "angles": angles, "error": frame.get("error")}
+               "angles": angles, "error": frame.get("error"),
+               "second_pass": bool(person and str(person.get("found_by", "")).startswith("second_pass"))}
 
 
 def _summary(job: Job, frame_count: int, found: int) -> str:
@@ -109,10 +114,11 @@ def _strip_svg(frames: list[dict]) -> str:
     from matplotlib.patches import Patch
 
     fig, ax = plt.subplots(figsize=(10, 1.8))
-    found, missed = "#2a9d8f", "#e76f51"
+    found, second, missed = "#2a9d8f", "#e9c46a", "#e76f51"
     ax.bar([f["index"] for f in frames], [f["score"] or 0.02 if f["found"] else 1.0 for f in frames], width=1.0,
-           color=[found if f["found"] else missed for f in frames])
-    ax.legend(handles=[Patch(color=found, label="person (height: confidence)"), Patch(color=missed, label="nobody")],
+           color=[(second if f["second_pass"] else found) if f["found"] else missed for f in frames])
+    ax.legend(handles=[Patch(color=found, label="person (height: confidence)"),
+                       Patch(color=second, label="found by the second pass"), Patch(color=missed, label="nobody")],
               loc="lower right", fontsize=8)
     ax.set_ylim(0, 1.05)
     ax.set_xlabel("frame")

@@ -65,6 +65,8 @@ def test_report_of_the_shared_clip_in_headless_chromium(tmp_path):
         result = http("GET", f"{stack.url}/v1/jobs/{job['job_id']}/result")[1]
         assert facts["data"]["found"] == [int(bool(f["persons"])) for f in result["frames"]]
         assert facts["data"]["frames_with_person"] == sum(facts["data"]["found"])
+        rescued = [f["frame_index"] for f in result["frames"] if f["persons"] and "found_by" in f["persons"][0]]
+        assert rescued and facts["data"]["second_pass"] == rescued  # the clip has frames only the second pass finds
         pixels = np.asarray(Image.open(io.BytesIO(png)).convert("L"), dtype=float)
         assert pixels.std() > 20 and (pixels < 100).mean() > 0.05  # text, plots and video, not a blank page
         status, missing = http("GET", f"{stack.url}/v1/jobs/no-such-job/report")
