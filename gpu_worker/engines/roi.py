@@ -1,5 +1,5 @@
 """The second pass: when an engine's detector finds nobody in a frame, look again where the rider was
-(the last box, enlarged) and then in upscaled, overlapping tiles of the frame.
+(the last box, enlarged) and then in the whole frame and overlapping tiles of it, upscaled.
 
 A small rider (about 100 px in a 640x360 clip) is a few dozen pixels at a detector's input size; cut
 out and enlarged, the same pixels are big enough. Every person returned was found by the engine's own
@@ -19,8 +19,8 @@ from gpu_worker.engines.base import Person
 
 Detect = Callable[[np.ndarray], list[Person]]
 
-# Measured on the shared clip (ROI misses by grow and upscale): no single enlargement finds the rider
-# in every missed frame, a few in turn do. Each entry is (grow factor of the last box, upscale).
+# Measured on the shared clip (its first-pass misses, by grow and upscale): no single enlargement
+# finds the rider in every missed frame, a few in turn do. Each entry is (grow factor of the last box, upscale).
 AROUND_LAST_BOX = ((2.0, 1), (1.5, 1), (3.0, 1), (2.0, 2), (1.5, 2), (2.5, 2))
 # Half-overlapping tiles: a rider up to half a tile in each direction is whole in one of them.
 TILE_ROWS, TILE_COLS, TILE_OVERLAP, TILE_SCALE = 2, 3, 0.5, 2
@@ -35,7 +35,7 @@ class Region:
     x1: int
     y1: int
     scale: int
-    kind: str  # "last_box" or "tile"
+    kind: str  # "last_box", "frame" or "tile"
 
     def cut(self, rgb: np.ndarray) -> np.ndarray:
         import cv2
