@@ -24,7 +24,7 @@ import numpy as np
 
 from gpu_worker.engines import hmr2_assets
 from gpu_worker.engines.base import Engine, FrameOut, LoadStage, Person
-from gpu_worker.engines.roi import RiderSearch
+from gpu_worker.engines.roi import RiderSearch, min_detection_confidence
 from gpu_worker.errors import WeightsMissing
 
 log = logging.getLogger(__name__)
@@ -918,8 +918,8 @@ class MediaPipePersonDetector:
         options = dict(options or {})
         self._pose_class = mp.solutions.pose.Pose
         self._video = self._make(video=True)
-        self._region = self._pose_class(static_image_mode=True, model_complexity=1, min_detection_confidence=float(
-            options.get("second_pass_min_detection_confidence", 0.3)))
+        self._region = self._pose_class(static_image_mode=True, model_complexity=1,
+                                        min_detection_confidence=min_detection_confidence(options))
         self.second_pass = RiderSearch(self._find_in_region, options)
 
     def _make(self, video: bool) -> Any:
@@ -943,7 +943,7 @@ class MediaPipePersonDetector:
     def _find_in_region(self, rgb: np.ndarray) -> list[Person]:
         height, width = rgb.shape[:2]
         box, score, _ = person_from_landmarks(self._region.process(rgb), height, width, self.BOX_MARGIN)
-        return [] if box is None else [{"bbox_xyxy": box, "score": score, "keypoints_2d": []}]
+        return [] if box is None else [{"bbox_xyxy": box, "score": score}]
 
     def _instances(self, pose: Any, bgr: np.ndarray, follow: bool) -> dict:
         import torch

@@ -4,12 +4,12 @@ plus world coordinates in metres (hip-centred). mediapipe==0.10.21 ships only th
 from __future__ import annotations
 
 import os
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
 from gpu_worker.engines.base import Engine, FrameOut, LoadStage, Person
-from gpu_worker.engines.roi import RiderSearch
+from gpu_worker.engines.roi import RiderSearch, min_detection_confidence
 from gpu_worker.errors import WeightsMissing
 
 LANDMARK_NAMES = [
@@ -57,19 +57,17 @@ class MediaPipeEngine(Engine):
                 raise WeightsMissing(f"{path} missing or truncated: reinstall mediapipe==0.10.21 "
                                      "(the last release that bundles its pose models)")
 
-    def _new_pose(self, static: bool, min_detection_confidence: float = 0.0):
+    def _new_pose(self, static: bool, detection_confidence: Optional[float] = None):
+        if detection_confidence is None:
+            detection_confidence = float(self.options.get("min_detection_confidence", 0.5))
         return self._mp.solutions.pose.Pose(
             static_image_mode=static, model_complexity=1, smooth_landmarks=True,
-            min_detection_confidence=min_detection_confidence or float(self.options.get("min_detection_confidence",
-                                                                                        0.5)),
+            min_detection_confidence=detection_confidence,
             min_tracking_confidence=float(self.options.get("min_tracking_confidence", 0.5)))
 
     def _build(self) -> None:
         self._image_pose = self._new_pose(static=True)
-        # The second pass looks where a rider is likely (where one just was, or a tile enlarged), so it
-        # accepts a weaker detection: 0.3 finds all 7 first-pass misses of the shared clip, 0.5 finds 3.
-        self._region_pose = self._new_pose(static=True, min_detection_confidence=float(
-            self.options.get("second_pass_min_detection_confidence", 0.3)))
+        self._region_pose = self._new_pose(static=True, detection_confidence=min_detection_confidence(self.options))
 
     def _warm_up(self) -> None:
         # runs the pose detector graph once, so a broken runtime fails here and not on frame 0
