@@ -16,6 +16,7 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from pose_common.ledger import Ledger, SqlLedger  # noqa: E402
 from pose_common.ledger_pg import PgLedger  # noqa: E402
+
 from support import PostgresServer  # noqa: E402
 
 PERSON = {"track_id": 1, "score": 0.93, "bbox_xyxy": [100.5, 40.25, 180.0, 300.75],

@@ -9,7 +9,6 @@ import json
 import sys
 import tempfile
 import threading
-import time
 import urllib.request
 from pathlib import Path
 
@@ -19,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
 from bench.__main__ import repeat_clip  # noqa: E402
+
 from support import SHARED_DATA, Stack, http, wait_for  # noqa: E402
 
 

@@ -30,12 +30,28 @@ class GatewayConfig:
     idle_timeout_s: float = 15.0
     # a request body that sends nothing for this long ends in 408
     body_timeout_s: float = 30.0
-    # open connections beyond this are answered 503 and closed
+    # ... and a body still arriving this long after its request's head ends in 408 (body_deadline) ...
+    body_deadline_s: float = 3600.0
+    # ... as does one arriving slower than this on average, judged once it has had body_rate_grace_s
+    # (body_too_slow; 0 = no minimum rate). Close to the connection limit, slow bodies are cut first
+    body_min_bytes_per_s: int = 16384
+    body_rate_grace_s: float = 10.0
+    # a multipart body may have at most this many parts (413 too_many_parts) ...
+    max_form_parts: int = 32
+    # ... and what is held in memory of it, every part but the uploaded video (streamed to disk under
+    # max_upload_mb) - form fields, /pose/hybrid's image - at most this much together (413 too_large)
+    max_form_memory_mb: int = 8
+    # open connections beyond this are answered 503 and closed; above evict_idle_above x this many,
+    # each new connection first closes the oldest idle one (never-used ones before kept-alive ones)
     max_connections: int = 256
+    evict_idle_above: float = 0.75
     # POST /process_video (synchronous) waits this long for the job, then answers 504 with its id
     sync_timeout_s: float = 3600.0
     # GET /warmup waits this long for the models (the backend gives up after 120 s)
     warmup_timeout_s: float = 110.0
+    # POST /process_video: a result of at most this many frames carries each frame's overlay as a JPEG
+    # (frames[i].image_base64, the app's carousel); a longer one leaves it out and says so
+    inline_frame_images_max: int = 30
 
 
 @dataclass
@@ -63,8 +79,16 @@ class JobsConfig:
 
 @dataclass
 class SupervisorConfig:
+    # Liveness counts the worker's run time: wall time less the time its threads waited for a CPU
+    # (Linux schedstat), so a machine under load makes the worker slow, never "hung".
+    # No heartbeat for heartbeat_s x liveness_misses of run time is a hang ...
     heartbeat_s: float = 1.0
     liveness_misses: int = 3
+    # ... unless the worker used the CPU for at least this fraction of that time (native code holding
+    # the GIL starves the heartbeat thread): then only its progress deadline judges it, or, in a
+    # state without one, busy_silence_s of run time
+    busy_cpu_fraction: float = 0.5
+    busy_silence_s: float = 60.0
     # after SIGABRT (faulthandler dump) wait this long before SIGKILL
     abort_grace_s: float = 3.0
     # a worker asked to stop (reload, cancel, shutdown) that is still alive after this is SIGKILLed
@@ -113,6 +137,16 @@ class EngineConfig:
     name: str = "mediapipe"
     device: str = "auto"
     options: dict[str, Any] = field(default_factory=dict)
+    # a single image (/pose/hybrid) is reduced to this longest side before the engine and its second
+    # pass see it (a JPEG is decoded reduced); coordinates are mapped back to the original's pixels
+    image_max_side: int = 1920
+
+
+@dataclass
+class AnglesConfig:
+    # a joint angle is computed only from joints seen at least this well (visibility 0..1); below it
+    # the angle is null (legacy joint_angles_3d / jointAngles, the report's plot), never a guess
+    min_visibility: float = 0.5
 
 
 @dataclass
@@ -160,3 +194,4 @@ class Config:
     fault: FaultConfig = field(default_factory=FaultConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     ledger: LedgerConfig = field(default_factory=LedgerConfig)
+    angles: AnglesConfig = field(default_factory=AnglesConfig)

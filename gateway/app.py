@@ -13,15 +13,20 @@ from aiohttp import web
 from gateway import apidoc, legacy, native, security
 from gateway.errors import BODY_LIMIT_KEY, LOG_KEY, json_errors
 from gateway.helpers import CFG_KEY, CLIENT_KEY
-from gateway.serving import GuardedRunner
+from gateway.serving import GuardedRunner, Traffic
 from gateway.store import READER_KEY, LedgerReader
 from pose_common.client import SupervisorClient
 from pose_common.logs import setup_logging
 
+TRAFFIC_KEY = web.AppKey("traffic", Traffic)
+
 
 def build_app(cfg) -> web.Application:
-    app = web.Application(middlewares=[json_errors, security.guard(cfg, security.read_token(cfg))],
+    traffic = Traffic()
+    app = web.Application(middlewares=[json_errors, traffic.watch_requests(cfg),
+                                       security.guard(cfg, security.read_token(cfg))],
                           client_max_size=cfg.gateway.max_json_mb << 20)
+    app[TRAFFIC_KEY] = traffic
     app[CFG_KEY] = cfg
     app[BODY_LIMIT_KEY] = cfg.gateway.max_json_mb << 20
     app[LOG_KEY] = setup_logging("gateway", cfg.log_level)
@@ -67,8 +72,9 @@ def main(cfg) -> int:
 async def serve(app: web.Application, cfg) -> None:
     """Serve until SIGTERM/SIGINT, then finish what is in flight (up to 10 s). Slow, idle and surplus
     connections are dealt with by gateway.serving."""
-    runner = GuardedRunner(app, max_connections=cfg.gateway.max_connections, shutdown_timeout=10,
-                           keepalive_timeout=cfg.gateway.idle_timeout_s, access_log=None)
+    runner = GuardedRunner(app, max_connections=cfg.gateway.max_connections,
+                           evict_idle_above=cfg.gateway.evict_idle_above, traffic=app[TRAFFIC_KEY],
+                           shutdown_timeout=10, keepalive_timeout=cfg.gateway.idle_timeout_s, access_log=None)
     await runner.setup()
     handed_over = os.environ.get("POSE_SERVICE_LISTEN_FD")  # the service manager's listening socket
     site = web.SockSite(runner, socket.socket(fileno=int(handed_over))) if handed_over else \

@@ -42,6 +42,16 @@ class ApiError(Exception):
         self.status, self.body, self.headers = status, error_body(status, message, **extra), headers or {}
 
 
+class BodyCut(TimeoutError):
+    """Set on a request's body stream when the body is too slow or too long (gateway.serving): each
+    read of it raises this. A TimeoutError, so aiohttp's lingering read after the answer takes it
+    for the timeout it is and closes the connection quietly."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message)
+        self.error = ApiError(408, message, code=code)
+
+
 def json_error(status: int, message: str, /, headers: Optional[dict] = None, **extra: Any) -> ApiError:
     """extra may hold a body field named status (the job's), apart from the HTTP status."""
     return ApiError(status, message, headers, **extra)
@@ -53,6 +63,8 @@ async def json_errors(request: web.Request, handler):
         return await handler(request)
     except ApiError as exc:
         return web.json_response(exc.body, status=exc.status, headers=exc.headers)
+    except BodyCut as exc:
+        return web.json_response(exc.error.body, status=exc.error.status)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

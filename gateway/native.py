@@ -7,20 +7,31 @@ import asyncio
 import json
 import math
 import os
+import re
 import sys
 import time
 from typing import Optional
 
 from aiohttp import web
+from multidict import CIMultiDict
 
 from configs import ledger_path, results_dir
 from gateway.errors import LOG_KEY, json_error, with_code
-from gateway.helpers import (accept_video_path, ask, config, finished_job, job_status, live, load_result,
-                             parse_max_frames, read_json_body, receive_upload)
+from gateway.helpers import (
+    accept_video_path,
+    ask,
+    config,
+    finished_job,
+    job_status,
+    live,
+    load_result,
+    parse_max_frames,
+    read_json_body,
+    receive_upload,
+)
 from gateway.store import reader
-from pose_common import results
+from pose_common import faults, results
 from pose_common.client import Unavailable
-from pose_common import faults
 from pose_common.views import job_view
 
 routes = web.RouteTableDef()
@@ -29,6 +40,7 @@ FOLLOW_POLL_S = 0.25          # how often a following stream looks for new frame
 SSE_KEEPALIVE_S = 15.0        # a comment line keeps idle proxies from closing the event stream
 STREAM_LIMIT_S = 6 * 3600.0   # no stream is held open longer than this
 JOB_STATES = ("queued", "running", "rendering", "done", "error")
+DRILL_DEFAULT_AT = "frame:0"  # only when `at` is absent; a present one must be one of the documented forms
 
 
 def job_public(job: dict) -> dict:
@@ -187,23 +199,60 @@ async def get_overlay(request: web.Request) -> web.StreamResponse:
 
 
 def file_response(request: web.Request, path: str, content_type: str) -> web.FileResponse:
-    """A file with range requests; a Range it cannot serve is a JSON 416 (aiohttp's own is empty)."""
-    size = os.path.getsize(path)
-    if "Range" in request.headers and not range_satisfiable(request, size):
-        raise json_error(416, f"the Range header does not fit this file of {size} bytes (one range, bytes=a-b)",
-                         headers={"Content-Range": f"bytes */{size}"}, code="range_not_satisfiable")
-    return web.FileResponse(path, headers={"Content-Type": content_type})
+    """A file with range requests per RFC 9110: one satisfiable range is a 206, an unsatisfiable one a
+    JSON 416 (aiohttp's own is empty), and a Range this does not understand (another unit, a
+    malformed or an inverted range, several ranges) is ignored: 200 with the whole file."""
+    stat = os.stat(path)
+    wanted = understood_range(request.headers.get("Range"))
+    if wanted is not None and range_applies(request, stat.st_mtime) and not range_satisfiable(wanted, stat.st_size):
+        raise json_error(416, f"the Range header does not fit this file of {stat.st_size} bytes",
+                         headers={"Content-Range": f"bytes */{stat.st_size}"}, code="range_not_satisfiable")
+    ignore_range = "Range" in request.headers and wanted is None
+    return RangeFileResponse(path, ignore_range, headers={"Content-Type": content_type})
 
 
-def range_satisfiable(request: web.Request, size: int) -> bool:
-    try:
-        wanted = request.http_range
-    except ValueError:  # not one well-formed range
-        return False
-    start = wanted.start
-    if start is None or start < 0:  # everything, or a suffix: always something to send
-        return size > 0 or start is None
-    return start < size and (wanted.stop is None or wanted.stop > start)
+BYTE_RANGE = re.compile(r"bytes=(?:(\d+)-(\d*)|-(\d+))", re.ASCII | re.IGNORECASE)
+
+
+def understood_range(header: Optional[str]) -> Optional[tuple[Optional[int], Optional[int]]]:
+    """One byte range -> (first, last) for `first-[last]`, (None, length) for a suffix `-length`;
+    None for no header or one to ignore (another unit, malformed, last before first, a list)."""
+    match = BYTE_RANGE.fullmatch(header or "")
+    if not match:
+        return None
+    first, last, suffix = match.groups()
+    if suffix is not None:
+        return None, int(suffix)
+    if last and int(last) < int(first):
+        return None
+    return int(first), int(last) if last else None
+
+
+def range_satisfiable(wanted: tuple[Optional[int], Optional[int]], size: int) -> bool:
+    first, last_or_length = wanted
+    if first is None:  # a suffix: satisfiable when it asks for at least one byte of a non-empty file
+        return last_or_length > 0 and size > 0
+    return first < size
+
+
+def range_applies(request: web.Request, mtime: float) -> bool:
+    """If-Range as aiohttp applies it: no If-Range, or the file unchanged since that date."""
+    if_range = request.if_range
+    return if_range is None or mtime <= if_range.timestamp()
+
+
+class RangeFileResponse(web.FileResponse):
+    """aiohttp's file response, told to serve the whole file when the Range header is one to ignore."""
+
+    def __init__(self, path: str, ignore_range: bool, **kwargs):
+        super().__init__(path, **kwargs)
+        self.ignore_range = ignore_range
+
+    async def prepare(self, request: web.BaseRequest):
+        if self.ignore_range:
+            request = request.clone(headers=CIMultiDict((k, v) for k, v in request.headers.items()
+                                                        if k.lower() != "range"))
+        return await super().prepare(request)
 
 
 def query_flag(request: web.Request, name: str) -> bool:
@@ -286,11 +335,18 @@ async def metrics(request: web.Request) -> web.Response:
 async def drill(request: web.Request) -> web.Response:
     body = await read_json_body(request)
     try:
-        kind, at = faults.check(body.get("kind"), body.get("at") or "frame:0")
+        kind, at = faults.check(body.get("kind"), drill_at(body))
     except faults.BadFault as exc:
         raise json_error(400, str(exc), code="bad_drill") from None
     status, reply = await ask(request, "drill", fault=kind, at=at)
     return web.json_response(with_code(reply, status), status=status)
+
+
+def drill_at(body: dict):
+    """`at` as sent (absent: the default). A trailing newline is no documented form either, though
+    the grammar's `$` would let it by."""
+    at = body.get("at", DRILL_DEFAULT_AT)
+    return None if isinstance(at, str) and at != at.strip() else at
 
 
 @routes.post("/v1/reload")

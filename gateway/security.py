@@ -6,12 +6,16 @@
   state-changing method (a cross-site form POST). The Node backend sends no Origin. CORS headers are
   sent only for the origins configured in `gateway.allowed_origins`.
 - With `gateway.auth_token` (or the environment variable, or the file), every route but the
-  liveness ones needs `Authorization: Bearer <token>`, compared in constant time."""
+  liveness ones needs `Authorization: Bearer <token>`, compared as bytes in constant time. A token
+  is visible ASCII (what a header carries unchanged); any other credentials, whatever bytes the
+  header holds, are a 401, and a configured token that is blank or not visible ASCII refuses to start."""
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import os
+import re
 from typing import Optional
 
 from aiohttp import web
@@ -24,6 +28,7 @@ OPEN_ROUTES = frozenset({"/health", "/v1/health"})  # liveness, for probes that 
 TOKEN_ENV = "POSE_SERVICE_TOKEN"
 CORS_METHODS = "GET, POST, DELETE, OPTIONS"
 CORS_HEADERS = "Authorization, Content-Type, Idempotency-Key, Last-Event-ID"
+TOKEN_SHAPE = re.compile(r"[\x21-\x7e]+")  # visible ASCII, no spaces: survives any header encoding
 
 
 def host_name(host_header: str) -> str:
@@ -53,28 +58,50 @@ def host_allowed(host_header: Optional[str], allowed: list[str]) -> bool:
 
 
 class TokenUnreadable(ValueError):
-    pass
+    """The configured token cannot be used: its file is unreadable or empty, or it is blank or malformed."""
 
 
 def read_token(cfg) -> Optional[str]:
-    """gateway.auth_token, else $POSE_SERVICE_TOKEN, else the first line of gateway.auth_token_file."""
-    token = cfg.gateway.auth_token or os.environ.get(TOKEN_ENV)
-    if token or not cfg.gateway.auth_token_file:
-        return token or None
+    """gateway.auth_token, else $POSE_SERVICE_TOKEN, else the first line of gateway.auth_token_file.
+    A value that is set but blank is refused (it would admit nobody, or look like a lock that is not
+    there); an empty environment variable counts as unset, as shells use it."""
+    if cfg.gateway.auth_token is not None:
+        return checked_token(cfg.gateway.auth_token, "gateway.auth_token")
+    if os.environ.get(TOKEN_ENV):
+        return checked_token(os.environ[TOKEN_ENV], f"${TOKEN_ENV}")
+    if not cfg.gateway.auth_token_file:
+        return None
     path = os.path.expanduser(cfg.gateway.auth_token_file)
     try:
         with open(path) as fh:
             token = fh.readline().strip()
-    except OSError as exc:
-        raise TokenUnreadable(f"gateway.auth_token_file={path} cannot be read ({exc.strerror})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = getattr(exc, "strerror", None) or "not text"
+        raise TokenUnreadable(f"gateway.auth_token_file={path} cannot be read ({reason})") from None
     if not token:
         raise TokenUnreadable(f"gateway.auth_token_file={path} is empty")
+    return checked_token(token, f"gateway.auth_token_file={path}")
+
+
+def checked_token(token: str, source: str) -> str:
+    token = str(token).strip()
+    if not token:
+        raise TokenUnreadable(f"{source} is blank: set a real token or leave it unset")
+    if not TOKEN_SHAPE.fullmatch(token):
+        raise TokenUnreadable(f"{source} must be visible ASCII characters without spaces "
+                              "(e.g. the output of `python -c 'import secrets; print(secrets.token_urlsafe(32))'`)")
     return token
 
 
 def bearer_matches(header: Optional[str], token: str) -> bool:
-    scheme, _, given = (header or "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+    """`Bearer <token>`, compared as bytes in constant time (digests, so the length is not told
+    either). Whatever else the header holds, undecodable bytes included, is simply no match."""
+    scheme, _, given = (header or "").strip(" \t").partition(" ")
+    given = given.strip(" \t")
+    if scheme.lower() != "bearer" or not TOKEN_SHAPE.fullmatch(given):
+        return False
+    return hmac.compare_digest(hashlib.sha256(given.encode("ascii")).digest(),
+                               hashlib.sha256(token.encode("ascii")).digest())
 
 
 def guard(cfg, token: Optional[str]):
@@ -118,7 +145,10 @@ def check_token(request: web.Request, token: Optional[str]) -> None:
 
 
 def origin_allowed(origin: str, request: web.Request, allowed: set[str]) -> bool:
-    """A configured origin, or the service's own pages (same origin: the Host was checked first)."""
+    """A configured origin, or the service's own pages (same origin: the Host was checked first).
+    Only a visible-ASCII origin is echoed back in a response header."""
+    if not TOKEN_SHAPE.fullmatch(origin):
+        return False
     origin = origin.rstrip("/").lower()
     return origin in allowed or origin == f"{request.scheme}://{request.host}".lower()
 

@@ -5,7 +5,6 @@ import os
 import re
 from typing import Sequence
 
-
 from gateway.errors import json_error
 from pose_common.limits import NotAnImage, TooLarge, check_image
 from pose_common.paths import PathRefused, open_inside, resolve_inside
@@ -84,14 +83,15 @@ def safe_suffix(filename: str | None) -> str:
     return ext if re.fullmatch(r"\.[a-z0-9]{1,5}", ext) else ".bin"
 
 
-async def save_upload(field, directory: str, max_bytes: int, within) -> str:
-    """Stream one multipart file to `directory`; a refused or stalled upload leaves nothing behind."""
+async def save_upload(field, directory: str, max_bytes: int, within, room=None) -> str:
+    """Stream one multipart file to `directory`; a refused or stalled upload leaves nothing behind.
+    `room()`, when given, is asked after each chunk whether the storage can take more (it raises)."""
     import uuid
 
     os.makedirs(directory, mode=0o700, exist_ok=True)
     path = os.path.join(directory, uuid.uuid4().hex + safe_suffix(field.filename))
     try:
-        size = await _copy(field, path, max_bytes, within)
+        size = await _copy(field, path, max_bytes, within, room or (lambda: None))
     except BaseException:
         if os.path.exists(path):
             os.unlink(path)
@@ -102,7 +102,7 @@ async def save_upload(field, directory: str, max_bytes: int, within) -> str:
     return path
 
 
-async def _copy(field, path: str, max_bytes: int, within) -> int:
+async def _copy(field, path: str, max_bytes: int, within, room) -> int:
     size = 0
     with open(path, "wb") as out:
         while chunk := await within(field.read_chunk(1 << 20)):
@@ -111,6 +111,5 @@ async def _copy(field, path: str, max_bytes: int, within) -> int:
                 raise json_error(413, f"upload larger than {max_bytes // (1 << 20)} MB (gateway.max_upload_mb)",
                                  code="too_large", limit_bytes=max_bytes)
             out.write(chunk)
+            room()
     return size
-
-

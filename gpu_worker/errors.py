@@ -12,12 +12,22 @@ class WeightsMissing(FileNotFoundError):
     """A file an engine needs is absent or truncated; the message says which and where to get it."""
 
 
+class TrackerStateLost(RuntimeError):
+    """A tracker step failed after it may have changed the tracks (a CUDA out-of-memory inside PHALP's
+    update): running it again would update twice, so the worker dies as for the error that caused
+    it and its replacement rebuilds the tracks from the stored frames (the resume path)."""
+
+    def __init__(self, message: str, cuda_oom: bool = True):
+        super().__init__(message)
+        self.cuda_oom = cuda_oom
+
+
 def _class_names(exc: BaseException) -> set[str]:
     return {cls.__name__ for cls in type(exc).__mro__}
 
 
 def is_cuda_oom(exc: BaseException) -> bool:
-    return "OutOfMemoryError" in _class_names(exc)
+    return "OutOfMemoryError" in _class_names(exc) or bool(getattr(exc, "cuda_oom", False))
 
 
 def is_sticky_cuda(exc: BaseException) -> bool:

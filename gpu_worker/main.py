@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import faulthandler
 import json
-import math
 import os
 import resource
 import signal
@@ -17,27 +16,30 @@ import traceback
 from dataclasses import dataclass
 from typing import Any, Optional
 
+import msgspec
 import numpy as np
 import psutil
 import structlog
 import zmq
 
 from configs import read_config, video_roots
-from pose_common import exitcodes
 from gpu_worker.engines import build_engine
 from gpu_worker.engines.base import Engine, FrameOut
 from gpu_worker.engines.fault import FaultPlan
 from gpu_worker.errors import classify, free_cuda_cache, is_cuda_oom
 from gpu_worker.gpu import gpu_memory_used
+from gpu_worker.images import decode_for_engine, to_original
 from gpu_worker.track_ids import Resume
-from pose_common.limits import check_image
-from pose_common.paths import PathRefused, open_inside
-from pose_common.video import TruncatedVideo, VideoError, frames, user_reason
+from pose_common import exitcodes
 from pose_common import protocol as P
 from pose_common.children import die_with_parent
+from pose_common.logs import setup_logging
+from pose_common.numbers import finite
+from pose_common.paths import PathRefused, open_inside
 from pose_common.runtime import RuntimeDir
 from pose_common.sampling import sampled_indices
-from pose_common.logs import setup_logging
+from pose_common.video import TruncatedVideo, VideoError, frames, user_reason
+
 
 class Dying(Exception):
     """Raised to leave the worker with a reported cause and a chosen exit code."""
@@ -169,43 +171,45 @@ class Worker:
         while True:
             if not self.sock.poll(1000):
                 continue
-            env = self.receive()
-            if env is None:
-                continue
-            self.handle(env)
+            received = self.receive()
+            if received is not None:
+                self.handle(*received)
 
-    def receive(self) -> Optional[P.Envelope]:
+    def receive(self) -> Optional[tuple[P.Envelope, P.Body]]:
+        """The next message from the supervisor, checked against its schema; what does not fit is
+        dropped and logged."""
         try:
-            return P.unpack(self.sock.recv_multipart(copy=False))
+            env = P.unpack(self.sock.recv_multipart(copy=False))
+            if env.type not in P.TO_WORKER:
+                raise P.ProtocolError(f"{env.type[:40]!r} is not for the worker")
+            return env, P.parse(env)
         except P.ProtocolError as exc:
             self.log.warning("dropped_message", reason=str(exc))
             return None
 
-    def handle(self, env: P.Envelope) -> None:
-        if env.type == P.T.RUN_JOB:
-            self.run_job(env)
-        elif env.type == P.T.RUN_IMAGE:
+    def handle(self, env: P.Envelope, body: P.Body) -> None:
+        if isinstance(body, P.RunJob):
+            self.run_job(env, body)
+        elif isinstance(body, P.RunImage):
             self.run_image(env)
-        elif env.type == P.T.ARM_FAULT:
-            self.engine.arm(FaultPlan(env.body["fault"], env.body.get("at") or "frame:0", env.body.get("times", 1),
-                                      self.cfg.runtime_dir, float(env.body["hang_s"])))
+        elif isinstance(body, P.ArmFault):
+            self.engine.arm(FaultPlan(body.fault, body.at, body.times, self.cfg.runtime_dir, body.hang_s))
 
     # --- jobs -----------------------------------------------------------------------------------
-    def run_job(self, env: P.Envelope) -> None:
-        body = env.body
+    def run_job(self, env: P.Envelope, body: P.RunJob) -> None:
         self.job = env.job
         structlog.contextvars.bind_contextvars(job_id=self.job)
         log = self.log
-        poison = {int(k): v for k, v in (body.get("poison") or {}).items()}
-        start = int(body.get("start_frame") or 0)
-        self.resume = Resume.from_run_job(body, start)
+        poison = {int(k): v for k, v in body.poison.items()}
+        start = body.start_frame
+        self.resume = Resume.from_run_job(msgspec.structs.asdict(body), start)
         self.held_pts = {}
-        log.info("job_start", path=body["path"], start_frame=start, poison=sorted(poison),
+        log.info("job_start", path=body.path, start_frame=start, poison=sorted(poison),
                  warm_from=self.resume and self.resume.warm_from)
         progress = JobProgress(decoded=start)
         try:
-            with open_inside(body["path"], video_roots(self.cfg)) as readable:  # checked again on every attempt
-                self.process_video(readable, start, poison, body.get("max_frames"), progress)
+            with open_inside(body.path, video_roots(self.cfg)) as readable:  # checked again on every attempt
+                self.process_video(readable, start, poison, body.max_frames, progress)
             if not progress.began:
                 raise VideoError(f"no frame at or after {start}")
             self.send(P.T.JOB_DONE, job=self.job, frames_decoded=progress.decoded, peak_rss=peak_rss())
@@ -286,28 +290,30 @@ class Worker:
         """Between two frames of a video: answer single-image requests (their own model state),
         arm faults, and stop the job if the supervisor cancelled it."""
         while self.sock.poll(0):
-            env = self.receive()
-            if env is None:
+            received = self.receive()
+            if received is None:
                 continue
-            if env.type == P.T.STOP_JOB and env.job == self.job:
+            env, body = received
+            if isinstance(body, P.StopJob) and env.job == self.job:
                 raise JobStopped(self.job)
-            if env.type in (P.T.RUN_IMAGE, P.T.ARM_FAULT):
-                self.handle(env)
+            if isinstance(body, (P.RunImage, P.ArmFault)):
+                self.handle(env, body)
 
     def run_image(self, env: P.Envelope) -> None:
         started = time.monotonic()
         try:
-            rgb = _decode_image(P.blob_bytes(env.blobs[0]), self.cfg.gateway.max_image_pixels)
+            image = decode_for_engine(P.blob_bytes(env.blobs[0]), self.cfg.gateway.max_image_pixels,
+                                      int(self.cfg.engine.image_max_side))
         except ValueError as exc:
             # req belongs on the envelope (send() would put it in the body, and the reply would be lost)
             self.sock.send_multipart(P.pack(P.Envelope(P.T.IMAGE_DONE, {"error": str(exc), "code": 400},
                                                        gen=self.generation, req=env.req)))
             return
         try:
-            persons = self.engine.infer_image(rgb)
+            persons = to_original(self.engine.infer_image(image.rgb), image)
         except Exception as exc:
             raise self.dying_from(exc, during_load=False) from None
-        body = {"persons": finite(persons), "width": rgb.shape[1], "height": rgb.shape[0],
+        body = {"persons": finite(persons), "width": image.width, "height": image.height,
                 "engine": self.engine.describe(), "joint_names": self.engine.joint_names,
                 "ms": round((time.monotonic() - started) * 1000, 2)}
         env_out = P.Envelope(P.T.IMAGE_DONE, body, gen=self.generation, req=env.req)
@@ -344,30 +350,6 @@ def only_sampled(decoded, max_frames: Optional[int]):
 
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def finite(value: Any) -> Any:
-    """NaN/inf become None: results are JSON, and JSON has no NaN."""
-    if isinstance(value, float):
-        return value if math.isfinite(value) else None
-    if isinstance(value, list):
-        return [finite(v) for v in value]
-    if isinstance(value, dict):
-        return {k: finite(v) for k, v in value.items()}
-    return value
-
-
-def _decode_image(data: bytes, max_pixels: int) -> np.ndarray:
-    """Header first (a small file may declare a huge image), then the pixels."""
-    import cv2
-    check_image(data, max_pixels)
-    try:
-        array = cv2.imdecode(np.frombuffer(data, dtype=np.uint8), cv2.IMREAD_COLOR)
-    except cv2.error:  # e.g. an empty buffer: a bad request, not a reason for the worker to die
-        array = None
-    if array is None:
-        raise ValueError("Failed to decode image: not a JPEG/PNG/BMP/WebP image")
-    return cv2.cvtColor(array, cv2.COLOR_BGR2RGB)
 
 
 def _delta(after: Optional[int], before: Optional[int]) -> Optional[int]:

@@ -68,5 +68,4 @@ class SupervisorClient:
             raise Unavailable(f"supervisor did not answer within {timeout:g}s") from None
         finally:
             self.pending.pop(req, None)
-        status = int(env.body.pop("status", 200))
-        return status, env.body
+        return (env.status if env.status is not None else 200), env.body

@@ -10,7 +10,7 @@ from typing import Optional
 KINDS = ("segfault", "abort", "bus_error", "kill", "exit", "hang", "raise", "cuda_oom",
          "cuda_sticky", "slow", "load_failure")
 AT_GRAMMAR = "start | image | stage:NAME | frame:N (N a non-negative integer) | supervisor (raise only)"
-_AT = re.compile(r"^(start|image|supervisor|stage:[A-Za-z_][A-Za-z0-9_]{0,63}|frame:(0|[1-9][0-9]{0,8}))$")
+_AT = re.compile(r"(start|image|supervisor|stage:[A-Za-z_][A-Za-z0-9_]{0,63}|frame:(0|[1-9][0-9]{0,8}))")
 SUPERVISOR = "supervisor"  # the supervisor's own loop: proves it restarts and resumes its jobs
 
 
@@ -26,7 +26,7 @@ def check_kind(kind: object) -> str:
 
 def check_at(at: object, stage_names: Optional[list[str]] = None) -> str:
     """`at` as a validated string. With `stage_names`, a stage must be one the engine has."""
-    if not isinstance(at, str) or not _AT.match(at):
+    if not isinstance(at, str) or not _AT.fullmatch(at):
         raise BadFault(f"at must be {AT_GRAMMAR}")
     if at.startswith("stage:") and stage_names is not None and at[6:] not in stage_names:
         raise BadFault(f"the engine has no stage {at[6:]!r}; its stages are {', '.join(stage_names)}")
@@ -38,10 +38,6 @@ def check(kind: object, at: object, stage_names: Optional[list[str]] = None) -> 
     if at == SUPERVISOR and kind != "raise":
         raise BadFault("only the raise fault can be injected into the supervisor's loop")
     return kind, at
-
-
-def frame_of(at: str) -> Optional[int]:
-    return int(at[6:]) if at.startswith("frame:") else None
 
 
 def counter_path(kind: str, at: str, counter_dir: str) -> str:

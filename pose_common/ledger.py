@@ -221,10 +221,18 @@ class SqlLedger:
                          " AND state IN ('running', 'rendering')",
                          (time.time() + lease_s, lease.job_id, lease.owner, lease.gen)) == 1
 
-    def release(self, lease: Lease) -> bool:
-        """Back to the queue (it resumes at the first unstored frame), for anyone to claim."""
-        return self.exec("UPDATE jobs SET state='queued', owner=NULL, lease_until=NULL WHERE job_id=? AND owner=?"
-                         " AND lease_gen=? AND state='running'", (lease.job_id, lease.owner, lease.gen)) == 1
+    def release(self, lease: Lease, charge_attempt: bool = True) -> bool:
+        """Back to the queue (it resumes at the first unstored frame), for anyone to claim. A job we
+        stopped on purpose (reload, drill, shutdown) gets its attempt back: only deaths use them up."""
+        refund = "" if charge_attempt else ", attempts=CASE WHEN attempts>0 THEN attempts-1 ELSE 0 END"
+        return self.exec(f"UPDATE jobs SET state='queued', owner=NULL, lease_until=NULL{refund} WHERE job_id=?"
+                         " AND owner=? AND lease_gen=? AND state='running'",
+                         (lease.job_id, lease.owner, lease.gen)) == 1
+
+    def attempt_causes(self, job_id: str) -> list[str]:
+        """Why each of the job's failed attempts ended, oldest first (the worker deaths under it)."""
+        return [event["data"].get("cause") or "unknown" for event in self.events_since(job_id, limit=10_000)
+                if event["type"] == "restart"]
 
     def queue(self) -> list[str]:
         return [r[0] for r in self.all("SELECT job_id FROM jobs WHERE state IN ('queued','running')"

@@ -5,7 +5,6 @@ concurrent supervisors claim different jobs, and a versioned schema migrated und
 lock at start. A lost connection raises LedgerUnavailable; the next call reconnects."""
 from __future__ import annotations
 
-import time
 from contextlib import contextmanager
 from typing import Optional, Sequence
 
@@ -103,15 +102,3 @@ class PgLedger(SqlLedger):
 def _first_line(exc: BaseException) -> str:
     return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
 
-
-def wait_for_database(url: str, timeout_s: float) -> None:
-    """For tools and tests: block until the server answers (or raise LedgerUnavailable)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            PgLedger(url, readonly=True).close()
-            return
-        except LedgerUnavailable:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)

@@ -70,6 +70,7 @@ class T:
 REQUESTS = frozenset({T.SUBMIT, T.STATUS, T.HEALTH, T.DIAGNOSTICS, T.METRICS, T.IMAGE, T.DRILL, T.RELOAD, T.CANCEL})
 WORKER_MESSAGES = frozenset({T.HELLO, T.HEARTBEAT, T.STAGE, T.READY, T.VIDEO, T.FRAME, T.JOB_DONE, T.JOB_FAILED,
                              T.INCIDENT, T.DYING, T.IMAGE_DONE})
+TO_WORKER = frozenset({T.RUN_JOB, T.RUN_IMAGE, T.ARM_FAULT, T.STOP_JOB})
 
 
 class ProtocolError(ValueError):
@@ -85,6 +86,7 @@ class Envelope:
     job: Optional[str] = None
     req: Optional[str] = None
     blobs: list[Any] = field(default_factory=list)
+    status: Optional[int] = None  # replies only: the HTTP-like status, beside the body, never in it
 
 
 _seq = itertools.count(1)
@@ -100,6 +102,8 @@ def pack(env: Envelope) -> list[Any]:
         "req": env.req,
         "body": env.body,
     }
+    if env.status is not None:
+        header["status"] = env.status
     return [msgpack.packb(header, use_bin_type=True), *env.blobs]
 
 
@@ -130,6 +134,7 @@ def unpack(parts: Sequence[Any]) -> Envelope:
         job=_str_or_none(header.get("job")),
         req=_str_or_none(header.get("req")),
         blobs=blobs,
+        status=_int_or_none(header.get("status")),
     )
 
 
@@ -259,12 +264,43 @@ class ImageDone(Body, kw_only=True):
     code: Optional[Annotated[int, Meta(ge=400, le=599)]] = None
 
 
+# --- supervisor -> worker ---------------------------------------------------------------------
+class RunJob(Body, kw_only=True):
+    path: Path
+    start_frame: Count = 0
+    max_frames: Optional[Annotated[int, Meta(ge=1, le=1_000_000)]] = None
+    poison: dict[str, Text] = {}              # frame index -> why it is skipped (it killed workers)
+    # resuming: frames from warm_from re-run to warm the tracker, ids mapped onto the stored ones
+    warm_from: Optional[Count] = None
+    stored_tracks: dict[str, list[list[float]]] = {}
+    next_track_id: Optional[Count] = None
+
+
+class RunImage(Body, kw_only=True):
+    pass
+
+
+class ArmFault(Body, kw_only=True):
+    fault: Literal[faults.KINDS]
+    at: str = "frame:0"
+    times: Optional[Annotated[int, Meta(ge=1)]] = 1
+    hang_s: Annotated[float, Meta(gt=0)] = 3600.0
+
+    def __post_init__(self) -> None:
+        faults.check(self.fault, self.at)
+
+
+class StopJob(Body, kw_only=True):
+    pass
+
+
 SCHEMAS: dict[str, type[Body]] = {
     T.SUBMIT: Submit, T.STATUS: JobRef, T.CANCEL: JobRef, T.HEALTH: Request, T.DIAGNOSTICS: Request,
     T.METRICS: Request, T.RELOAD: Request, T.IMAGE: ImageRequest, T.DRILL: DrillRequest,
     T.HELLO: Hello, T.HEARTBEAT: Heartbeat, T.STAGE: StageEvent, T.READY: Ready, T.VIDEO: VideoFound,
     T.FRAME: Frame, T.JOB_DONE: JobDone, T.JOB_FAILED: JobFailed, T.INCIDENT: Incident, T.DYING: DyingReport,
     T.IMAGE_DONE: ImageDone,
+    T.RUN_JOB: RunJob, T.RUN_IMAGE: RunImage, T.ARM_FAULT: ArmFault, T.STOP_JOB: StopJob,
 }
 
 
@@ -279,8 +315,8 @@ def parse(env: Envelope) -> Body:
         raise ProtocolError(f"{env.type}: {exc}") from None
 
 
-def reply(request: Envelope, status: int = 200, **body: Any) -> Envelope:
-    return Envelope(type=T.REPLY, req=request.req, job=request.job, body={"status": status, **body})
+def reply(request: Envelope, status: int = 200, /, **body: Any) -> Envelope:
+    return Envelope(type=T.REPLY, req=request.req, job=request.job, body=body, status=status)
 
 
 def _as_bytes(part: Any) -> bytes | memoryview:

@@ -4,7 +4,11 @@ coaching reads over time, the engine, and the job's restarts and crashes; for an
 stored meshes, a shaded render of a few frames. Plots are drawn by matplotlib, on the CPU, in
 whatever process builds the report (never the worker).
 
-`python -m pose_common.report LEDGER JOB_ID OUT.html` (LEDGER: the SQLite path or database URL)."""
+An angle is plotted only where the joints it needs are seen (pose_common.angles): a frame where the
+legs are out of view is a gap in the knee and hip curves, not MediaPipe's guess of them.
+
+`python -m pose_common.report LEDGER JOB_ID OUT.html [MIN_VISIBILITY]` (LEDGER: the SQLite path or
+database URL; MIN_VISIBILITY: angles.min_visibility, default 0.65)."""
 from __future__ import annotations
 
 import base64
@@ -15,7 +19,7 @@ import os
 import sys
 from typing import Optional
 
-from pose_common.angles import joint_angles, main_person
+from pose_common.angles import DEFAULT_MIN_VISIBILITY, main_person, person_angles
 from pose_common.drawing import number_or
 from pose_common.ledger import Job, SqlLedger
 from pose_common.ledger_open import open_ledger_at
@@ -25,14 +29,17 @@ MESH_FRAMES = 3
 MAX_INLINE_VIDEO_BYTES = 256 << 20
 
 
-def build_report(ledger: SqlLedger, job: Job, overlay: Optional[str]) -> str:
-    frames = list(_frame_facts(ledger, job))
+def build_report(ledger: SqlLedger, job: Job, overlay: Optional[str],
+                 min_visibility: float = DEFAULT_MIN_VISIBILITY) -> str:
+    frames = list(_frame_facts(ledger, job, min_visibility))
     names = job.engine().get("joint_names") or []
     found = sum(1 for f in frames if f["found"])
     second = [f["index"] for f in frames if f["second_pass"]]
     data = {"job_id": job.job_id, "frames": len(frames), "frames_with_person": found,
             "found": [int(f["found"]) for f in frames], "scores": [f["score"] for f in frames],
-            "second_pass": second}
+            "second_pass": second,
+            "angles": {name: [f["angles"].get(name) for f in frames] for name in PLOTTED_ANGLES},
+            "min_visibility": min_visibility}
     sections = [
         _summary(job, len(frames), found),
         _video(overlay),
@@ -41,7 +48,8 @@ def build_report(ledger: SqlLedger, job: Job, overlay: Optional[str]) -> str:
                 + (f" ({len(second)} of them by the second pass, which looks again where the first found nobody)."
                    if second else ".")),
         _figure("joint-angles", "Joint angles over time", _angles_svg(frames, names),
-                "Knees (hip–knee–ankle), hips (shoulder–hip–knee) and the spine's lean from vertical, degrees."),
+                "Knees (hip–knee–ankle), hips (shoulder–hip–knee) and the spine's lean from vertical, degrees; "
+                f"only where the engine sees the joints (visibility ≥ {min_visibility:g}), a gap elsewhere."),
         _mesh(ledger, job, frames),
         _incidents(ledger, job),
     ]
@@ -49,11 +57,11 @@ def build_report(ledger: SqlLedger, job: Job, overlay: Optional[str]) -> str:
                        body="\n".join(s for s in sections if s), data=json.dumps(data).replace("</", "<\\/"))
 
 
-def _frame_facts(ledger: SqlLedger, job: Job):
+def _frame_facts(ledger: SqlLedger, job: Job, min_visibility: float):
     names = job.engine().get("joint_names") or []
     for frame in ledger.iter_frames(job.job_id):
         person = main_person(frame["persons"])
-        angles = joint_angles(names, person.get("keypoints_3d") or []) if person else {}
+        angles = person_angles(person, names, min_visibility) if person else {}
         yield {"index": frame["frame_index"], "t": frame.get("pts_s"), "found": bool(frame["persons"]),
                "count": len(frame["persons"]), "score": number_or(person.get("score"), None) if person else None,
                "angles": angles, "error": frame.get("error"),
@@ -203,13 +211,14 @@ PAGE = """<!DOCTYPE html>
 """
 
 
-def write_report(ledger_location: str, job_id: str, out: str) -> str:
+def write_report(ledger_location: str, job_id: str, out: str,
+                 min_visibility: float = DEFAULT_MIN_VISIBILITY) -> str:
     ledger = open_ledger_at(ledger_location, readonly=True)
     try:
         job = ledger.job(job_id)
         if job is None:
             raise KeyError(job_id)
-        text = build_report(ledger, job, job.overlay_path)
+        text = build_report(ledger, job, job.overlay_path, min_visibility)
     finally:
         ledger.close()
     tmp = out + ".tmp"
@@ -221,10 +230,10 @@ def write_report(ledger_location: str, job_id: str, out: str) -> str:
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
-    if len(args) != 3:
-        print("usage: python -m pose_common.report LEDGER JOB_ID OUT.html", file=sys.stderr)
+    if len(args) not in (3, 4):
+        print("usage: python -m pose_common.report LEDGER JOB_ID OUT.html [MIN_VISIBILITY]", file=sys.stderr)
         return 2
-    write_report(*args)
+    write_report(*args[:3], *(float(v) for v in args[3:]))
     return 0
 
 

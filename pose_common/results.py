@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -35,7 +35,8 @@ def split_meshes(persons: list[dict]) -> dict[int, bytes]:
     for n, person in enumerate(persons):
         vertices = person.pop("vertices", None)
         if vertices is not None:
-            meshes[int(person.get("track_id", n))] = vertices if isinstance(vertices, bytes) else pack_vertices(vertices)
+            packed = vertices if isinstance(vertices, bytes) else pack_vertices(vertices)
+            meshes[int(person.get("track_id", n))] = packed
     return meshes
 
 
@@ -95,7 +96,3 @@ def write_result(path: str, job: Job, ledger: Ledger) -> None:
             out.write(chunk)
     os.replace(tmp, path)
 
-
-def load_result(path: Optional[str]) -> dict:
-    with open(path or "") as fh:
-        return json.load(fh)

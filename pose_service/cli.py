@@ -1,6 +1,7 @@
 """`pose-service VERB [options] [hydra overrides...]`.
 
-Verbs: serve, run, drill, diagnose, models verify (and supervisor / gateway, which serve starts).
+Verbs: serve, run, drill, diagnose, selftest, models verify|plan|import-smpl, install-service (and
+supervisor / gateway, which serve starts).
 Every verb takes Hydra overrides such as `gateway.port=5123 state_dir=/tmp/x engine.name=mediapipe`."""
 from __future__ import annotations
 
@@ -52,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     install.add_argument("--gpu", type=int, action="append", help="per-GPU units pose-service@N (repeatable)")
     install.add_argument("--unit-dir", default=None, help="write the units here instead of systemd's directory")
     install.add_argument("--no-start", action="store_true", help="write the units only")
+    install.add_argument("--no-token", action="store_true",
+                         help="give the service no token (any local user may then call every route)")
+    install.add_argument("--token-file", default=None,
+                         help="the token file to create or keep (default /etc/pose-service/token; a user unit's "
+                              "in ~/.config/pose-service; beside the units with --unit-dir)")
 
     models = verbs.add_parser("models", help="model files")
     models_verbs = models.add_subparsers(dest="models_verb", required=True)
@@ -59,6 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--engine", default=None)
     verify.add_argument("--detector", default=None, help="default: the configured hmr2_phalp rung's")
     verify.add_argument("--json", action="store_true")
+    import_smpl = models_verbs.add_parser("import-smpl", help="convert SMPLify's neutral pickle (chumpy) to plain "
+                                                                "numpy in the HMR2 and PHALP caches")
+    import_smpl.add_argument("path", help="basicModel_neutral_lbs_10_207_0_v1.0.0.pkl as downloaded")
+    plan = models_verbs.add_parser("plan", help="each rung's GPU memory need and the rung a card would start on")
+    plan.add_argument("--gpu-mb", type=int, default=None, help="the card's memory (default: NVML's total)")
+    plan.add_argument("--json", action="store_true")
+    selftest = verbs.add_parser("selftest", help="load and run every rung of the ladder on a built-in clip; "
+                                                 "a report to paste into an issue")
+    selftest.add_argument("--json", action="store_true")
+    selftest.add_argument("--out", default=None, help="also write the report here")
+    selftest.add_argument("--frames", type=int, default=12)
     return parser
 
 
@@ -103,9 +120,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.verb == "install-service":
         from pose_service.install import install_service
         return install_service(args)
+    if args.verb == "models" and args.models_verb == "import-smpl":
+        from pose_service.smpl_import import import_smpl_command
+        return import_smpl_command(args)
+    if args.verb == "models" and args.models_verb == "plan":
+        from pose_service.models_plan import plan_command
+        return plan_command(cfg, args)
     if args.verb == "models":
         from pose_service.commands import models_verify
         return models_verify(cfg, args)
+    if args.verb == "selftest":
+        from pose_service.selftest import selftest_command
+        return selftest_command(cfg, args)
     return 2
 
 
@@ -113,6 +139,7 @@ def served_host(cfg) -> str:
     """The address the gateway will really answer on: a listening socket handed to this process
     (systemd's socket unit, or serve's own to its gateway) wins over gateway.host."""
     import socket
+
     from pose_service.listener import HANDOVER_ENV, SD_LISTEN_FDS_START
 
     fd = os.environ.get(HANDOVER_ENV)

@@ -166,16 +166,32 @@ def print_summary(path: str, job: dict) -> None:
 
 
 # --- drill ----------------------------------------------------------------------------------------
+def daemon_auth(cfg) -> dict[str, str]:
+    """The Authorization header every verb that talks to the daemon sends: the token from
+    gateway.auth_token, $POSE_SERVICE_TOKEN or gateway.auth_token_file (none: no header)."""
+    from gateway.security import read_token
+
+    token = read_token(cfg)
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def drill(cfg, args) -> int:
     import urllib.request
 
+    from gateway.security import TokenUnreadable
+
     base = args.url or f"http://{cfg.gateway.host}:{cfg.gateway.port}"
     at = args.at or "frame:5"
+    try:
+        auth = daemon_auth(cfg)
+    except TokenUnreadable as exc:
+        print(f"drill: {exc}", file=sys.stderr)
+        return 2
 
     def call(method: str, path: str, body: Optional[dict] = None) -> tuple[int, dict]:
         data = json.dumps(body).encode() if body is not None else None
         request = urllib.request.Request(base + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})
+                                         headers={"Content-Type": "application/json", **auth})
         try:
             with urllib.request.urlopen(request, timeout=15) as response:
                 return response.status, json.loads(response.read())
@@ -193,7 +209,7 @@ def drill(cfg, args) -> int:
         from pose_service.democlip import make_demo_clip
         with tempfile.TemporaryDirectory() as tmp:
             clip = make_demo_clip(os.path.join(tmp, "drill.mp4"), frames=max(30, int(at[6:]) + 10))
-            status, job = upload(base + "/v1/jobs", clip)
+            status, job = upload(base + "/v1/jobs", clip, auth)
         print(f"drill job: {job.get('job_id') or job}")
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
@@ -210,7 +226,7 @@ def drill(cfg, args) -> int:
     return 1
 
 
-def upload(url: str, path: str) -> tuple[int, dict]:
+def upload(url: str, path: str, headers: Optional[dict] = None) -> tuple[int, dict]:
     """multipart/form-data POST of one file as field `video` (stdlib only)."""
     import urllib.request
     import uuid
@@ -221,7 +237,8 @@ def upload(url: str, path: str) -> tuple[int, dict]:
                    f"filename=\"{os.path.basename(path)}\"\r\nContent-Type: video/mp4\r\n\r\n").encode() \
             + fh.read() + f"\r\n--{boundary}--\r\n".encode()
     request = urllib.request.Request(url, data=payload, method="POST",
-                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
+                                     headers={"Content-Type": f"multipart/form-data; boundary={boundary}",
+                                              **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.loads(response.read())
@@ -255,7 +272,8 @@ def diagnose(cfg, args) -> int:
         if code != 0 or not report.get("ok"):
             cause = decode_exit(Death(returncode=code, reported=report if report.get("cause") else None,
                                       stage=report.get("stage"), stderr_tail=stderr,
-                                      killed_by_us="hang: stage deadline" if code == -9 and not report.get("cause") else None,
+                                      killed_by_us=("hang: stage deadline" if code == -9 and not report.get("cause")
+                                                    else None),
                                       system_memory=hostinfo.system_memory()))
             row.update(result="failed", cause=cause.kind, summary=cause.summary, remedy=cause.remedy)
             failed = row
@@ -333,20 +351,14 @@ def models_verify(cfg, args) -> int:
                 print(f"               {row['problem']}")
             if row["status"] != "present":
                 print(f"               get it: {row['source']}")
-    return 0 if all(r["status"] == "present" for r in rows) else 1
+    return 0 if all(r["status"] == "present" or r.get("optional") for r in rows) else 1
 
 
 def hmr2_phalp_assets(cfg, detector: Optional[str]) -> list[dict]:
-    """The files the configured hmr2_phalp rung reads (its detector, appearance and cache options,
+    """The files the configured hmr2_phalp rungs read (their detectors, appearance and cache options,
     as the engine applies them), checked by the same function as the engine's weights stage."""
-    from configs import rungs
-    from gpu_worker.engines.hmr2_phalp import Settings, asset_rows
-
-    rung = next((r for r in rungs(cfg) if r["engine"] == "hmr2_phalp"),
-                {"engine": "hmr2_phalp", "device": "cuda", "options": {}})
-    options = {**(rung.get("options") or {}), **({"detector": detector} if detector else {})}
-    device_type = "cuda" if str(rung.get("device", "cuda")).startswith("cuda") else "cpu"
-    return asset_rows(Settings.from_options(options), device_type)
+    from pose_service.hmr2_verify import hmr2_phalp_rows
+    return hmr2_phalp_rows(cfg, detector)
 
 
 def mediapipe_assets() -> list[dict]:

@@ -13,31 +13,29 @@ import signal
 import socket
 import time
 import uuid
-from collections import Counter, deque
-from contextlib import contextmanager
-from dataclasses import dataclass
+from collections import Counter
 from typing import Any, Optional
 
 import structlog
 import zmq
 
-from configs import dump_config, ledger_path, rungs, video_roots
-from pose_common import exitcodes, faults, statelock
+from configs import dump_config, ledger_path, rungs
+from pose_common import exitcodes, statelock
 from pose_common import protocol as P
-from pose_common.hostinfo import gpu_facts, host_facts, package_versions
 from pose_common.ledger import LedgerUnavailable
 from pose_common.ledger_open import open_ledger
 from pose_common.logs import setup_logging
-from pose_common.paths import PathRefused, resolve_inside
 from pose_common.runtime import RuntimeDir
+from supervisor import views
+from supervisor.causes import Ending
 from supervisor.jobs import JobRunner, PendingImages
 from supervisor.metrics import Metrics
+from supervisor.outage import LedgerKeeper
 from supervisor.process import Spawner, kill_stale_worker
 from supervisor.reports import death_report, incident_report
+from supervisor.requests import RequestHandlers
 from supervisor.retention import Retention
-from supervisor.slot import Ending, WorkerSlot
-
-JOB_MESSAGES = frozenset({P.T.VIDEO, P.T.FRAME, P.T.JOB_DONE, P.T.JOB_FAILED})
+from supervisor.slot import WorkerSlot
 
 
 class Supervisor:
@@ -53,8 +51,7 @@ class Supervisor:
         self.runtime.prepare()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
         self.ledger = open_ledger(cfg.ledger.url, ledger_path(cfg))
-        self.outage: Optional[Outage] = None
-        self.unwritten_reports: deque = deque(maxlen=100)
+        self.keeper = LedgerKeeper(self.ledger, self.log, self.ledger_lost)
         self.ctx = zmq.Context()
         ends = P.endpoints(cfg.runtime_dir)
         self.front = P.bind_router(self.ctx, ends.gateway)
@@ -67,10 +64,14 @@ class Supervisor:
         self.slot = WorkerSlot(cfg, rungs(cfg), spawner, self, self.next_generation, self.log, metrics=self.metrics)
         self.jobs = JobRunner(cfg, self.ledger, self.slot, self.send_worker, self.log, self.owner)
         self.images = PendingImages(self.reply)
+        self.requests = RequestHandlers(self)
+        self.job_messages = {P.T.VIDEO: self.jobs.on_video, P.T.FRAME: self.jobs.on_frame,
+                             P.T.JOB_DONE: self.jobs.on_done, P.T.JOB_FAILED: self.jobs.on_failed}
+        self.worker_messages = {P.T.INCIDENT: self.on_incident, P.T.IMAGE_DONE: self.answer_image}
         self.retention = Retention(self.ledger, self.jobs.results_dir, cfg.jobs.keep_finished_s,
                                    cfg.jobs.keep_max_mb << 20, cfg.jobs.retention_sweep_s, self.log)
         self.dropped: Counter = Counter()
-        self.metrics.watch(self.metric_state)
+        self.metrics.watch(lambda: views.metric_state(self))
         self.running = True
         self.crash_next_tick = False
         self.local_generation = 0
@@ -99,10 +100,10 @@ class Supervisor:
         waited = self.route_messages(timeout_ms=int(self.cfg.supervisor.tick_s * 1000))
         now = time.monotonic()
         self.slot.transition(now)
-        if self.outage:
-            self.try_ledger(now)
+        if self.keeper.outage:
+            self.keeper.try_again(now)
         else:
-            with self.ledger_guard():
+            with self.keeper.guard():
                 self.jobs.dispatch(now)
                 self.jobs.keep_leases(now)
                 self.jobs.reap_renders()
@@ -135,7 +136,7 @@ class Supervisor:
         if not self.cfg.ledger.url:
             # one machine, one supervisor (the state-dir lock): what the last one held is free now;
             # on a shared database, leases expire instead
-            with self.ledger_guard():
+            with self.keeper.guard():
                 requeued = self.ledger.requeue_running()
         self.log.info("supervisor_boot", pid=os.getpid(), owner=self.owner, stale_worker_killed=stale,
                       jobs_requeued=requeued, ledger="postgresql" if self.cfg.ledger.url else "sqlite",
@@ -145,51 +146,20 @@ class Supervisor:
         self.log.info("supervisor_shutdown", running_job=self.jobs.current)
         self.slot.stop(5)
         self.jobs.stop_renders()  # a job left `rendering` gets its artifacts at the next boot
-        with self.ledger_guard():
-            self.jobs.requeue_current()  # resumed at its first unstored frame by the next claim
+        with self.keeper.guard():
+            self.jobs.requeue_current(died=False)  # resumed at its first unstored frame by the next claim
         self.front.close()
         self.back.close()
         self.ctx.term()
         self.ledger.close()
         self.lock.close()
 
-    # --- the ledger going away ------------------------------------------------------------------
-    @contextmanager
-    def ledger_guard(self):
-        try:
-            yield
-        except LedgerUnavailable as exc:
-            self.ledger_lost(str(exc))
-
-    def ledger_lost(self, reason: str) -> None:
-        if self.outage is not None:
-            return
-        now = time.monotonic()
-        self.outage = Outage(reason, now, now + 1.0)
-        self.log.error("ledger_unavailable", reason=reason)
-        self.jobs.stop_current(f"the job ledger is unavailable: {reason}", now)
-
-    def try_ledger(self, now: float) -> None:
-        """Keep the worker loaded; reconnect with backoff; resume claiming and writing when back."""
-        outage = self.outage
-        if now < outage.next_try:
-            return
-        try:
-            self.ledger.ping()
-        except LedgerUnavailable as exc:
-            outage.reason, outage.delay = str(exc), min(30.0, outage.delay * 2)
-            outage.next_try = now + outage.delay
-            return
-        self.outage = None
-        self.log.info("ledger_back", down_s=round(now - outage.since, 1))
-        while self.unwritten_reports:
-            self.record(self.unwritten_reports.popleft())
-
     def next_generation(self) -> int:
+        """From the ledger (generations never repeat across restarts), or counted here while it is away."""
         try:
             return self.ledger.next_generation()
         except LedgerUnavailable as exc:
-            self.ledger_lost(str(exc))
+            self.keeper.lost(str(exc))
             self.local_generation = max(self.local_generation, self.slot.generation) + 1
             return self.local_generation
 
@@ -231,9 +201,9 @@ class Supervisor:
             if sock is self.back:
                 self.on_worker_message(identity, env, body)
             else:
-                self.on_request(identity, env, body)
+                self.requests.handle(identity, env, body)
         except LedgerUnavailable as exc:
-            self.ledger_lost(str(exc))
+            self.keeper.lost(str(exc))
             if sock is self.front:
                 self.reply(identity, env, 503, error=f"the job ledger is unavailable: {exc}")
 
@@ -241,7 +211,7 @@ class Supervisor:
         self.dropped[kind] += 1
         self.log.warning("dropped_message", kind=kind, reason=reason[:300], dropped_total=sum(self.dropped.values()))
 
-    def reply(self, identity: bytes, request: P.Envelope, status: int = 200, **body: Any) -> None:
+    def reply(self, identity: bytes, request: P.Envelope, status: int = 200, /, **body: Any) -> None:
         try:
             self.front.send_multipart([identity, *P.pack(P.reply(request, status, **body))])
         except zmq.ZMQError:
@@ -250,6 +220,7 @@ class Supervisor:
     def send_worker(self, kind: str, job: Optional[str] = None, blobs: Optional[list] = None,
                     req: Optional[str] = None, **body: Any) -> bool:
         env = P.Envelope(kind, body, gen=self.slot.generation, job=job, req=req, blobs=blobs or [])
+        P.parse(env)  # what the worker will check; a body that does not fit is a bug here, not there
         try:
             self.back.send_multipart([P.worker_identity(self.slot.generation), *P.pack(env)], copy=False)
             return True
@@ -259,31 +230,24 @@ class Supervisor:
 
     # --- from the worker ------------------------------------------------------------------------------
     def on_worker_message(self, identity: bytes, env: P.Envelope, body: P.Body) -> None:
+        """Lifecycle messages go to the slot; a job's messages to the job runner, only while it is the
+        job on the worker; the rest through `worker_messages`."""
         if not self.slot.accepts_from(identity):
             self.dropped["stale_generation"] += 1
             return
         now = time.monotonic()
         self.slot.on_message(env.type, body, now)
-        if env.type in JOB_MESSAGES:
+        if env.type in self.job_messages:
             if self.jobs.owns(env.job):
-                self.on_job_message(env, body, now)
-        elif env.type == P.T.INCIDENT:
-            self.record(incident_report(body, self.jobs.current, self.slot.generation, self.slot.rung_label(),
-                                        self.slot.rss, self.slot.pids()))
-        elif env.type == P.T.IMAGE_DONE:
-            self.answer_image(env, body)
+                self.job_messages[env.type](env.job, body, now)
+        elif (handler := self.worker_messages.get(env.type)) is not None:
+            handler(env, body, now)
 
-    def on_job_message(self, env: P.Envelope, body: P.Body, now: float) -> None:
-        if env.type == P.T.VIDEO:
-            self.jobs.on_video(env.job, body, now)
-        elif env.type == P.T.FRAME:
-            self.jobs.on_frame(env.job, body, now)
-        elif env.type == P.T.JOB_DONE:
-            self.jobs.on_done(env.job, body)
-        else:
-            self.jobs.on_failed(env.job, body)
+    def on_incident(self, env: P.Envelope, body: P.Incident, now: float) -> None:
+        self.keeper.record(incident_report(body, self.jobs.current, self.slot.generation, self.slot.rung_label(),
+                                           self.slot.rss, self.slot.pids()))
 
-    def answer_image(self, env: P.Envelope, body: P.ImageDone) -> None:
+    def answer_image(self, env: P.Envelope, body: P.ImageDone, now: float) -> None:
         identity = self.images.take(env.req)
         if identity is None:
             return
@@ -296,179 +260,39 @@ class Supervisor:
     # --- what the slot tells us --------------------------------------------------------------------------
     def worker_stopped(self, reason: str) -> None:
         self.images.fail_all(f"worker stopped ({reason})")
-        with self.ledger_guard():
-            self.jobs.requeue_current()
+        with self.keeper.guard():
+            self.jobs.requeue_current(died=False)
 
     def worker_died(self, ending: Ending) -> None:
         job_id = self.jobs.current
         self.images.fail_all(f"worker died: {ending.cause.kind}")
-        self.record(death_report(ending, job_id, self.slot.rss, self.slot.pids()))
-        with self.ledger_guard():
+        self.keeper.record(death_report(ending, job_id, self.slot.rss, self.slot.pids()))
+        with self.keeper.guard():
             if job_id:
                 self.ledger.add_event(job_id, "restart", {"cause": ending.cause.kind, "frame": ending.frame,
                                                           "worker_generation": ending.generation})
             if job_id and ending.frame is not None:
                 self.ledger.record_frame_death(job_id, int(ending.frame), ending.cause.kind)
-        with self.ledger_guard():
+        with self.keeper.guard():
             self.jobs.requeue_current()
 
-    def probe_died(self, ending: Ending) -> None:
-        self.record(death_report(ending, None, None, self.slot.pids()))
+    def ledger_lost(self, reason: str) -> None:
+        self.jobs.stop_current(f"the job ledger is unavailable: {reason}", time.monotonic())
 
-    def went_fatal(self, reason: str) -> None:
-        with self.ledger_guard():
+    def probe_died(self, ending: Ending) -> None:
+        self.keeper.record(death_report(ending, None, None, self.slot.pids()))
+
+    def went_fatal(self, reason: str, restart_can_fix: bool) -> None:
+        """Going fatal stops starting workers, not accepted jobs: they wait in the queue for the
+        periodic retry or a reload. Only a cause no restart can fix (missing weights) fails them."""
+        with self.keeper.guard():
+            if restart_can_fix:
+                self.log.error("jobs_wait_for_revival", queued=self.ledger.queue(),
+                               retry_in_s=self.cfg.supervisor.fatal_retry_s)
+                return
             failed = self.ledger.fail_all_active(f"service fatal: {reason}")
             self.log.error("jobs_failed_by_fatal", failed_jobs=failed)
 
-    def record(self, report: dict) -> None:
-        """Into the ledger; kept in memory while the ledger is away, written when it is back."""
-        self.log.error("crash_report", **{k: v for k, v in report.items() if k not in ("stderr_tail", "gpu_memory")})
-        if self.outage:
-            self.unwritten_reports.append(report)
-            return
-        try:
-            self.ledger.add_crash(report)
-        except LedgerUnavailable as exc:
-            self.unwritten_reports.append(report)
-            self.ledger_lost(str(exc))
-
-    # --- requests from the gateway / CLI ----------------------------------------------------------------
-    def on_request(self, identity: bytes, env: P.Envelope, body: P.Request) -> None:
-        if body.deadline is not None and body.deadline < time.time():
-            self.dropped["expired_request"] += 1
-            return  # the caller already gave up (queued while we were down)
-        getattr(self, f"request_{env.type}")(identity, env, body)
-
-    def request_submit(self, identity: bytes, env: P.Envelope, body: P.Submit) -> None:
-        if self.slot.is_fatal:
-            return self.reply(identity, env, 503, error=f"service is fatal: {self.slot.fatal_reason()}",
-                              status_word="fatal")
-        if len(self.ledger.queue()) >= self.cfg.jobs.queue_max:
-            return self.reply(identity, env, 429, error=f"Queue full (max {self.cfg.jobs.queue_max})",
-                              retry_after_s=self.jobs.seconds_until_free(time.monotonic()))
-        refusal = self.refuse_path(body.video_path)
-        if refusal:
-            self.log.warning("submit_refused", reason=refusal)
-            return self.reply(identity, env, 403, error=refusal)
-        job, created = self.ledger.accept(body.video_path, body.source, body.idempotency_key, body.max_frames)
-        self.log.info("job_accepted", job_id=job.job_id, created=created)
-        self.reply(identity, env, 202 if created else 200, job={**self.jobs.view(job.job_id), "created": created})
-
-    def refuse_path(self, path: str) -> Optional[str]:
-        """Defence in depth: the gateway checked the roots, and so does the ledger's only writer."""
-        try:
-            resolve_inside(path, video_roots(self.cfg))
-        except PathRefused as exc:
-            return str(exc)
-        return None
-
-    def request_status(self, identity: bytes, env: P.Envelope, body: P.JobRef) -> None:
-        view = self.jobs.view(body.job_id)
-        if view is None:
-            return self.reply(identity, env, 404, error="Job not found")
-        self.reply(identity, env, 200, job=view)
-
-    def request_cancel(self, identity: bytes, env: P.Envelope, body: P.JobRef) -> None:
-        """DELETE: a job still to run or running is stopped (the engine stays loaded); then, whatever
-        its state, its results and files go, and it answers 410 from then on."""
-        if self.jobs.view(body.job_id) is None:
-            return self.reply(identity, env, 404, error="Job not found")
-        self.jobs.cancel(body.job_id, time.monotonic())
-        self.retention.delete(body.job_id, "deleted by its owner (DELETE /v1/jobs/{job_id})")
-        self.reply(identity, env, 200, job=self.jobs.view(body.job_id))
-
-    def request_health(self, identity: bytes, env: P.Envelope, body: P.Request) -> None:
-        self.reply(identity, env, 200, health=self.health())
-
-    def request_diagnostics(self, identity: bytes, env: P.Envelope, body: P.Request) -> None:
-        self.reply(identity, env, 200, **self.diagnostics())
-
-    def request_metrics(self, identity: bytes, env: P.Envelope, body: P.Request) -> None:
-        self.reply(identity, env, 200, text=self.metrics.exposition())
-
-    def metric_state(self) -> dict:
-        gpu = gpu_facts(self.slot.pids())
-        return {**self.health(), "worker_rss": self.slot.rss, "jobs_by_state": self.ledger.count_by_state(),
-                "deaths_by_cause": self.ledger.crash_counts(), "messages": self.message_counts(),
-                "job_fps": self.jobs.progress.fps(time.monotonic()) if self.jobs.current else None,
-                "gpu_devices": gpu.get("devices") if gpu.get("available") else []}
-
-    def request_image(self, identity: bytes, env: P.Envelope, body: P.ImageRequest) -> None:
-        if not env.blobs:
-            return self.reply(identity, env, 400, error="no image")
-        if not self.slot.serving:
-            return self.reply(identity, env, 503, error=f"worker not ready ({self.slot.life.label()})",
-                              health=self.health())
-        if not self.send_worker(P.T.RUN_IMAGE, req=env.req, blobs=[env.blobs[0]]):
-            self.slot.worker_unreachable("the worker's socket refused an image")
-            return self.reply(identity, env, 503, error="worker unreachable; it is being replaced")
-        timeout = body.timeout_s or self.cfg.deadlines.image_s
-        self.images.add(env.req, identity, time.monotonic() + timeout)
-
-    def request_drill(self, identity: bytes, env: P.Envelope, body: P.DrillRequest) -> None:
-        try:
-            faults.check(body.fault, body.at, self.slot.stage_names or None)
-        except faults.BadFault as exc:
-            return self.reply(identity, env, 400, error=str(exc))
-        self.clear_fault_counter(body.fault, body.at)
-        if body.at == faults.SUPERVISOR:
-            self.crash_next_tick = True
-        elif body.at.startswith("frame:") or body.at == "image":
-            if not self.slot.serving:
-                return self.reply(identity, env, 409, error=f"the worker is {self.slot.life.label()}; a frame or "
-                                                            "image fault needs a ready worker")
-            if not self.send_worker(P.T.ARM_FAULT, fault=body.fault, at=body.at, times=1,
-                                    hang_s=self.cfg.fault.hang_s):
-                return self.reply(identity, env, 503, error="the worker could not be reached; nothing was armed")
-        else:
-            self.cfg.fault.kind, self.cfg.fault.at, self.cfg.fault.times = body.fault, body.at, 1
-            self.slot.probed_ok.clear()
-            self.slot.restart("drill")
-        self.log.warning("drill_armed", kind=body.fault, at=body.at)
-        self.reply(identity, env, 200, armed={"kind": body.fault, "at": body.at}, generation=self.slot.generation)
-
-    def request_reload(self, identity: bytes, env: P.Envelope, body: P.Request) -> None:
-        self.slot.reload()
-        self.reply(identity, env, 200, status_word="reloaded", health=self.health())
-
-    def clear_fault_counter(self, kind: str, at: str) -> None:
-        path = faults.counter_path(kind, at, self.cfg.runtime_dir)
-        if os.path.exists(path):
-            os.unlink(path)
-
-    # --- views ---------------------------------------------------------------------------------------------
-    def health(self) -> dict:
-        health = {**self.slot.health(), "queue_depth": None, "running_job": self.jobs.current,
-                  "uptime_s": round(time.time() - self.started_at, 1), "ledger": "ok"}
-        with self.ledger_guard():
-            if not self.outage:
-                health["queue_depth"] = len(self.ledger.queue())
-        if self.outage:
-            down = round(time.monotonic() - self.outage.since, 1)
-            health["ledger"] = f"unavailable for {down}s: {self.outage.reason}"
-            if health["status"] == "ready":
-                health["status"] = "degraded"
-            health["reason"] = f"the job ledger is unavailable ({self.outage.reason}); jobs resume when it is back"
-        return health
-
-    def message_counts(self) -> dict:
-        """`dropped`: refused at the boundary (undecodable, invalid, wrong socket); the rest were
-        well-formed but no longer wanted (an old generation, a finished job, a state they don't fit)."""
-        refused = ("undecodable", "invalid", "wrong_socket")
-        return {"dropped": sum(self.dropped[k] for k in refused), **{k: self.dropped[k] for k in refused},
-                "stale_generation": self.dropped["stale_generation"], "stale_job": self.jobs.stale,
-                "ignored_for_state": sum(self.slot.ignored.values()),
-                "expired_request": self.dropped["expired_request"],
-                "reply_undeliverable": self.dropped["reply_undeliverable"]}
-
-    def diagnostics(self) -> dict:
-        pids, worker = self.slot.pids(), self.slot.describe()
-        return {"health": self.health(), "worker": worker, "ladder": worker["ladder"],
-                "probed_ok": worker["probed_ok"], "boots": worker["boots"],
-                "crashes": self.ledger.crashes(limit=20), "restarts_by_cause": self.ledger.crash_counts(),
-                "queue": self.ledger.queue(), "running_job": self.jobs.current, "messages": self.message_counts(),
-                "host": host_facts(), "gpu": gpu_facts(pids), "packages": package_versions(),
-                "supervisor": {"pid": os.getpid(), "started_at": self.started_at}}
 
 
 def make_private(*directories: str) -> None:
@@ -476,14 +300,6 @@ def make_private(*directories: str) -> None:
     for directory in directories:
         os.makedirs(directory, mode=0o700, exist_ok=True)
         os.chmod(directory, 0o700)
-
-
-@dataclass
-class Outage:
-    reason: str
-    since: float
-    next_try: float
-    delay: float = 1.0
 
 
 def main(cfg) -> int:

@@ -15,7 +15,8 @@ REMEDIES = {
                 "same stage, run `pose-service diagnose` and check driver/CUDA/torch versions match.",
     "abort": "A native library aborted (often a CUDA allocator assert after a GPU reset). Restarted; if it repeats, "
              "check `dmesg`/dxg messages and the driver.",
-    "bus_error": "Bus error: usually a truncated or memory-mapped file changed underneath. Run `pose-service models verify`.",
+    "bus_error": "Bus error: usually a truncated or memory-mapped file changed underneath. "
+                 "Run `pose-service models verify`.",
     "oom_killed": "Killed by SIGKILL we did not send: most likely the kernel OOM killer. Give the machine/WSL VM more "
                   "memory (.wslconfig memory=, swap=) or use a lighter detector (engine options detector=regnety).",
     "wsl_vm_exit": "Exit 4294967295/-1/255 is how a failing WSL VM (Wsl/Service/E_UNEXPECTED) looks. Raise memory and "
@@ -53,6 +54,18 @@ class Death:
     stderr_tail: str = ""
     rss: Optional[int] = None
     system_memory: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Ending:
+    """How a worker or probe ended, decoded, with what is known of where it was."""
+    process: str                 # "worker" | "probe"
+    cause: Cause
+    death: Death
+    generation: int
+    rung: str
+    frame: Optional[int] = None
+    detail: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -11,6 +11,7 @@ import math
 import os
 import subprocess
 import sys
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -23,9 +24,10 @@ from pose_common.ledger import Job, Lease, SqlLedger
 from pose_common.overlay import overlay_path
 from pose_common.paths import PathRefused, open_inside
 from pose_common.results import mesh_faces_key, split_meshes, write_result
+from pose_common.runtime import RuntimeDir
 from pose_common.views import job_view
-from supervisor.slot import WorkerSlot
 from supervisor.resume import resume_context
+from supervisor.slot import WorkerSlot
 
 SendWorker = Callable[..., bool]
 Reply = Callable[..., None]
@@ -40,7 +42,7 @@ class JobRunner:
         self.results_dir = results_dir(cfg)
         os.makedirs(self.results_dir, mode=0o700, exist_ok=True)
         self.lease: Optional[Lease] = None        # the job on the worker
-        self.stopping: Optional[str] = None       # why that job is being stopped, if it is
+        self.job_stop_reason: Optional[str] = None  # why the job on the worker is being stopped, if it is
         self.stop_asked_at = 0.0
         self.renders: dict[str, Render] = {}
         self.last_renewal = 0.0
@@ -53,7 +55,7 @@ class JobRunner:
 
     # --- dispatch -------------------------------------------------------------------------------
     def dispatch(self, now: float) -> None:
-        if self.lease or not self.slot.ready or self.slot.stopping:
+        if self.lease or not self.slot.ready or self.slot.shutting_down:
             return
         job = self.ledger.claim(self.owner, self.lease_s)
         if job is None:
@@ -92,7 +94,7 @@ class JobRunner:
         if now - self.last_renewal < self.lease_s / 3:
             return
         self.last_renewal = now
-        if self.lease and not self.stopping and not self.ledger.renew(self.lease, self.lease_s):
+        if self.lease and not self.job_stop_reason and not self.ledger.renew(self.lease, self.lease_s):
             self.stop_current("the job's lease was lost (taken over by another host, or cancelled)", now)
         for job_id, render in list(self.renders.items()):
             if not self.ledger.renew(render.lease, self.lease_s):
@@ -107,29 +109,29 @@ class JobRunner:
 
     def stop_current(self, reason: str, now: float) -> None:
         """Stop the job on the worker between two frames without writing for it any more."""
-        if not self.lease or self.stopping:
+        if not self.lease or self.job_stop_reason:
             return
         self.log.warning("job_stopping", job_id=self.current, reason=reason)
-        self.stopping, self.stop_asked_at = reason, now
+        self.job_stop_reason, self.stop_asked_at = reason, now
         self.send_worker(P.T.STOP_JOB, job=self.current)
 
     def enforce_stops(self, now: float) -> None:
-        if self.stopping and now - self.stop_asked_at > self.cfg.supervisor.stop_grace_s:
-            self.log.warning("stop_ignored", job_id=self.current, reason=self.stopping)
+        if self.job_stop_reason and now - self.stop_asked_at > self.cfg.supervisor.stop_grace_s:
+            self.log.warning("stop_ignored", job_id=self.current, reason=self.job_stop_reason)
             self.stop_asked_at = now
             self.slot.restart("cancel")
 
     # --- job messages from the worker -------------------------------------------------------------
     def on_video(self, job_id: str, body: P.VideoFound, now: float) -> None:
         meta = {name: getattr(body.meta, name) for name in body.meta.__struct_fields__}
-        if self.stopping or not self.ledger.set_video_meta(self.lease, meta):
+        if self.job_stop_reason or not self.ledger.set_video_meta(self.lease, meta):
             return self.stop_current("the job's lease was lost", now)
         self.progress.frames_total = meta["frame_count"] or None
         self.slot.progressed(now)
 
     def on_frame(self, job_id: str, body: P.Frame, now: float) -> None:
         self.slot.progressed(now, frame=True)
-        if self.stopping:
+        if self.job_stop_reason:
             return
         persons = body.persons
         stored = self.ledger.add_frame(self.lease, body.index, body.pts, persons, body.error, split_meshes(persons))
@@ -141,21 +143,21 @@ class JobRunner:
         if event := self.progress.frame(now):
             self.ledger.add_event(job_id, "progress", event)
 
-    def on_done(self, job_id: str, body: P.JobDone) -> None:
-        if not self.stopping:
+    def on_done(self, job_id: str, body: P.JobDone, now: float) -> None:
+        if not self.job_stop_reason:
             self.finalize(body.frames_decoded, body.warning,
                           {"worker_peak_rss": body.peak_rss, "worker_generation": self.slot.generation})
         self.release()
 
-    def on_failed(self, job_id: str, body: P.JobFailed) -> None:
-        if not self.stopping:
+    def on_failed(self, job_id: str, body: P.JobFailed, now: float) -> None:
+        if not self.job_stop_reason:
             self.ledger.fail(job_id, body.reason, self.lease)
             self.log.warning("job_failed", job_id=job_id, reason=body.reason)
         self.release()
 
     def release(self) -> None:
         """The worker is done with the job (whatever became of it): it is free for the next."""
-        self.lease, self.stopping = None, None
+        self.lease, self.job_stop_reason = None, None
         structlog.contextvars.unbind_contextvars("job_id")
         self.slot.job_finished()
 
@@ -202,7 +204,7 @@ class JobRunner:
             return
         try:
             with open_inside(job.video_path, video_roots(self.cfg)) as readable, \
-                    open(os.path.join(self.cfg.runtime_dir, "overlay.stderr"), "ab") as log:
+                    open(RuntimeDir(self.cfg.runtime_dir).overlay_stderr, "ab") as log:
                 # the renderer reads the very file checked here, through the descriptor it inherits
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "pose_common.overlay", self.ledger.path, job.job_id, readable,
@@ -231,21 +233,21 @@ class JobRunner:
             render.proc.kill()
 
     # --- when the worker goes ---------------------------------------------------------------------------
-    def requeue_current(self) -> Optional[str]:
+    def requeue_current(self, died: bool = True) -> Optional[str]:
         """The worker stopped or died under the current job: back to the queue (it resumes at the first
-        unstored frame), unless it has used up its attempts. -> the job id, if there was one."""
-        lease, stopping = self.lease, self.stopping
-        self.lease, self.stopping = None, None
+        unstored frame), unless deaths have used up its attempts. -> the job id, if there was one."""
+        lease, stopping = self.lease, self.job_stop_reason
+        self.lease, self.job_stop_reason = None, None
         if lease is None:
             return None
         structlog.contextvars.unbind_contextvars("job_id")
         if stopping:
             return lease.job_id  # not ours to write for any more (cancelled, lost lease, or no ledger)
         job = self.ledger.job(lease.job_id)
-        if job and job.attempts >= self.cfg.jobs.max_attempts:
-            self.ledger.fail(lease.job_id, f"gave up after {job.attempts} attempts", lease)
+        if died and job and job.attempts >= self.cfg.jobs.max_attempts:
+            self.ledger.fail(lease.job_id, gave_up(job.attempts, self.ledger.attempt_causes(lease.job_id)), lease)
         else:
-            self.ledger.release(lease)
+            self.ledger.release(lease, charge_attempt=died)
         return lease.job_id
 
     def cancel(self, job_id: str, now: float) -> None:
@@ -268,6 +270,12 @@ class JobRunner:
     def view(self, job_id: str) -> Optional[dict[str, Any]]:
         job = self.ledger.job(job_id)
         return None if job is None else job_view(job, self.ledger)
+
+
+def gave_up(attempts: int, causes: list[str]) -> str:
+    counted = Counter(causes)
+    listed = ", ".join(f"{cause} x{count}" for cause, count in counted.most_common())
+    return f"gave up after {attempts} attempts" + (f" (the worker died of: {listed})" if listed else "")
 
 
 @dataclass

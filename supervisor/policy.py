@@ -62,3 +62,13 @@ class RestartPolicy:
     def reset(self) -> None:
         self.deaths.clear()
         self.consecutive = 0
+
+
+@dataclass
+class Fatal:
+    """The service gave up starting workers: why, since when, and whether a restart could fix it
+    (a crash loop may clear; missing weights will not)."""
+    reason: str
+    since: float
+    restart_can_fix: bool
+    retries: int = 0

@@ -7,7 +7,7 @@ from typing import Any, Optional
 
 from pose_common import protocol as P
 from pose_common.hostinfo import gpu_facts, system_memory
-from supervisor.slot import Ending
+from supervisor.causes import Ending
 
 
 def death_report(ending: Ending, job_id: Optional[str], worker_rss: Optional[int],

@@ -8,17 +8,19 @@ decides about jobs (requeue, fail) it tells its `SlotEvents` listener; it never 
 from __future__ import annotations
 
 import signal
-import statistics
 import time
 from collections import Counter, deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol
 
 from pose_common import protocol as P
 from pose_common.hostinfo import system_memory
-from supervisor.causes import Cause, Death, decode_exit
+from pose_common.memplan import read_gpu_facts
+from supervisor.causes import Cause, Death, Ending, decode_exit
+from supervisor.gpu_plan import FactsReader, MemoryPlanner
+from supervisor.liveness import FramePace, RunClock, SchedReader, read_schedstat, silent_but_computing
 from supervisor.metrics import Metrics
-from supervisor.policy import RestartPolicy
+from supervisor.policy import Fatal, RestartPolicy
 from supervisor.process import ChildProcess, Spawner, read_json
 from supervisor.states import WORKER_ALIVE, WorkerLifecycle
 from supervisor.states import WorkerState as S
@@ -27,23 +29,11 @@ from supervisor.states import WorkerState as S
 GRACEFUL_STOPS = frozenset({"shutdown", "reload", "step_up", "drill", "cancel"})
 
 
-@dataclass
-class Ending:
-    """How a worker or probe ended, decoded, with what is known of where it was."""
-    process: str                 # "worker" | "probe"
-    cause: Cause
-    death: Death
-    generation: int
-    rung: str
-    frame: Optional[int] = None
-    detail: dict = field(default_factory=dict)
-
-
 class SlotEvents(Protocol):
     def worker_stopped(self, reason: str) -> None: ...
     def worker_died(self, ending: Ending) -> None: ...
     def probe_died(self, ending: Ending) -> None: ...
-    def went_fatal(self, reason: str) -> None: ...
+    def went_fatal(self, reason: str, restart_can_fix: bool) -> None: ...
 
 
 @dataclass
@@ -52,47 +42,15 @@ class ProbeRun:
     out: str
     purpose: str                 # "boot" | "step_up"
     rung_index: int
-
-
-@dataclass
-class Fatal:
-    reason: str
-    since: float
-    restart_can_fix: bool
-    retries: int = 0
-
-
-class FramePace:
-    """Progress deadline for frames: long for a job's first frames, then max(floor, factor x the
-    median recent per-frame time), so a hang on a warm 40 ms/frame worker shows in seconds while
-    a slow GPU frame is never mistaken for one."""
-
-    def __init__(self, first_s: float, warmup: int, floor_s: float, factor: float):
-        self.first_s, self.warmup, self.floor_s, self.factor = first_s, warmup, floor_s, factor
-        self.intervals: deque = deque(maxlen=20)
-        self.frames = 0
-        self.last_at: Optional[float] = None
-
-    def restart(self, now: float) -> None:
-        self.frames, self.last_at = 0, now
-        self.intervals.clear()
-
-    def frame(self, now: float) -> None:
-        if self.last_at is not None and self.frames:
-            self.intervals.append(now - self.last_at)
-        self.frames += 1
-        self.last_at = now
-
-    def limit_s(self) -> float:
-        if self.frames < self.warmup or not self.intervals:
-            return self.first_s
-        return max(self.floor_s, self.factor * statistics.median(self.intervals))
+    superseded: bool = False     # a reload or drill came after it started: its verdict is stale
+    clock: Optional[RunClock] = None
 
 
 class WorkerSlot:
     def __init__(self, cfg, ladder: list[dict], spawner: Spawner, events: SlotEvents,
                  next_generation: Callable[[], int], log, clock: Callable[[], float] = time.monotonic,
-                 metrics: Optional[Metrics] = None):
+                 metrics: Optional[Metrics] = None, sched_reader: SchedReader = read_schedstat,
+                 gpu_facts: FactsReader = read_gpu_facts):
         self.cfg, self.ladder, self.spawner, self.events, self.log, self.clock = \
             cfg, ladder, spawner, events, log, clock
         self.metrics = metrics or Metrics()
@@ -100,7 +58,8 @@ class WorkerSlot:
         sup, deadlines = cfg.supervisor, cfg.deadlines
         self.policy = RestartPolicy(sup.backoff_initial_s, sup.backoff_max_s, sup.intensity, sup.period_s)
         self.life = WorkerLifecycle()
-        self.rung_index = 0
+        self.planner = MemoryPlanner(ladder, gpu_facts)
+        self.rung_index = self.planned_rung = self.planner.start_rung()
         self.probed_ok: set[int] = set()
         self.proc: Optional[ChildProcess] = None
         self.probe: Optional[ProbeRun] = None
@@ -108,7 +67,8 @@ class WorkerSlot:
         self.fatal: Optional[Fatal] = None
         self.degraded_reason: Optional[str] = None
         self.stepped_down_at = 0.0
-        self.last_seen = self.last_progress = clock()
+        self.run_clock = RunClock(sched_reader)
+        self.last_seen = self.last_progress = self.run_clock.mark(clock())
         self.pace = FramePace(deadlines.frame_s, deadlines.frame_warmup, deadlines.frame_floor_s,
                               deadlines.frame_factor)
         self.reported: Optional[dict] = None
@@ -119,7 +79,10 @@ class WorkerSlot:
         self.stage_names: list[str] = []
         self.boots: deque = deque(maxlen=10)
         self.ignored: Counter = Counter()
-        self.stopping = False
+        self.lifecycle_messages: dict[str, Callable[[Any, float], None]] = {
+            P.T.HELLO: self.on_hello, P.T.HEARTBEAT: self.on_hb, P.T.STAGE: self.on_stage, P.T.READY: self.on_ready,
+            P.T.DYING: self.on_dying}
+        self.shutting_down = False
 
     # --- what others ask ---------------------------------------------------------------------
     @property
@@ -153,13 +116,17 @@ class WorkerSlot:
     def transition(self, now: float) -> None:
         self.reap()
         self.watch(now)
-        if self.stopping:
+        if self.shutting_down:
+            if self.proc is None and self.probe is None and self.life.state is not S.EXITED:
+                self.life.move(S.EXITED, "stopped")
             return
         if self.life.state is S.FATAL:
             self.maybe_revive(now)
             return
         if self.life.state is S.BACKOFF and now >= self.backoff_until:
             self.life.move(S.EXITED, "backoff over")
+        if self.life.state is S.DRAINING and self.proc is None and self.probe is None:
+            self.life.move(S.EXITED, "drained")  # whatever ended the last process, nothing is left to wait for
         if self.life.state is S.EXITED and self.proc is None and self.probe is None:
             self.start_rung()
         self.maybe_step_up(now)
@@ -176,14 +143,16 @@ class WorkerSlot:
         rung = self.ladder[self.rung_index]
         self.proc = self.spawner.worker(self.life.generation, rung)
         self.reported, self.rss, self.stage_names = None, None, []
-        self.last_seen = self.last_progress = self.clock()
+        self.run_clock.attach(self.proc.pid, self.clock())
+        self.last_seen = self.last_progress = self.run_clock.mark(self.clock())
         self.life.device = rung.get("device", "cpu")
         self.life.move(S.SPAWNING, f"spawn {self.rung_label()}")
         self.log.info("worker_spawned", generation=self.life.generation, pid=self.proc.pid, rung=self.rung_label())
 
     def start_probe(self, rung_index: int, purpose: str) -> None:
         proc, out = self.spawner.probe(self.ladder[rung_index], f"rung{rung_index}")
-        self.probe = ProbeRun(proc, out, purpose, rung_index)
+        self.probe = ProbeRun(proc, out, purpose, rung_index, clock=RunClock(self.run_clock.reader))
+        self.probe.clock.attach(proc.pid, self.clock())
         self.log.info("probe_started", rung=self.rung_label(rung_index), purpose=purpose, pid=proc.pid)
 
     def maybe_revive(self, now: float) -> None:
@@ -195,7 +164,7 @@ class WorkerSlot:
         self.log.info("fatal_retry", reason=fatal.reason)
         fatal.retries += 1
         self.policy.reset()
-        self.rung_index = 0
+        self.rung_index = self.planned_rung = self.planner.start_rung()
         self.probed_ok.clear()
         self.life.move(S.EXITED, "periodic retry after fatal")
 
@@ -205,7 +174,8 @@ class WorkerSlot:
                 or now - self.stepped_down_at < interval):
             return
         self.stepped_down_at = now
-        self.start_probe(self.rung_index - 1, "step_up")
+        if self.planner.may_step_up(self.ladder[self.rung_index - 1]):  # else it waits, and says why
+            self.start_probe(self.rung_index - 1, "step_up")
 
     # --- deadlines ------------------------------------------------------------------------------
     def watch(self, now: float) -> None:
@@ -224,18 +194,25 @@ class WorkerSlot:
             proc.escalate(f"hang: {overdue}", grace)
 
     def overdue(self, now: float) -> Optional[str]:
+        """Every deadline counts the worker's run time (wall time less its waits for a CPU, see
+        supervisor/liveness.py), so a starved worker is slow, never hung."""
         sup, deadlines = self.cfg.supervisor, self.cfg.deadlines
-        silent = now - self.last_seen
+        at = self.run_clock.mark(now)
+        silent = at.run_s - self.last_seen.run_s
         if self.life.state is S.SPAWNING:
             return f"no hello within {deadlines.hello_s:g}s" if silent > deadlines.hello_s else None
         if silent > sup.heartbeat_s * sup.liveness_misses:
-            return f"no heartbeat for {silent:.1f}s"
-        stalled = now - self.last_progress
+            computing = silent_but_computing(silent, at.cpu_s - self.last_seen.cpu_s, sup.busy_cpu_fraction)
+            if not computing:
+                return f"no heartbeat for {silent:.1f}s of run time"
+            if silent > sup.busy_silence_s:
+                return f"no heartbeat for {silent:.1f}s of run time while computing (limit {sup.busy_silence_s:g}s)"
+        stalled = at.run_s - self.last_progress.run_s
         if self.life.state is S.LOADING:
             limit = self.stage_deadline(self.life.stage)
             return f"stage {self.life.stage} exceeded {limit:g}s" if stalled > limit else None
         if self.life.state is S.BUSY and stalled > (limit := self.pace.limit_s()):
-            return f"no frame progress for {stalled:.1f}s (limit {limit:g}s)"
+            return f"no frame progress for {stalled:.1f}s of run time (limit {limit:g}s)"
         return None
 
     def stage_deadline(self, stage: Optional[str]) -> float:
@@ -249,15 +226,16 @@ class WorkerSlot:
         report = read_json(run.out)
         stage = report.get("stage") or "start"
         limit = min(self.cfg.deadlines.probe_s, self.stage_deadline(stage) * max(1, len(report.get("stages", []))))
-        if now - run.proc.started > limit:
-            run.proc.escalate(f"hang: probe stage {stage} exceeded {limit:g}s", grace)
+        ran = run.clock.mark(now).run_s if run.clock else now - run.proc.started
+        if ran > limit:
+            run.proc.escalate(f"hang: probe stage {stage} exceeded {limit:g}s of run time", grace)
 
     # --- messages from the worker -----------------------------------------------------------------
     def on_message(self, kind: str, body: P.Body, now: float) -> None:
         """Lifecycle messages (hello, hb, stage, ready, dying); job messages go to the job runner,
         which reports progress through `progressed`."""
-        self.last_seen = now
-        handler = getattr(self, f"on_{kind}", None)
+        self.last_seen = self.run_clock.mark(now)
+        handler = self.lifecycle_messages.get(kind)
         if handler is not None:
             handler(body, now)
 
@@ -269,7 +247,7 @@ class WorkerSlot:
         if self.life.state is not S.SPAWNING:
             return self.ignore(P.T.HELLO)
         self.life.move(S.LOADING, "hello", stage="start")
-        self.last_progress = now
+        self.last_progress = self.run_clock.mark(now)
         self.boots.append({"generation": self.life.generation, "rung": self.rung_label(), "pid": body.pid,
                            "started_at": time.time(), "stages": [], "result": "loading"})
 
@@ -283,7 +261,7 @@ class WorkerSlot:
         stages = self.boots[-1]["stages"]
         if body.event == "start":
             self.life.move(S.LOADING, "stage start", stage=body.name)
-            self.last_progress = now
+            self.last_progress = self.run_clock.mark(now)
             stages.append({"name": body.name, "result": "running", "started_at": time.time()})
         elif stages:
             stages[-1].update(result="ok", duration_s=body.duration_s, rss_delta=body.rss_delta,
@@ -313,8 +291,8 @@ class WorkerSlot:
         if self.life.state is not S.READY:
             return False
         self.life.move(S.BUSY, "job")
-        self.last_progress = now
-        self.pace.restart(now)
+        self.last_progress = self.run_clock.mark(now)
+        self.pace.restart(self.last_progress.run_s)
         return True
 
     def job_finished(self) -> None:
@@ -322,15 +300,18 @@ class WorkerSlot:
             self.life.move(S.READY, "job finished")
 
     def progressed(self, now: float, frame: bool = False) -> None:
-        self.last_progress = now
+        self.last_progress = self.run_clock.mark(now)
         if frame:
-            self.pace.frame(now)
+            self.pace.frame(self.last_progress.run_s)
 
     # --- requests ------------------------------------------------------------------------------------
     def restart(self, reason: str) -> None:
-        """Stop the worker (and a boot probe) gracefully; transition() starts the next one."""
-        if self.probe is not None and self.probe.purpose == "boot" and self.probe.proc.alive():
-            self.probe.proc.send(signal.SIGTERM, reason)
+        """Stop the worker and any probe gracefully; transition() starts the next one. A probe that
+        already finished but is not yet reaped is superseded too: it judged the old configuration."""
+        if self.probe is not None:
+            self.probe.superseded = True
+            if self.probe.proc.alive():
+                self.probe.proc.send(signal.SIGTERM, reason)
         if self.proc is not None and self.proc.alive():
             self.proc.send(signal.SIGTERM, reason)
         if self.life.can_move(S.DRAINING) and (self.proc is not None or self.life.state is S.PROBING):
@@ -343,19 +324,26 @@ class WorkerSlot:
         """A send to the worker failed: it cannot be given work, so it is replaced (and the death
         is named for what it was, not a hang found a minute later)."""
         proc = self.proc
-        if proc is not None and proc.poll() is None and not proc.kill_reason:
+        if proc is not None and proc.poll() is None and not proc.kill_reason and self.life.can_move(S.DRAINING):
             proc.send(signal.SIGTERM, f"unreachable: {reason}")
             self.life.move(S.DRAINING, "unreachable")
 
     def reload(self) -> None:
         """Start over from the top rung with a clean record (an operator asked for it)."""
         self.policy.reset()
-        self.rung_index, self.fatal, self.degraded_reason = 0, None, None
+        self.rung_index = self.planned_rung = self.planner.start_rung()
+        self.fatal, self.degraded_reason = None, None
         self.probed_ok.clear()
         self.restart("reload")
 
+    def drill(self, kind: str, at: str) -> None:
+        """Arm a load-time fault: the next worker (and its probe) are built with it."""
+        self.cfg.fault.kind, self.cfg.fault.at, self.cfg.fault.times = kind, at, 1
+        self.probed_ok.clear()
+        self.restart("drill")
+
     def stop(self, timeout_s: float) -> None:
-        self.stopping = True
+        self.shutting_down = True
         if self.probe is not None and self.probe.proc.alive():
             self.probe.proc.stop("shutdown", timeout_s)
         if self.proc is not None and self.proc.alive():
@@ -371,48 +359,52 @@ class WorkerSlot:
             self.finish_worker(proc)
 
     def finish_worker(self, proc: ChildProcess) -> None:
-        if proc.kill_reason in GRACEFUL_STOPS or (proc.poll() == 0 and self.stopping):
+        if proc.kill_reason in GRACEFUL_STOPS or (proc.poll() == 0 and self.shutting_down):
             self.events.worker_stopped(proc.kill_reason or "exit 0")
             self.life.move(S.EXITED, proc.kill_reason or "exit 0")
             return
         crumb = self.spawner.crumb(self.life.generation)
         reported = self.reported or {}
-        death = Death(returncode=proc.poll(), killed_by_us=proc.kill_reason, reported=self.reported,
-                      stage=reported.get("stage") or crumb.get("stage") or self.life.stage,
-                      stderr_tail=proc.stderr_tail(self.cfg.supervisor.stderr_tail_lines), rss=self.rss,
-                      system_memory=system_memory())
-        cause = decode_exit(death)
+        ending = self.ending_of("worker", proc, self.rung_index, self.reported,
+                                reported.get("stage") or crumb.get("stage") or self.life.stage,
+                                ("exc_type", "message", "traceback", "error_code"))
+        if ending.death.stage == "frame":
+            ending.frame = reported.get("frame", crumb.get("frame"))
         if self.boots and self.boots[-1]["generation"] == self.life.generation:
-            self.boots[-1]["result"] = cause.kind
-        frame = reported.get("frame", crumb.get("frame"))
-        self.events.worker_died(Ending("worker", cause, death, self.life.generation, self.rung_label(),
-                                       frame=frame if death.stage == "frame" else None,
-                                       detail={k: reported.get(k) for k in ("exc_type", "message", "traceback",
-                                                                            "error_code") if reported.get(k) is not None}))
-        self.life.move(S.EXITED, cause.kind)
-        self.apply_policy(cause)
+            self.boots[-1]["result"] = ending.cause.kind
+        self.events.worker_died(ending)
+        self.life.move(S.EXITED, ending.cause.kind)
+        self.apply_policy(ending.cause)
+
+    def ending_of(self, process: str, proc: ChildProcess, rung_index: int, reported: Optional[dict],
+                  stage: Optional[str], detail_keys: tuple[str, ...]) -> Ending:
+        """The one place a death is recorded: exit status, our own signal, what the process said
+        before it went, where it was, its stderr tail and memory, decoded into a cause."""
+        death = Death(returncode=proc.poll(), killed_by_us=proc.kill_reason, reported=reported, stage=stage,
+                      stderr_tail=proc.stderr_tail(self.cfg.supervisor.stderr_tail_lines),
+                      rss=self.rss if process == "worker" else None, system_memory=system_memory())
+        said = reported or {}
+        return Ending(process, decode_exit(death), death, self.life.generation, self.rung_label(rung_index),
+                      detail={k: said[k] for k in detail_keys if said.get(k) not in (None, "", [])})
 
     def finish_probe(self, run: ProbeRun) -> None:
         report = read_json(run.out)
         ok = run.proc.poll() == 0 and bool(report.get("ok"))
-        if run.proc.kill_reason not in GRACEFUL_STOPS:
+        stopped_by_us = run.proc.kill_reason in GRACEFUL_STOPS
+        if not stopped_by_us:
             self.metrics.probe_finished(ok)
-        if ok:
+        if ok and not run.superseded:
             self.probed_ok.add(run.rung_index)
             self.log.info("probe_ok", rung=self.rung_label(run.rung_index), stages=report.get("stages"))
             return self.after_probe_ok(run)
-        if run.proc.kill_reason in GRACEFUL_STOPS:
-            if self.life.state is S.DRAINING and self.proc is None:
-                self.life.move(S.EXITED, run.proc.kill_reason)
+        if ok or stopped_by_us:
+            return  # a verdict on a configuration that was replaced, or no verdict at all
+        ending = self.ending_of("probe", run.proc, run.rung_index, report if report.get("cause") else None,
+                                report.get("stage"), ("exc_type", "message", "stages"))
+        cause = ending.cause
+        self.events.probe_died(ending)
+        if run.superseded:
             return
-        death = Death(returncode=run.proc.poll(), killed_by_us=run.proc.kill_reason,
-                      reported=report if report.get("cause") else None, stage=report.get("stage"),
-                      stderr_tail=run.proc.stderr_tail(self.cfg.supervisor.stderr_tail_lines),
-                      system_memory=system_memory())
-        cause = decode_exit(death)
-        self.events.probe_died(Ending("probe", cause, death, self.life.generation, self.rung_label(run.rung_index),
-                                      detail={k: report.get(k) for k in ("exc_type", "message", "stages")
-                                              if report.get(k)}))
         if run.purpose == "step_up":
             self.stepped_down_at = self.clock()  # the rung above still fails: stay, try later
             return
@@ -421,7 +413,7 @@ class WorkerSlot:
         self.life.move(S.EXITED, f"probe failed: {cause.kind}")
         if self.rung_index + 1 < len(self.ladder):
             # this configuration crashed in isolation: never hand it to the long-lived worker
-            self.step_down(f"detector probe {cause.kind} at stage {death.stage}")
+            self.step_down(f"detector probe {cause.kind} at stage {ending.death.stage}")
         else:
             self.apply_policy(cause)
 
@@ -431,7 +423,7 @@ class WorkerSlot:
         elif run.purpose == "step_up" and run.rung_index < self.rung_index:
             self.log.info("step_up", to=self.rung_label(run.rung_index))
             self.rung_index = run.rung_index
-            self.degraded_reason = None if run.rung_index == 0 else self.degraded_reason
+            self.degraded_reason = None if run.rung_index <= self.planned_rung else self.degraded_reason
             self.policy.reset()
             self.restart("step_up")
 
@@ -461,7 +453,7 @@ class WorkerSlot:
         retries = earlier.retries if earlier is not None and not restart_can_fix else 0
         self.fatal = Fatal(reason, self.clock(), restart_can_fix, retries)
         self.life.move(S.FATAL, reason)
-        self.events.went_fatal(reason)
+        self.events.went_fatal(reason, restart_can_fix)
         self.log.error("fatal", reason=reason)
 
     # --- views ------------------------------------------------------------------------------------------
@@ -482,7 +474,7 @@ class WorkerSlot:
         if self.life.state is S.FATAL:
             return "fatal"
         if self.serving:
-            return "degraded" if self.rung_index > 0 else "ready"
+            return "degraded" if self.rung_index > self.planned_rung else "ready"  # below what the card fits
         return "loading"
 
     def health(self) -> dict[str, Any]:
@@ -496,9 +488,8 @@ class WorkerSlot:
     def describe(self) -> dict[str, Any]:
         return {"state": self.life.state.value, "stage": self.life.stage, "generation": self.life.generation,
                 "device": self.life.device, "pid": self.proc.pid if self.proc else None, "rss": self.rss,
-                "alive": self.life.state in WORKER_ALIVE,
-                "frame_deadline_s": round(self.pace.limit_s(), 3),
-                "ignored_messages": dict(self.ignored),
+                "alive": self.life.state in WORKER_ALIVE, "frame_deadline_s": round(self.pace.limit_s(), 3),
+                "ignored_messages": dict(self.ignored), "memory_plan": self.planner.describe(),
                 "transitions": [vars(t) for t in list(self.life.history)[-50:]],
                 "ladder": [self.rung_label(i) for i in range(len(self.ladder))],
                 "probed_ok": sorted(self.rung_label(i) for i in self.probed_ok),

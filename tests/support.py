@@ -78,8 +78,7 @@ class SupervisorConn:
             if self.sock.poll(100):
                 env = P.unpack(self.sock.recv_multipart())
                 if env.req == req:
-                    status = env.body.pop("status", 200)
-                    return status, env.body
+                    return (env.status if env.status is not None else 200), env.body
         return 0, {"error": "timeout"}
 
     def health(self) -> dict:
@@ -361,6 +360,7 @@ class HeadlessChromium:
 
     async def _visit(self, url: str, script: str) -> tuple[Any, bytes]:
         import base64
+
         import aiohttp
 
         async with aiohttp.ClientSession() as http_session:

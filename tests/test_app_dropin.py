@@ -6,10 +6,8 @@ handed over as systemd does sees every poll answered, none refused or reset."""
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import socket
-import sys
 import threading
 import time
 import urllib.error
@@ -18,7 +16,7 @@ import uuid
 
 import av
 
-from support import CLIP, REPO, Served, http, needs_shared_data, wait_for
+from support import CLIP, Served, http, needs_shared_data, wait_for
 
 APP_POLL_S = 5.0  # VideoAnalysisScreen polls job_status every 5 s
 
@@ -99,9 +97,66 @@ def test_the_backends_synchronous_route_and_max_frames(tmp_path):
         assert data["output_path"].endswith(".mp4") and frames_in(data["output_path"]) == 122
         # VideoCoachScreen reads output_path, processing_time, total_frames, processed_frames
         assert isinstance(data["processing_time"], (int, float)) and data["processed_frames"] == 122
+        # too many frames to inline: no image in any frame, and the answer says where they are
+        assert not any("image_base64" in f for f in data["frames"])
+        assert data["frame_images"]["included"] is False and "/frame/" in data["frame_images"]["reason"]
+        # VideoCoachScreen (max_frames 10): its carousel renders data.frames[i].image_base64 as a JPEG
         status, body = post_form(served.url + "/process_video", {"max_frames": "10"}, "video", "original.mp4",
                                  CLIP.read_bytes())
         assert status == 200 and len(body["data"]["frames"]) == 10 == len(body["data"]["pose_timeline"])
+        assert body["data"]["frame_images"] == {"included": True, "format": "image/jpeg", "count": 10}
+        assert_carousel_shows_each_frame_with_its_pose(body["data"]["frames"])
+    finally:
+        served.stop()
+
+
+def clip_frames_bgr() -> list:
+    with av.open(str(CLIP)) as video:
+        return [frame.to_ndarray(format="bgr24") for frame in video.decode(video=0)]
+
+
+def assert_carousel_shows_each_frame_with_its_pose(frames: list[dict]) -> None:
+    """Each image is the frame it names (640x360), with the pose drawn where a person was found."""
+    import base64
+
+    import cv2
+    import numpy as np
+
+    truth = clip_frames_bgr()
+    drawn = 0
+    for frame in frames:
+        jpeg = base64.b64decode(frame["image_base64"], validate=True)
+        assert jpeg[:2] == b"\xff\xd8"  # a JPEG, as the app's data:image/jpeg;base64 URI says
+        image = cv2.imdecode(np.frombuffer(jpeg, dtype=np.uint8), cv2.IMREAD_COLOR)
+        assert image is not None and image.shape == (360, 640, 3)
+        diff = np.abs(image.astype(int) - truth[frame["originalFrameNumber"]].astype(int))
+        assert np.median(diff) < 4  # this very frame, not a neighbour
+        if frame["persons"]:
+            x0, y0, x1, y1 = (int(v) for v in frame["persons"][0]["bbox"])
+            assert diff[max(0, y0 - 4):y1 + 4, max(0, x0 - 4):x1 + 4].max() > 100  # the skeleton is drawn
+            drawn += 1
+    assert drawn >= 8
+
+
+def test_the_mobile_async_flow_shows_why_a_video_was_refused(tmp_path):
+    """VideoAnalysisScreen uploads a JPEG renamed .mp4 through the backend's /api/video/process_async: the
+    service accepts it with a job id (the proxy would turn a 415 into "500 - Request failed with status
+    code 415"), and the first poll shows status error with the reason. The native route still answers 415."""
+    import cv2
+    import numpy as np
+
+    ok, jpeg = cv2.imencode(".jpg", np.full((120, 160, 3), 200, dtype=np.uint8))
+    served = Served(tmp_path, ["engine.name=noop", "probe.enabled=false"])
+    try:
+        served.wait_ready()
+        status, accepted = post_form(served.url + "/process_video_async", {"max_frames": "15"}, "video",
+                                     "clip.mp4", jpeg.tobytes())
+        assert status == 200 and accepted["status"] == "accepted" and accepted["job_id"], accepted
+        status, data = http("GET", f"{served.url}/job_status/{accepted['job_id']}", timeout=10)
+        assert status == 200 and data["status"] == "error", data
+        assert "not a video" in data["error"] and data["code"] == "not_a_video" and data["http_status"] == 415
+        status, native = post_form(served.url + "/v1/jobs", {}, "video", "clip.mp4", jpeg.tobytes())
+        assert status == 415 and native["code"] == "not_a_video" and native["error"] == data["error"]
     finally:
         served.stop()
 

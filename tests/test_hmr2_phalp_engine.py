@@ -368,11 +368,48 @@ def test_record_tracks_counts_edits_to_already_emitted_frames():
     assert [p["track_id"] for p in pending.flush()[0].persons] == [4]
 
 
+def engine_with_renderer(device: str, problem: str, options: dict | None = None) -> hp.HMR2PhalpEngine:
+    engine = hp.HMR2PhalpEngine(device, options or {})
+    engine.neural_renderer_problem = lambda: problem
+    return engine
+
+
 def test_appearance_follows_the_device_and_texture_is_refused_on_cpu():
-    assert hp.HMR2PhalpEngine("cpu", {}).appearance == "hmar"
-    assert hp.HMR2PhalpEngine("cuda:1", {}).appearance == "texture"
+    assert engine_with_renderer("cpu", "").appearance == "hmar"
+    assert engine_with_renderer("cuda:1", "").appearance == "texture"
     with pytest.raises(ValueError, match="needs CUDA"):
-        hp.HMR2PhalpEngine("cpu", {"appearance": "texture"}).appearance
+        _ = engine_with_renderer("cpu", "", {"appearance": "texture"}).appearance
+
+
+@pytest.mark.parametrize("options", [{}, {"appearance": "texture"}])
+def test_without_neural_renderer_a_cuda_rung_runs_hmar_and_says_so(options):
+    problem = "neural_renderer does not import (ImportError: undefined symbol: _ZN3c10)"
+    engine = engine_with_renderer("cuda", problem, options)
+    assert engine.appearance == "hmar"
+    described = engine.describe()
+    assert described["appearance"] == "hmar"
+    assert problem in described["appearance_note"] and "appearance=hmar" in described["appearance_note"]
+    assert "appearance_note" not in engine_with_renderer("cuda", "", options).describe()
+
+
+def test_the_weights_stage_wants_the_uv_maps_only_when_the_texture_sampler_runs(tmp_path, monkeypatch):
+    for var, value in cache_env(tmp_path).items():
+        monkeypatch.setenv(var, value)
+    def missing(engine):
+        with pytest.raises(WeightsMissing) as err:
+            weights_stage(engine).run()
+        return str(err.value)
+    assert "bmap_256.npy" in missing(engine_with_renderer("cuda", ""))
+    assert "bmap_256.npy" not in missing(engine_with_renderer("cuda", "neural_renderer does not import"))
+
+
+def test_neural_renderer_problem_names_what_failed():
+    def broken(name):
+        raise OSError(f"{name}/cuda/rasterize_cuda.so: undefined symbol")
+    assert hp.neural_renderer_problem(lambda name: None) == ""
+    assert "OSError" in hp.neural_renderer_problem(broken) and "undefined symbol" in hp.neural_renderer_problem(broken)
+    row = hp.neural_renderer_row(lambda: "neural_renderer does not import (ModuleNotFoundError)")
+    assert row["status"] == "missing" and row["optional"] and "appearance=hmar" in row["source"]
 
 
 def test_a_retried_frame_keeps_its_place_and_is_emitted_once():
@@ -722,3 +759,96 @@ def test_run_without_weights_prints_the_failing_stage_and_remedy(tmp_path):
     assert "stage weights failed: load_failure" in proc.stderr
     assert "missing" in proc.stderr and "model_final_f05665.pkl" in proc.stderr
     assert "remedy:" in proc.stderr and "models verify" in proc.stderr
+
+
+# ---------------------------------------------------------------------------------------------
+# a CUDA out-of-memory inside the tracker step (PHALP's update edits the tracks before it fails)
+
+
+class OutOfMemoryError(RuntimeError):
+    """Named as torch.OutOfMemoryError: errors.is_cuda_oom goes by the class name."""
+
+
+def retried_like_the_worker(engine: hp.HMR2PhalpEngine, index: int, frame: np.ndarray) -> list:
+    """gpu_worker.main's infer_frame: a CUDA OOM retries the frame once; anything else ends the worker."""
+    from gpu_worker.errors import is_cuda_oom
+
+    try:
+        return engine.push(index, index / 30, frame)
+    except Exception as exc:
+        if not is_cuda_oom(exc):
+            raise
+    return engine.push(index, index / 30, frame)
+
+
+def test_an_oom_after_the_tracker_updated_is_never_applied_twice():
+    """Before: the retry ran PHALP's update again on the already-updated tracker (hits jumped past
+    n_init, so the back-fill of that person's earlier frames was skipped). Now the retry refuses the
+    tracker, the worker dies as for a CUDA OOM and the replacement resumes from the stored frames."""
+    from gpu_worker.errors import TrackerStateLost, classify
+
+    engine = scripted_engine(scene())
+    updates: list[int] = []
+    real_update = FakeDeepSortTracker.update
+
+    def update_then_oom(tracker, detections, frame_t, name, shot):
+        updates.append(frame_t)
+        real_update(tracker, detections, frame_t, name, shot)
+        if frame_t == 3 and updates.count(3) == 1:
+            raise OutOfMemoryError("CUDA out of memory (after the update)")
+
+    engine.begin_video(W, H, 30.0)
+    engine._phalp.tracker.update = lambda *a: update_then_oom(engine._phalp.tracker, *a)
+    frame = np.zeros((H, W, 3), dtype=np.uint8)
+    emitted = []
+    for index in range(3):
+        emitted += retried_like_the_worker(engine, index, frame)
+    with pytest.raises(TrackerStateLost) as lost:
+        retried_like_the_worker(engine, 3, frame)
+    assert updates.count(3) == 1, "the tracker was updated twice for one frame"
+    assert classify(lost.value, during_load=False)[0] == "cuda_oom"
+    assert "frame 3" in str(lost.value)
+
+
+def test_an_oom_before_the_tracker_is_retried_and_the_video_matches_an_uninterrupted_one():
+    engine = scripted_engine(scene())
+    describe, failed = engine.describe_frame, []
+
+    def oom_once(bgr, seq, name):
+        if seq == 3 and not failed:
+            failed.append(seq)
+            raise OutOfMemoryError("CUDA out of memory (in HMR2)")
+        return describe(bgr, seq, name)
+
+    engine.describe_frame = oom_once
+    engine.begin_video(W, H, 30.0)
+    frame = np.zeros((H, W, 3), dtype=np.uint8)
+    emitted = []
+    for index in range(35):
+        emitted += retried_like_the_worker(engine, index, frame)
+    emitted += engine.end_video()
+    reference, _ = run_video(scripted_engine(scene()), 35)
+    assert failed == [3]
+    assert [[p["bbox_xyxy"] for p in f.persons] for f in emitted] == \
+        [[p["bbox_xyxy"] for p in f.persons] for f in reference]
+
+
+def test_a_new_video_trusts_a_fresh_tracker_again():
+    engine = scripted_engine(scene())
+    engine.begin_video(W, H, 30.0)
+    engine._tracker_lost = "lost in the previous video"
+    run_video(engine, 6)  # begin_video inside: a fresh tracker
+
+
+@pytest.mark.parametrize("precision,device,facts_mb,expected", [
+    ("auto", "cpu", None, "fp32"), ("bf16", "cpu", None, "bf16"), ("auto", "cuda", None, "fp32"),
+    ("auto", "cuda", 24576, "fp32"), ("auto", "cuda", 8192, "fp16"), ("fp16", "cuda:1", 24576, "fp16"),
+])
+def test_precision_auto_is_fp16_only_on_a_card_too_small_for_fp32(precision, device, facts_mb, expected):
+    from pose_common import memplan
+
+    settings = hp.Settings.from_options({"precision": precision, "detector": "vitdet"})
+    facts = None if facts_mb is None else memplan.card_facts(facts_mb)
+    assert hp.resolve_precision(settings, device, read_facts=lambda d: facts) == expected
+    with pytest.raises(ValueError, match="precision"):
+        hp.Settings.from_options({"precision": "int8"})

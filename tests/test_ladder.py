@@ -86,3 +86,16 @@ def test_models_verify_reports_missing_hmr2_files_with_sources(tmp_path):
     files = json.loads(proc.stdout)["files"]
     assert files and all(f["status"] == "missing" and f["source"] for f in files)
     assert any("SMPL" in f["name"] or "smpl" in f["path"].lower() for f in files)
+
+
+def test_models_verify_checks_every_hmr2_rung_and_neural_renderer(tmp_path):
+    """Before: only the first hmr2_phalp rung's files (ViTDet's), never RegNetY's, and nothing about
+    the texture sampler's compiled renderer."""
+    env = {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run([sys.executable, "-m", "pose_service.cli", "--config-name", "gpu", "models", "verify",
+                           "--json"], capture_output=True, cwd=REPO, env=env, timeout=60)
+    files = {f["name"]: f for f in json.loads(proc.stdout)["files"]}
+    assert {"vitdet_h_weights", "regnety_weights"} <= set(files)
+    renderer = files["neural_renderer"]
+    assert renderer["optional"] and "appearance=hmar" in renderer["source"]
+    assert len({f["path"] for f in files.values()}) == len(files)  # each file once

@@ -39,7 +39,8 @@ import av
 import numpy as np
 import pytest
 
-from support import free_port, wait_for as wait_until
+from support import free_port
+from support import wait_for as wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -249,7 +250,7 @@ def hmr2_like_person(with_vertices: bool) -> dict:
 
 
 def test_pure_hybrid_response_mesh_only_when_the_engine_has_one():
-    from gateway.legacy import hybrid_response
+    from gateway.legacy_shapes import hybrid_response
     from gpu_worker.engines.hmr2_phalp import JOINT_NAMES
 
     reply = {"persons": [hmr2_like_person(True)], "width": 640, "height": 360, "ms": 5.0, "joint_names": JOINT_NAMES,
@@ -267,7 +268,7 @@ def test_pure_hybrid_response_mesh_only_when_the_engine_has_one():
 
 
 def test_pure_legacy_result_shape():
-    from gateway.legacy import legacy_result
+    from gateway.legacy_shapes import legacy_result
 
     native = {"job_id": "j1", "video_path": "v.mp4", "joint_names": ["nose"] * 45,
               "video": {"fps": 29.97, "width": 640, "height": 360, "duration_s": 0.1},
@@ -611,13 +612,27 @@ def test_frame_route(stack, clip_job):
 
 # --- §5.20 corrupt input, §5.23 job not complete ---------------------------------------------------------------------------
 def test_bad_videos_are_refused_up_front_and_a_cut_one_says_so(stack):
-    """Nothing is silently partial: not a video -> 415, undecodable -> 422 (async and sync routes alike,
-    never 500); a video cut after its first frames completes with a warning giving the counts."""
-    for route in ("/process_video_async", "/process_video"):
-        reply = stack.upload(route, "broken.mp4", b"this is not a video\n" * 500, timeout=30)
-        assert reply.status == 422 and reply.json["code"] == "undecodable_video" and reply.json["error"], route
-        reply = stack.upload(route, "photo.mp4", PHOTO.read_bytes(), timeout=30)  # a still image in a video's clothes
-        assert reply.status == 415 and reply.json["code"] == "not_a_video" and reply.json["error"], route
+    """Nothing is silently partial: not a video -> 415, undecodable -> 422 up front on the synchronous and
+    native routes (never 500); the async route the mobile screens use accepts it with a job id whose first
+    poll is status error with the same reason and code (the backend's proxy would hide a 4xx's reason).
+    A video cut after its first frames completes with a warning giving the counts."""
+    bad = {"undecodable_video": ("broken.mp4", b"this is not a video\n" * 500, 422),
+           "not_a_video": ("photo.mp4", PHOTO.read_bytes(), 415)}  # a still image in a video's clothes
+    for code, (name, data, status) in bad.items():
+        reply = stack.upload("/process_video", name, data, timeout=30)
+        assert reply.status == status and reply.json["code"] == code and reply.json["error"], name
+        body, ctype = multipart({"video": (name, data, "video/mp4")}, {})
+        native = http(stack.base, "POST", "/v1/jobs", body, ctype, 30)
+        assert native.status == status and native.json["code"] == code, native.data[:300]
+        reply = stack.upload("/process_video_async", name, data, {"max_frames": "15"}, timeout=30)
+        assert reply.status == 200 and reply.json["status"] == "accepted" and reply.json["job_id"], reply.data[:300]
+        first = stack.job_status(reply.json["job_id"])  # the first poll already says why
+        assert first["status"] == "error" and first["error"] == native.json["error"], first
+        assert first["code"] == code and first["http_status"] == status
+        assert stack.job_status(reply.json["job_id"], "/pose/video/status/")["status"] == "error"
+        frame = stack.get(f"/frame/{reply.json['job_id']}/0")
+        assert frame.status == 400 and "not complete" in frame.json["error"]
+    assert stack.get("/job_status/refused-0123456789abcdef0123456789abcdef").status == 404
     reply = stack.upload("/process_video", "broken.mp4", b"\x00\x00\x00\x18ftypmp42" + os.urandom(4000), timeout=60)
     assert 400 <= reply.status < 500 and reply.json["error"]
     reply = stack.upload("/process_video_async", "cut.mp4", CLIP.read_bytes()[:200_000], timeout=30)

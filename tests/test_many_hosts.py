@@ -11,6 +11,7 @@ import time
 import pytest
 
 from pose_common.ledger_pg import PgLedger
+
 from support import PostgresServer, Served, http, make_clip, wait_for
 
 NOOP = ["engine.name=noop", "probe.enabled=false", "supervisor.heartbeat_s=0.3"]

@@ -3,13 +3,10 @@
 that document against a running daemon (bounded): no 5xx, no response that breaks the document."""
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
-
 from configs import load_config
 from gateway.apidoc import METHODS, spec
 from gateway.app import build_app
+
 from support import Stack, http, wait_for
 
 

@@ -7,9 +7,11 @@ import uuid
 
 import msgpack
 import zmq
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pose_common import protocol as P
+
 from support import Stack, make_clip, wait_for
 
 JUNK = st.recursive(

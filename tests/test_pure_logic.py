@@ -8,13 +8,14 @@ import time
 import msgpack
 import pytest
 
-from pose_common import exitcodes
 from gpu_worker.errors import classify
+from pose_common import exitcodes
 from pose_common import protocol as P
-from supervisor.causes import Death, decode_exit
 from pose_common.ledger import Ledger
+from supervisor.causes import Death, decode_exit
 from supervisor.policy import RestartPolicy
-from supervisor.states import IllegalTransition, WorkerLifecycle, WorkerState as S
+from supervisor.states import IllegalTransition, WorkerLifecycle
+from supervisor.states import WorkerState as S
 
 
 # --- restart policy -------------------------------------------------------------------------------
@@ -257,7 +258,7 @@ class Events:
     def probe_died(self, ending):
         self.seen.append(("probe_died", ending.cause.kind))
 
-    def went_fatal(self, reason):
+    def went_fatal(self, reason, restart_can_fix):
         self.seen.append(("fatal", reason))
 
 
@@ -328,7 +329,7 @@ def test_slot_load_failure_is_fatal_and_retried_once_not_forever(slot_parts):
 
 
 def test_frame_pace_keeps_the_long_deadline_for_the_first_frames_then_adapts():
-    from supervisor.slot import FramePace
+    from supervisor.liveness import FramePace
 
     pace = FramePace(first_s=60, warmup=5, floor_s=3, factor=20)
     pace.restart(0.0)

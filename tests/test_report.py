@@ -24,15 +24,40 @@ def decoded_frames(path) -> int:
 
 
 def test_run_writes_the_overlay_next_to_the_result_and_says_where(tmp_path):
-    out = tmp_path / "result.json"
+    out, report = tmp_path / "result.json", tmp_path / "report.html"
     done = subprocess.run([sys.executable, "-m", "pose_service.cli", "run", "--demo", "--out", str(out), "--quiet",
-                           f"state_dir={tmp_path / 'state'}"], capture_output=True, text=True, cwd=REPO,
-                          timeout=300)
+                           "--report", str(report), f"state_dir={tmp_path / 'state'}"], capture_output=True,
+                          text=True, cwd=REPO, timeout=300)
     assert done.returncode == 0, done.stderr
     overlay = tmp_path / "result.overlay.mp4"
     assert str(out) in done.stdout and str(overlay) in done.stdout
-    frames = len(json.loads(out.read_text())["frames"])
-    assert frames == 60 and decoded_frames(overlay) == frames
+    result = json.loads(out.read_text())
+    assert len(result["frames"]) == 60 and decoded_frames(overlay) == 60
+    assert_leg_angles_only_where_the_legs_are_seen(result, report_data(report))
+
+
+def report_data(report) -> dict:
+    text = report.read_text()
+    return json.loads(re.search(r'<script type="application/json" id="report-data">(.*?)</script>', text, re.S)[1])
+
+
+def assert_leg_angles_only_where_the_legs_are_seen(result: dict, data: dict) -> None:
+    """The demo is a head-and-shoulders portrait: MediaPipe places legs it cannot see, at low visibility.
+    The report plots a knee or hip angle only for a frame whose leg joints (hip, knee, ankle) are all seen
+    at the report's threshold; elsewhere the curve has a gap (null)."""
+    names, threshold = result["joint_names"], data["min_visibility"]
+    unseen_frames = 0
+    for n, frame in enumerate(result["frames"]):
+        persons = frame["persons"]
+        keypoints = max(persons, key=lambda p: p["score"])["keypoints_2d"] if persons else None
+        for side in ("left", "right"):
+            seen = bool(keypoints) and all(keypoints[names.index(f"{side}_{joint}")][2] >= threshold
+                                           for joint in ("hip", "knee", "ankle"))
+            unseen_frames += not seen
+            for angle in (f"{side}_knee", f"{side}_hip"):
+                assert (data["angles"][angle][n] is not None) == seen, (n, angle, data["angles"][angle][n])
+    assert unseen_frames >= len(result["frames"])  # the portrait's legs are out of view in most frames
+    assert sum(v is not None for v in data["angles"]["spine"]) >= 50  # the upper body is plotted
 
 
 @needs_shared_data()

@@ -6,6 +6,7 @@ import os
 
 from pose_common.ledger import Ledger
 from supervisor.retention import Retention
+
 from support import Stack, make_clip, wait_for
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpu_worker.engines.roi import Region, RiderSearch, around, tiles, wide
+from gpu_worker.engines.roi import Region, RiderSearch, around, centre_crops, closer, tiles, wide
+
 from support import CLIP, needs_shared_data
 
 
@@ -98,6 +99,33 @@ def test_a_long_empty_stretch_costs_a_few_regions_per_frame_not_all_of_them():
     assert search.tried == per_search * 10  # a wide search every 6th empty frame
     off = RiderSearch(bright_square_detector, {"second_pass": False})
     assert off.fill([], frame_with_square(305, 152, 8)) == [] and off.tried == 0
+
+
+def test_a_single_image_is_searched_closer_too_centre_first_then_smaller_tiles():
+    """Issue 22 item 3: a rider too small for the whole frame and the tiles at 2x (a 5 px square: 10 px)
+    is found in an enlarged centre crop (3x: 15 px), or off-centre in a smaller tile; a video's frame
+    never pays for these regions, and without the option (the old still path) it is not found."""
+    centred, off_centre = frame_with_square(318, 178, 5), frame_with_square(60, 40, 5)
+    before = RiderSearch(bright_square_detector, {"second_pass_image_closer": False})
+    assert before.fill([], centred, follow=False) == [] and before.fill([], off_centre, follow=False) == []
+    after = RiderSearch(bright_square_detector, {})
+    found = after.fill([], centred, follow=False)
+    assert found[0]["bbox_xyxy"] == pytest.approx([318, 178, 323, 183], abs=1)  # cubic enlarging blurs the edge
+    assert found[0]["found_by"] == "second_pass:centre"
+    found = after.fill([], off_centre, follow=False)
+    assert found[0]["bbox_xyxy"] == pytest.approx([60, 40, 65, 45], abs=1)
+    assert found[0]["found_by"] == "second_pass:tile"
+    video = RiderSearch(bright_square_detector, {})
+    assert video.fill([], centred) == [] and video.tried == len(wide(640, 360))  # a video's frame: wide only
+    for region in centre_crops(640, 360):
+        assert region.x1 - region.x0 == region.y1 - region.y0  # square, as the detector's input
+        assert (region.x0 + region.x1) / 2 == pytest.approx(320, abs=1) and (region.y0 + region.y1) / 2 == 180
+
+
+def test_a_single_images_search_stops_at_its_time_budget():
+    search = RiderSearch(bright_square_detector, {"second_pass_image_budget_s": 0})
+    assert search.fill([], frame_with_square(0, 0, 0), follow=False) == []
+    assert search.tried <= 1 < len(wide(640, 360) + closer(640, 360))
 
 
 @pytest.fixture(scope="module")

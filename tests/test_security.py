@@ -7,7 +7,6 @@ route gets no 5xx, only JSON errors with a code, and leaves the supervisor's PID
 from __future__ import annotations
 
 import base64
-from http.client import HTTPConnection
 import json
 import os
 import re
@@ -17,17 +16,21 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 import urllib.parse
 import zlib
+from http.client import HTTPConnection
 from pathlib import Path
 
 import psutil
 import pytest
-from hypothesis import HealthCheck, given, settings, strategies as st
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from configs import load_config
 from gateway.app import build_app
+
 from support import PHOTO, REPO, Stack, free_port, http, make_clip, wait_for
 
 NOOP = ["engine.name=noop", "probe.enabled=false"]
@@ -354,15 +357,62 @@ def test_idle_slow_and_surplus_connections_are_closed_not_held(gateway):
     assert stalled.startswith(b"HTTP/1.1 408") and b'"code": "body_timeout"' in stalled, stalled[:300]
     held = []
     try:
-        for _ in range(60):  # more than gateway.max_connections (40), all idle
+        for _ in range(60):  # more than gateway.max_connections (40), all idle: the oldest are closed for the new
             held.append(socket.create_connection(("127.0.0.1", gateway.port)))
-        held[-1].settimeout(5)
-        answer = held[-1].recv(4096)
-        assert answer.startswith(b"HTTP/1.1 503") and b"too_many_connections" in answer
+        assert http("GET", gateway.url + "/v1/health", timeout=5)[0] == 200  # at once, not after idle_timeout_s
+        closed = sum(1 for sock in held[:30] if closed_by_server(sock))
+        assert closed >= 20, closed
     finally:
         for sock in held:
             sock.close()
+
+
+def test_when_every_connection_is_busy_a_new_one_gets_a_503(gateway):
+    """40 (gateway.max_connections) bodies arriving fast enough are neither idle nor slow: nothing can be
+    closed for a 41st connection, which is answered 503 at once."""
+    busy, stop = [], threading.Event()
+    pump = threading.Thread(target=keep_sending, args=(busy, stop), daemon=True)
+    try:
+        pump.start()
+        for count in range(40):
+            sock = socket.create_connection(("127.0.0.1", gateway.port))
+            sock.sendall(b"POST /v1/jobs HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: 10000000\r\n\r\n" + b" " * 5000)
+            busy.append(sock)
+            time.sleep(0.05 if count < 28 else 0.3)  # in a handler before a crowded server counts the next
+        time.sleep(0.3)
+        with socket.create_connection(("127.0.0.1", gateway.port), timeout=5) as extra:
+            answer = extra.recv(4096)
+        assert answer.startswith(b"HTTP/1.1 503") and b"too_many_connections" in answer, answer[:200]
+    finally:
+        stop.set()
+        pump.join(10)
+        for sock in busy:
+            sock.close()
     assert wait_for(lambda: http("GET", gateway.url + "/v1/health")[0] == 200, 10, what="service after the flood")
+
+
+def keep_sending(socks: list, stop: threading.Event, rounds: int = 100) -> None:
+    """5 kB to each socket every 0.1 s (50 kB/s each, well above gateway.body_min_bytes_per_s)."""
+    for _ in range(rounds):
+        if stop.is_set():
+            return
+        for sock in list(socks):
+            try:
+                sock.sendall(b" " * 5000)
+            except OSError:
+                pass
+        time.sleep(0.1)
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    sock.settimeout(0.5)
+    try:
+        return sock.recv(1) == b""
+    except socket.timeout:
+        return False
+    except OSError:
+        return True
 
 
 def test_what_the_http_parser_refuses_is_json_too(gateway):
@@ -416,18 +466,55 @@ HEADERS = st.fixed_dictionaries({}, optional={
     "Accept": st.sampled_from(["text/html", "application/json", "*/*"])})
 
 
+# Arbitrary header bytes, as a hostile client sends them: latin-1, controls, bytes that are not UTF-8
+# (the server decodes them to lone surrogates); only CR and LF are left out, being HTTP's framing.
+HEADER_BYTES = st.binary(max_size=40).map(lambda raw: raw.replace(b"\r", b"").replace(b"\n", b""))
+# what passes the HTTP parser (no controls) and so reaches the application's own checks
+HIGH_BYTES = st.lists(st.integers(0x20, 0xFF).filter(lambda byte: byte != 0x7F), max_size=40).map(bytes)
+RAW_HEADER_NAMES = ("Authorization", "Range", "If-Range", "Idempotency-Key", "Last-Event-ID", "Origin", "Host",
+                    "Content-Type", "Accept", "Accept-Encoding", "Cookie", "Expect", "X-Forwarded-For", "User-Agent")
+
+
+def raw_headers(token: str | None) -> st.SearchStrategy:
+    """Up to three headers of arbitrary bytes, and an Authorization that is, a third of the time each,
+    `Bearer <arbitrary bytes>`, absent (or junk), or the real token (so the routes behind it are
+    reached too)."""
+    value = HEADER_BYTES | HIGH_BYTES | st.sampled_from([b"\xc3\x28", b"bytes=\xff-", b"http://\xff"])
+    junk = st.dictionaries(st.sampled_from(RAW_HEADER_NAMES), value, max_size=3)
+    bearer_junk = (HIGH_BYTES | HEADER_BYTES | st.sampled_from([b"\xff", b"\xed\xa0\x80"])).map(
+        lambda raw: {"Authorization": b"Bearer " + raw})
+    real = [st.just({"Authorization": f"Bearer {token}".encode()})] if token else []
+    return st.tuples(junk, st.one_of(st.just({}), bearer_junk, *real)).map(lambda pair: {**pair[0], **pair[1]})
+
+
 EXAMPLES_PER_ROUTE = 10  # here; the endurance tier runs the same fuzz deeper (tests/endurance/test_route_fuzz.py)
+HEADER_BYTES_EXAMPLES_PER_ROUTE = 6
 
 
 def test_fuzzing_every_route_gives_no_server_error_and_the_supervisor_survives(gateway, tmp_path):
     fuzz_every_route(gateway, tmp_path, EXAMPLES_PER_ROUTE)
 
 
-def fuzz_every_route(gateway, tmp_path, examples: int) -> None:
+def test_arbitrary_header_bytes_on_every_route_with_a_token_give_no_server_error(tmp_path):
+    """The fuzz that would have found `Authorization: Bearer \\xff` -> 500: a token set, and header
+    values of any bytes on every route."""
+    token = "fuzz-" + os.urandom(6).hex()
+    stack = Stack(tmp_path, [*NOOP, f"gateway.auth_token={token}", "gateway.max_connections=40",
+                             "gateway.idle_timeout_s=1", "gateway.body_timeout_s=1"], gateway=True)
+    try:
+        wait_for(lambda: http("GET", stack.url + "/v1/health")[0] == 200, 60, what="the daemon")
+        fuzz_every_route(stack, tmp_path, HEADER_BYTES_EXAMPLES_PER_ROUTE, token)
+    finally:
+        stack.stop()
+
+
+def fuzz_every_route(gateway, tmp_path, examples: int, token: str | None = None) -> None:
     """Every route the router has (a new one is fuzzed without editing this test), with junk in its
-    path parameters, query, headers and body: never a 5xx, every error JSON with a code."""
+    path parameters, query, headers (printable ones and arbitrary bytes) and body: never a 5xx,
+    every error JSON with a code."""
+    auth = {"Authorization": f"Bearer {token}"} if token else {}
     clip = make_clip(tmp_path / "fuzz.mp4", frames=8)
-    status, done = http("POST", gateway.url + "/v1/jobs", {"video_path": str(clip)})
+    status, done = http("POST", gateway.url + "/v1/jobs", {"video_path": str(clip)}, headers=auth)
     assert status == 202, done
     gateway.wait_job(done["job_id"], 30)
     routes = routes_of_the_app()
@@ -435,7 +522,7 @@ def fuzz_every_route(gateway, tmp_path, examples: int) -> None:
     failures, sent = [], []
     started = time.monotonic()
     for method, template in sorted(routes, key=lambda route: route[0] == "DELETE"):  # the finished job goes last
-        fuzz_route(gateway, method, template, done["job_id"], clip.read_bytes(), failures, sent, examples)
+        fuzz_route(gateway, method, template, done["job_id"], clip.read_bytes(), failures, sent, examples, token)
     print(f"fuzz: {len(sent)} requests over {len(routes)} routes in {time.monotonic() - started:.1f} s")
     assert failures == []
     assert len(sent) >= len(routes) * examples // 2
@@ -444,18 +531,18 @@ def fuzz_every_route(gateway, tmp_path, examples: int) -> None:
 
 
 def fuzz_route(stack, method: str, template: str, job_id: str, clip: bytes, failures: list, sent: list,
-               examples: int) -> None:
+               examples: int, token: str | None = None) -> None:
     @settings(max_examples=examples, deadline=None, suppress_health_check=list(HealthCheck),
               derandomize=True, database=None)
-    @given(path_values([job_id, "nojob"]), QUERIES, bodies(clip), HEADERS)
-    def fuzz(values, query, body, headers):
+    @given(path_values([job_id, "nojob"]), QUERIES, bodies(clip), HEADERS, raw_headers(token))
+    def fuzz(values, query, body, headers, raw):
         ctype, data = body
         path = concrete(template, **values) + query
-        status, answer_headers, answer = send(stack.url, method, path, data,
-                                              {**headers, **({"Content-Type": ctype} if ctype else {})})
+        sent_headers = {**headers, **({"Content-Type": ctype} if ctype else {}), **raw}
+        status, answer_headers, answer = send(stack.url, method, path, data, sent_headers)
         sent.append(template)
         if status >= 500 or (status >= 400 and not is_json_error(answer_headers, answer)):
-            failures.append((method, path, ctype, data[:80], status, answer[:200]))
+            failures.append((method, path, ctype, data[:80], raw, status, answer[:200]))
         if template in ("/v1/reload", "/reload") and status == 200:  # let the new worker come up
             wait_for(lambda: http("GET", stack.url + "/v1/health")[0] == 200, 60, what="the reloaded worker")
 

@@ -98,18 +98,21 @@ def test_poison_frame_is_recorded_and_skipped(tmp_path, clip):
         stack.stop()
 
 
-def test_crash_loop_stops_within_intensity_and_says_fatal(tmp_path, clip):
-    stack = Stack(tmp_path, [*FAST, *NOOP, "fault.kind=segfault", "fault.at=stage:model", "probe.enabled=false",
-                             "supervisor.intensity=3", "supervisor.period_s=60", "supervisor.fatal_retry_s=0"])
+def test_crash_loop_stops_within_intensity_says_fatal_and_keeps_the_job_for_the_revival(tmp_path, clip):
+    stack = Stack(tmp_path, [*FAST, *NOOP, "fault.kind=segfault", "fault.at=stage:model", "fault.times=3",
+                             "probe.enabled=false", "supervisor.intensity=3", "supervisor.period_s=60",
+                             "supervisor.fatal_retry_s=0"])
     try:
         job_id = stack.submit(clip)
         health = wait_for(lambda: (h := stack.conn.health()).get("status") == "fatal" and h, 30, what="fatal")
         assert "3 deaths" in health["reason"] and "segfault" in health["reason"]
-        job = stack.wait_job(job_id, timeout=10)
-        assert job["state"] == "error" and "fatal" in job["error"]
         assert len(stack.crashes()) == 3  # and no more: it stopped restarting
+        assert stack.conn.job(job_id)["state"] == "queued", "an accepted job outlives the crash loop"
         status, body = stack.conn.request("submit", video_path=str(clip))
         assert status == 503 and "fatal" in body["error"]
+        assert stack.conn.request("reload")[0] == 200
+        job = stack.wait_job(job_id, timeout=30)
+        assert job["state"] == "done" and job["frames_done"] == 48, job
     finally:
         stack.stop()
 
@@ -264,5 +267,33 @@ def test_frozen_worker_is_caught_by_missing_heartbeats(tmp_path):
         crash = stack.crashes()[0]
         assert crash["cause"] == "hang" and "no heartbeat" in crash["summary"]
         assert [f["frame_index"] for f in stack.result(job)["frames"]] == list(range(60))
+    finally:
+        stack.stop()
+
+
+def test_a_job_outlives_three_sigkills_in_a_minute_and_completes_after_the_revival(tmp_path):
+    """Three deaths inside the intensity window make the service fatal; the job is not failed: it
+    waits in the queue with its frames and finishes, every frame once, when the retry revives it."""
+    clip = make_clip(tmp_path / "long.mp4", frames=150)
+    stack = Stack(tmp_path, [*FAST, *NOOP, "probe.enabled=false", "+engine.options.frame_delay_s=0.04",
+                             "supervisor.intensity=3", "supervisor.period_s=60", "supervisor.fatal_retry_s=3"])
+    try:
+        stack.wait_ready(30)
+        job_id = stack.submit(clip)
+        last = 0
+        for _ in range(3):
+            last = wait_for(lambda: (n := stack.conn.job(job_id).get("frames_done", 0)) > last + 5 and n, 30,
+                            interval=0.05, what="the job running again")
+            os.kill(stack.worker_pid(), signal.SIGKILL)
+            wait_for(lambda: stack.conn.health().get("worker") != "busy", 10, interval=0.02, what="the death seen")
+        health = wait_for(lambda: (h := stack.conn.health()).get("status") == "fatal" and h, 20, what="fatal")
+        assert "3 deaths" in health["reason"], health
+        waiting = stack.conn.job(job_id)
+        assert waiting["state"] == "queued" and waiting["frames_done"] >= last, waiting
+        job = stack.wait_job(job_id, timeout=60)
+        assert job["state"] == "done" and job["frames_done"] == 150, job
+        frames = stack.result(job)["frames"]
+        assert [f["frame_index"] for f in frames] == list(range(150))
+        assert job["attempts"] == 4, job  # three deaths and the run that finished it
     finally:
         stack.stop()

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from pose_common import video
+
 from support import CLIP, make_clip, needs_shared_data
 
 

@@ -48,7 +48,7 @@ class Engine(ABC):
                 break
         return chosen
 
-    def check(self, where: str) -> None:
+    def check(self, where: str) -> None:  # noqa: B027 - a hook only the fault wrapper overrides
         """Fault-injection hook (see engines.fault); a no-op for real engines."""
 
     @abstractmethod
@@ -67,8 +67,8 @@ class Engine(ABC):
     def infer_image(self, rgb: np.ndarray) -> list[Person]:
         """Single image, independent of any video state."""
 
-    def close(self) -> None:
-        pass
+    def close(self) -> None:  # noqa: B027 - engines holding no native resources keep this
+        """Release native resources (GPU memory, graphs) before the process ends."""
 
     def mesh_faces(self):
         """Triangles of the engine's mesh (an N x 3 int array), or None for engines without one."""

@@ -268,8 +268,40 @@ def read_pickle(path: str):
         return pickle.load(fh, encoding="latin1")
 
 
+IMPORT_SMPL_STEP = ("it holds chumpy objects and chumpy does not import here (numpy >= 1.24 / Python >= 3.11): "
+                    "run `pose-service models import-smpl {path}` to write it as plain numpy (no chumpy needed)")
+
+
+def pickle_modules(path: str) -> set[str]:
+    """The top-level modules a pickle's classes come from, read from its opcodes (nothing is built)."""
+    import pickletools
+
+    found: set[str] = set()
+    with open(path, "rb") as fh:
+        for opcode, arg, _ in pickletools.genops(fh):
+            if opcode.name in ("GLOBAL", "INST") and isinstance(arg, str):
+                found.add(arg.split(" ")[0].split(".")[0])
+            elif opcode.name in ("SHORT_BINUNICODE", "BINUNICODE", "UNICODE") and isinstance(arg, str) \
+                    and arg.split(".")[0] == "chumpy":
+                found.add("chumpy")  # protocol 4 names a class's module in a string before STACK_GLOBAL
+    return found
+
+
+def importable(module: str) -> bool:
+    import importlib
+
+    try:
+        importlib.import_module(module)
+    except Exception:
+        return False
+    return True
+
+
 def check_smpl(path: str) -> None:
-    """smplx's reading: a pickled dict (chumpy arrays need chumpy importable, as for smplx)."""
+    """smplx's reading: a pickled dict of arrays (chumpy arrays need chumpy importable, as for smplx;
+    without it `models import-smpl` converts the file)."""
+    if "chumpy" in pickle_modules(path) and not importable("chumpy"):
+        raise ContentError(IMPORT_SMPL_STEP.format(path=path))
     data = read_pickle(path)
     expect_keys("the SMPL model", data, [*SMPL_SHAPES, "shapedirs"])
     for key, shape in SMPL_SHAPES.items():

@@ -18,7 +18,9 @@ class NoopEngine(Engine):
         return "1"
 
     def stages(self) -> list[LoadStage]:
-        return [LoadStage(n, lambda: None) for n in ("runtime", "weights", "model", "detector")]
+        # stage_delay_s gives each stage a duration, so tests can act while the worker is loading
+        delay = float(self.options.get("stage_delay_s", 0.0))
+        return [LoadStage(n, lambda: time.sleep(delay)) for n in ("runtime", "weights", "model", "detector")]
 
     def begin_video(self, width: int, height: int, fps: float) -> None:
         pass

@@ -6,10 +6,14 @@ out and enlarged, the same pixels are big enough. Every person returned was foun
 model in this frame's pixels (never copied from a neighbour); only the coordinates are mapped back.
 Frames the first pass finds never reach this module, so they cost nothing extra.
 
+A single image (no video around it) gets more: after the whole frame and the tiles, enlarged centre
+crops and smaller tiles (a distant rider in a wide shot), within a time budget.
+
 Any engine can use it: give RiderSearch a function that finds persons in an RGB image, with no video
 state (MediaPipe's static-image graph, a detector + pose model), and call `fill()` on each result."""
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
@@ -29,6 +33,11 @@ EDGE_PX = 2
 # The second pass looks where a rider is likely (where one just was, or a tile enlarged), so it accepts
 # a weaker detection: with MediaPipe, 0.3 finds all 7 first-pass misses of the shared clip, 0.5 finds 3.
 DEFAULT_MIN_DETECTION_CONFIDENCE = 0.3
+# A single image: centre crops of 1/2 and 1/3 of the frame's shorter side (square, as the pose
+# detector's input is), enlarged; then 4 x 6 half-overlapping tiles (2/5 of the frame's height), 3x.
+CENTRE_FRACTIONS = ((2, 2), (3, 3))  # (1/fraction of the shorter side, upscale)
+CLOSE_TILE_ROWS, CLOSE_TILE_COLS, CLOSE_TILE_SCALE = 4, 6, 3
+DEFAULT_IMAGE_BUDGET_S = 4.0
 
 
 def min_detection_confidence(options: dict[str, Any]) -> float:
@@ -43,7 +52,7 @@ class Region:
     x1: int
     y1: int
     scale: int
-    kind: str  # "last_box", "frame" or "tile"
+    kind: str  # "last_box", "frame", "tile" or "centre"
 
     def cut(self, rgb: np.ndarray) -> np.ndarray:
         import cv2
@@ -105,13 +114,17 @@ class RiderSearch:
     first that holds a whole person. Options (engine.options): second_pass (default true),
     second_pass_memory_frames (how long a last box is trusted, default 30), second_pass_retry_frames
     (after a whole-frame search found nobody, the empty frames before the next one, default 5: a clip
-    with nobody in it for a while costs a few detections per frame, not twenty)."""
+    with nobody in it for a while costs a few detections per frame, not twenty); for single images,
+    second_pass_image_closer (centre crops and smaller tiles too, default true) and
+    second_pass_image_budget_s (the most a single image's search may take, default 4 s)."""
 
     def __init__(self, detect: Detect, options: dict[str, Any]):
         self.detect = detect
         self.enabled = bool(options.get("second_pass", True))
         self.memory_frames = int(options.get("second_pass_memory_frames", 30))
         self.retry_frames = int(options.get("second_pass_retry_frames", 5))
+        self.image_closer = bool(options.get("second_pass_image_closer", True))
+        self.image_budget_s = float(options.get("second_pass_image_budget_s", DEFAULT_IMAGE_BUDGET_S))
         self.tried = 0  # regions run through the detector (the second pass's whole cost)
         self.forget()
 
@@ -125,14 +138,15 @@ class RiderSearch:
         """`persons` as the first pass found them, or what the second pass finds when they are none.
         follow=False (single images): no memory of a previous frame, every region tried."""
         if not persons and self.enabled:
-            persons = self.search(rgb, self.regions_for(rgb.shape[1], rgb.shape[0], follow))
+            deadline = None if follow else time.monotonic() + self.image_budget_s
+            persons = self.search(rgb, self.regions_for(rgb.shape[1], rgb.shape[0], follow), deadline)
         if follow:
             self.remember(persons)
         return persons
 
     def regions_for(self, width: int, height: int, follow: bool) -> list[Region]:
         if not follow:
-            return wide(width, height)
+            return wide(width, height) + (closer(width, height) if self.image_closer else [])
         chosen = [] if self.last_box is None else near(self.last_box, width, height)
         if self.wide_search_in > 0:
             self.wide_search_in -= 1
@@ -148,12 +162,14 @@ class RiderSearch:
         if self.frames_since_seen > self.memory_frames:
             self.last_box = None
 
-    def search(self, rgb: np.ndarray, regions: list[Region]) -> list[Person]:
-        """The first region whose person is whole. One cut by the region's edge inside the frame is not
-        taken: measured on the shared clip, such cut-offs were mostly a false, flattened pose at a
-        tile's corner."""
+    def search(self, rgb: np.ndarray, regions: list[Region], deadline: Optional[float] = None) -> list[Person]:
+        """The first region whose person is whole, tried until `deadline` (time.monotonic()) if given. One
+        cut by the region's edge inside the frame is not taken: measured on the shared clip, such
+        cut-offs were mostly a false, flattened pose at a tile's corner."""
         height, width = rgb.shape[:2]
         for region in regions:
+            if deadline is not None and time.monotonic() > deadline:
+                break
             self.tried += 1
             found = [region.to_frame(person) for person in self.detect(region.cut(rgb))]
             if found and region.holds_whole(found[0]["bbox_xyxy"], width, height):
@@ -171,3 +187,21 @@ def wide(width: int, height: int) -> list[Region]:
     """The whole frame enlarged, then tiles, then smaller tiles (a smaller rider needs more enlarging)."""
     return [Region(0, 0, width, height, TILE_SCALE, "frame"), *tiles(width, height),
             *tiles(width, height, rows=TILE_ROWS + 1, cols=TILE_COLS + 1)]
+
+
+def closer(width: int, height: int) -> list[Region]:
+    """For a single image, after `wide`: enlarged centre crops, then smaller tiles."""
+    return [*centre_crops(width, height),
+            *tiles(width, height, rows=CLOSE_TILE_ROWS, cols=CLOSE_TILE_COLS, scale=CLOSE_TILE_SCALE)]
+
+
+def centre_crops(width: int, height: int) -> list[Region]:
+    """Squares on the frame's centre, 1/2 and 1/3 of its shorter side, enlarged."""
+    regions = []
+    for fraction, scale in CENTRE_FRACTIONS:
+        half = min(width, height) / fraction / 2
+        region = Region(int(width / 2 - half), int(height / 2 - half), int(width / 2 + half),
+                        int(height / 2 + half), scale, "centre")
+        if min(region.x1 - region.x0, region.y1 - region.y0) >= MIN_REGION_PX:
+            regions.append(region)
+    return regions

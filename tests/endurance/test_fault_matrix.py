@@ -3,7 +3,6 @@ every point of the worker's life, 40 cells in all across the two tiers."""
 from __future__ import annotations
 
 import pytest
-
 from test_supervision import CORE_CASES, KINDS, OTHER_CASES, POINTS, clip, run_fault_case  # noqa: F401
 
 

@@ -75,11 +75,34 @@ def cut_clip(tmp_path_factory, frames_dir):
     return path
 
 
+POSE_PREDICTOR_SEED = 4321
+
+
 @pytest.fixture(scope="session")
-def reference_pickle(cache, frames_dir, tmp_path_factory):
+def seeded_pose_predictor(cache):
+    """PHALP's Pose_transformer_v2.load_weights renames every "encoder." away, so its pose_shape_*
+    layers keep their random initialisation (load_state_dict strict=False), in PHALP's own track() as
+    in the engine. Both sides draw that initialisation with the same seed, whatever ran before."""
+    import torch
+    from phalp.models.predictor.pose_transformer_v2 import Pose_transformer_v2
+
+    original = Pose_transformer_v2.__init__
+
+    def seeded(self, *args, **kwargs):
+        torch.manual_seed(POSE_PREDICTOR_SEED)
+        original(self, *args, **kwargs)
+
+    Pose_transformer_v2.__init__ = seeded
+    yield
+    Pose_transformer_v2.__init__ = original
+
+
+@pytest.fixture(scope="session")
+def reference_pickle(cache, frames_dir, tmp_path_factory, seeded_pose_predictor):
     """PHALP's own track() over the frames (tests/upstream/reference.py)."""
-    from gpu_worker.engines.hmr2_phalp import Settings
     from reference import run_track
+
+    from gpu_worker.engines.hmr2_phalp import Settings
     return run_track(frames_dir, tmp_path_factory.mktemp("phalp_out"), Settings.from_options(cache.options()),
                      cache.home)
 
@@ -90,16 +113,19 @@ def option_overrides(options: dict, prefix: str = "engine.options") -> list[str]
     return [f"+{prefix}.{key}={json.dumps(value)}" for key, value in options.items()]
 
 
-def run_on_frames(options: dict, frames_dir, count: int | None = None) -> tuple[list, object]:
-    """An HMR2PhalpEngine on the CPU fed the JPEGs PHALP reads (decoded the same way, cv2.imread), one at
-    a time: (its frames out, the first image)."""
+def run_on_frames(options: dict, frames_dir, count: int | None = None, device: str = "cpu",
+                  prepare=None) -> tuple[list, object]:
+    """An HMR2PhalpEngine (on the CPU unless a test's CUDA shim stands in for a GPU) fed the JPEGs PHALP
+    reads (decoded the same way, cv2.imread), one at a time: (its frames out, the engine)."""
     import cv2
 
     from gpu_worker.engines.hmr2_phalp import HMR2PhalpEngine
 
-    engine = HMR2PhalpEngine("cpu", options)
+    engine = HMR2PhalpEngine(device, options)
     for stage in engine.stages():
         stage.run()
+    if prepare is not None:
+        prepare(engine)  # a test's change to the loaded engine
     images = sorted(frames_dir.glob("*.jpg"))[:count]
     first = cv2.imread(str(images[0]))
     engine.begin_video(first.shape[1], first.shape[0], 30.0)

@@ -43,9 +43,9 @@ def write_placeholders(home: Path) -> None:
 
 @contextlib.contextmanager
 def cpu_reference(settings: Settings) -> Iterator[None]:
+    import hmr2.models.hmr2 as hmr2_module
     import torch
     from detectron2.config import LazyConfig
-    import hmr2.models.hmr2 as hmr2_module
 
     patched = []
 

@@ -250,7 +250,6 @@ def write_hmr2(config_path: str, checkpoint_path: str) -> None:
 
 def write_detector(path: str, options: dict[str, Any]) -> None:
     """The small ViTDet's weights as a detectron2 model-zoo pickle, person class biased."""
-    import torch
     from detectron2.config import instantiate
 
     from gpu_worker.engines.hmr2_phalp import detector_config

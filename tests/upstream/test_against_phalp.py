@@ -4,15 +4,15 @@ from __future__ import annotations
 import joblib
 import numpy as np
 import pytest
-
-from gpu_worker.engines.hmr2_phalp import xyxy_to_xywh
 from conftest import run_on_frames
+
+from gpu_worker.engines.hmr2_phalp import joints_2d_to_pixels, xyxy_to_xywh
 
 SMPL_TOLERANCE = 1e-4
 
 
 @pytest.fixture(scope="module")
-def engine_frames(cache, frames_dir):
+def engine_frames(cache, frames_dir, seeded_pose_predictor):
     return run_on_frames(cache.options(), frames_dir)[0]
 
 
@@ -37,6 +37,9 @@ def test_same_tracks_boxes_and_smpl_as_phalp_track(engine_frames, reference_pick
                 np.testing.assert_allclose(np.asarray(person["smpl"][key]).reshape(-1),
                                            record["smpl"][slot][key].reshape(-1), atol=SMPL_TOLERANCE)
             np.testing.assert_allclose(person["keypoints_3d"], record["3d_joints"][slot], atol=1e-3)
+            height, width = (int(v) for v in record["size"][slot])
+            np.testing.assert_allclose(np.asarray(person["keypoints_2d"])[:, :2],
+                                       joints_2d_to_pixels(record["2d_joints"][slot], height, width), atol=0.05)
             np.testing.assert_allclose([person["camera"][k] for k in ("tx", "ty", "tz")], record["camera"][slot],
                                        rtol=1e-4, atol=1e-3)
             people += 1
@@ -48,6 +51,8 @@ def test_same_tracks_boxes_and_smpl_as_phalp_track(engine_frames, reference_pick
 def test_ghosts_are_the_only_difference(engine_frames, reference_pickle):
     """Every PHALP entry the engine leaves out is a ghost; the engine invents none."""
     reference = list(joblib.load(reference_pickle).values())
+    ghosts = sum(1 for record in reference for age in record["tracked_time"] if age > 0)
+    assert ghosts, "no ghost in PHALP's output: the clip does not exercise what the engine drops"
     for frame, record in zip(engine_frames, reference):
         left_out = set(map(int, record["tid"])) - {p["track_id"] for p in frame.persons}
         ages = dict(zip(map(int, record["tid"]), record["tracked_time"]))

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import cv2
 import numpy as np
-
 from conftest import run_on_frames
 
 
@@ -28,6 +27,7 @@ def test_cpu_rung_detector_finds_the_small_rider_the_first_pass_misses():
     import av
 
     from gpu_worker.engines.hmr2_phalp import MediaPipePersonDetector
+
     from support import CLIP
 
     with av.open(str(CLIP)) as container:

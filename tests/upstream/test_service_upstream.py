@@ -12,8 +12,8 @@ import sys
 import joblib
 import numpy as np
 import pytest
-
 from conftest import CUT_FRAMES, SHARED, option_overrides
+
 from support import REPO, Served, http, wait_for
 
 PHOTO = SHARED / "data" / "person_standing.jpg"

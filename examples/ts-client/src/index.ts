@@ -86,6 +86,10 @@ export interface NativeResult {
   engine: EngineInfo;
   joint_names: string[];
   frames: Frame[];
+  /** Counts over the whole result (frames with a person, tracks, ...). */
+  summary: Record<string, unknown>;
+  /** Set when the video was cut or damaged, or frames were skipped. */
+  warning?: string;
 }
 
 export type HealthState = "ready" | "degraded" | "loading" | "fatal" | "unavailable";

@@ -1,0 +1,166 @@
+"""Person detectors PHALP reads: detectron2's ViTDet / RegNetY (device-aware) and MediaPipe Pose's
+box for the CPU rung."""
+from __future__ import annotations
+
+import contextlib
+from typing import Any, Callable, Mapping, Optional, Sequence
+
+import numpy as np
+
+from gpu_worker.engines.base import Person
+from gpu_worker.engines.hmr2_phalp.patches import instances_in_float32
+from gpu_worker.engines.hmr2_phalp.settings import Settings
+from gpu_worker.engines.roi import RiderSearch, min_detection_confidence
+
+
+def detector_config(settings: Settings) -> Any:
+    """The LazyConfig PHALP.setup_detectron2 builds (same file, same thresholds), with the engine's
+    score threshold and any LazyConfig overrides applied."""
+    from detectron2.config import LazyConfig
+
+    if settings.detector == "vitdet":
+        from pathlib import Path
+
+        import phalp
+
+        cfg = LazyConfig.load(str(Path(phalp.__file__).parent / "configs" / "cascade_mask_rcnn_vitdet_h_75ep.py"))
+        for predictor in cfg.model.roi_heads.box_predictors:
+            predictor.test_score_thresh = settings.detector_score
+    else:
+        from detectron2 import model_zoo
+
+        cfg = model_zoo.get_config("new_baselines/mask_rcnn_regnety_4gf_dds_FPN_400ep_LSJ.py", trained=True)
+        cfg.model.roi_heads.box_predictor.test_score_thresh = settings.detector_score
+        cfg.model.roi_heads.box_predictor.test_nms_thresh = 0.4
+    if settings.detector_overrides:
+        cfg = LazyConfig.apply_overrides(cfg, settings.detector_overrides)
+    return cfg
+
+
+def build_detector(settings: Settings, weights_path: str, device: Any) -> Callable[[np.ndarray], dict]:
+    """The detector PHALP.setup_detectron2 builds, loaded from the verified local file and placed on
+    `device` instead of a hard-coded .cuda()."""
+    cfg = detector_config(settings)
+    cfg.train.init_checkpoint = weights_path
+    return LazyConfigPredictor(cfg, device)
+
+
+class LazyConfigPredictor:
+    """One BGR image in, detectron2's output dict out (PHALP's DefaultPredictor_Lazy, device-aware).
+    `autocast` is the engine's precision context (fp32: none); outputs come back in fp32."""
+
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+
+    def __init__(self, cfg: Any, device: Any):
+        import detectron2.data.transforms as T
+        import torch
+        from detectron2.checkpoint import DetectionCheckpointer
+        from detectron2.config import instantiate
+
+        self._T, self._torch = T, torch
+        self.model = instantiate(cfg.model)
+        DetectionCheckpointer(self.model).load(cfg.train.init_checkpoint)
+        mapper = instantiate(cfg.dataloader.test.mapper)
+        self.augmentations = mapper.augmentations
+        self.input_format = mapper.image_format
+        if self.input_format not in ("RGB", "BGR"):
+            raise ValueError(f"unsupported detector input format {self.input_format}")
+        self.model.eval().to(device)
+
+    def __call__(self, bgr: np.ndarray) -> dict:
+        image = bgr[:, :, ::-1] if self.input_format == "RGB" else bgr
+        height, width = image.shape[:2]
+        resized = self.augmentations(self._T.AugInput(image)).apply_image(image)
+        tensor = self._torch.as_tensor(np.ascontiguousarray(resized).astype("float32").transpose(2, 0, 1))
+        with self._torch.no_grad(), self.autocast():
+            output = self.model([{"image": tensor, "height": height, "width": width}])[0]
+        output["instances"] = instances_in_float32(output["instances"])
+        return output
+
+
+class MediaPipePersonDetector:
+    """A person detector that is practical on a CPU (the CPU rung): MediaPipe Pose's landmarks and
+    segmentation give one person's box and mask per frame, as detectron2 Instances (class 0), so
+    PHALP reads them as it reads ViTDet's. One person at most: MediaPipe Pose tracks one. When it finds
+    nobody, the second pass (engines/roi.py) looks again where the rider was and in enlarged tiles;
+    a box found there gets a box-shaped mask."""
+
+    BOX_MARGIN = 0.1  # landmarks hug the body; grow the box by this share of its size on each side
+
+    def __init__(self, options: Optional[Mapping[str, Any]] = None):
+        import mediapipe as mp
+
+        options = dict(options or {})
+        self._pose_class = mp.solutions.pose.Pose
+        self._video = self._make(video=True)
+        self._region = self._pose_class(static_image_mode=True, model_complexity=1,
+                                        min_detection_confidence=min_detection_confidence(options))
+        self.second_pass = RiderSearch(self._find_in_region, options)
+
+    def _make(self, video: bool) -> Any:
+        return self._pose_class(static_image_mode=not video, model_complexity=1, enable_segmentation=True)
+
+    def begin_video(self) -> None:
+        self._video.close()
+        self._video = self._make(video=True)
+        self.second_pass.forget()
+
+    def __call__(self, bgr: np.ndarray) -> dict:
+        return self._instances(self._video, bgr, follow=True)
+
+    def single_image(self, bgr: np.ndarray) -> dict:
+        still = self._make(video=False)
+        try:
+            return self._instances(still, bgr, follow=False)
+        finally:
+            still.close()
+
+    def _find_in_region(self, rgb: np.ndarray) -> list[Person]:
+        height, width = rgb.shape[:2]
+        box, score, _ = person_from_landmarks(self._region.process(rgb), height, width, self.BOX_MARGIN)
+        return [] if box is None else [{"bbox_xyxy": box, "score": score}]
+
+    def _instances(self, pose: Any, bgr: np.ndarray, follow: bool) -> dict:
+        import torch
+        from detectron2.structures import Boxes, Instances
+
+        height, width = bgr.shape[:2]
+        rgb = np.ascontiguousarray(bgr[:, :, ::-1])
+        box, score, mask = person_from_landmarks(pose.process(rgb), height, width, self.BOX_MARGIN)
+        first_pass = [] if box is None else [{"bbox_xyxy": box, "score": score}]
+        found = self.second_pass.fill(first_pass, rgb, follow=follow)
+        if box is None and found:
+            box, score = found[0]["bbox_xyxy"], found[0]["score"]
+            mask = box_mask(box, height, width)
+        instances = Instances((height, width))
+        count = 0 if box is None else 1
+        instances.pred_boxes = Boxes(torch.tensor([box] if count else np.zeros((0, 4)), dtype=torch.float32))
+        instances.scores = torch.tensor([score] if count else [], dtype=torch.float32)
+        instances.pred_classes = torch.zeros(count, dtype=torch.int64)
+        instances.pred_masks = torch.from_numpy(mask[None] if count else np.zeros((0, height, width), dtype=bool))
+        return {"instances": instances}
+
+
+def box_mask(box: Sequence[float], height: int, width: int) -> np.ndarray:
+    mask = np.zeros((height, width), dtype=bool)
+    mask[int(box[1]):int(box[3]) + 1, int(box[0]):int(box[2]) + 1] = True
+    return mask
+
+
+def person_from_landmarks(found: Any, height: int, width: int, margin: float
+                          ) -> tuple[Optional[list[float]], float, np.ndarray]:
+    """MediaPipe Pose's result -> (xyxy box over the visible landmarks grown by margin, mean
+    visibility as the score, a boolean mask: its segmentation, else the box)."""
+    if found is None or found.pose_landmarks is None:
+        return None, 0.0, np.zeros((height, width), dtype=bool)
+    points = np.array([[lm.x * width, lm.y * height, lm.visibility] for lm in found.pose_landmarks.landmark])
+    seen = points[points[:, 2] > 0.5] if (points[:, 2] > 0.5).sum() >= 2 else points
+    x0, y0 = seen[:, :2].min(axis=0)
+    x1, y1 = seen[:, :2].max(axis=0)
+    grow_x, grow_y = (x1 - x0) * margin, (y1 - y0) * margin
+    box = [max(0.0, x0 - grow_x), max(0.0, y0 - grow_y), min(width - 1.0, x1 + grow_x), min(height - 1.0, y1 + grow_y)]
+    if getattr(found, "segmentation_mask", None) is not None:
+        mask = np.asarray(found.segmentation_mask) > 0.5
+    else:
+        mask = box_mask(box, height, width)
+    return box, float(points[:, 2].mean()), mask
