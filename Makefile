@@ -4,7 +4,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST_ARGS ?= -q
 
-.PHONY: install install-upstream demo test test-core test-endurance test-upstream bench bench-upstream serve system-packages
+.PHONY: install install-upstream demo lint test test-core test-endurance test-upstream bench bench-upstream serve system-packages
 
 $(STAMP): pyproject.toml Makefile
 	python3 -m venv $(VENV)
@@ -31,7 +31,13 @@ system-packages:
 # generations) and attacked (Schemathesis against its own OpenAPI document, a deep fuzz of every route).
 CORE_TESTS := tests --ignore=tests/endurance --ignore=tests/upstream
 
-test: test-core test-endurance test-upstream
+test: lint test-core test-endurance test-upstream
+
+# ruff (pyflakes, pycodestyle, import order, bugbear) and mypy (strict on the pure modules), both
+# configured in pyproject.toml
+lint: install
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy
 
 test-core: install system-packages
 	$(PY) -m pytest $(PYTEST_ARGS) $(CORE_TESTS)

@@ -132,6 +132,8 @@ def _expected_type(schema: DictConfig, key: str) -> str:
         kind = OmegaConf.get_type(node, leaf) if isinstance(node, DictConfig) else None
     except (OmegaConfBaseException, KeyError):
         kind = None
+    if kind is None:
+        return ""
     names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list like [a,b]"}
     return names.get(kind, getattr(kind, "__name__", ""))
 
@@ -165,10 +167,17 @@ def ledger_path(cfg: DictConfig) -> str:
 def rungs(cfg: DictConfig) -> list[dict]:
     """The fallback ladder, top rung first."""
     if cfg.ladder:
-        return [OmegaConf.to_container(r, resolve=True) for r in cfg.ladder]
+        return [_rung_dict(r) for r in cfg.ladder]
     device = "cpu" if cfg.engine.device == "auto" else cfg.engine.device
     return [{"engine": cfg.engine.name, "device": device,
              "options": OmegaConf.to_container(cfg.engine.options, resolve=True)}]
+
+
+def _rung_dict(node: DictConfig) -> dict:
+    rung = OmegaConf.to_container(node, resolve=True)
+    if not isinstance(rung, dict):  # a RungConfig node (configs/schema.py) always gives a dict
+        raise ConfigError(f"a ladder rung must be a mapping, not {rung!r}")
+    return rung
 
 
 def dump_config(cfg: DictConfig, path: str | os.PathLike) -> None:
@@ -180,4 +189,7 @@ def dump_config(cfg: DictConfig, path: str | os.PathLike) -> None:
 
 def read_config(path: str | os.PathLike) -> DictConfig:
     schema = OmegaConf.structured(Config)
-    return OmegaConf.merge(schema, OmegaConf.load(path))
+    cfg = OmegaConf.merge(schema, OmegaConf.load(os.fspath(path)))
+    if not isinstance(cfg, DictConfig):  # merged onto the schema (a DictConfig), it always is one
+        raise ConfigError(f"{os.fspath(path)}: not a configuration mapping")
+    return cfg

@@ -5,11 +5,12 @@ from __future__ import annotations
 from http import HTTPStatus
 from typing import Any, Optional
 
+import structlog
 from aiohttp import web
 
 from pose_common.client import Unavailable
 
-LOG_KEY = web.AppKey("log", object)
+LOG_KEY = web.AppKey("log", structlog.stdlib.BoundLogger)  # what pose_common.logs.setup_logging returns
 BODY_LIMIT_KEY = web.AppKey("body_limit", int)  # bytes aiohttp reads of a request body
 
 # the code an error carries when its raiser names none: one word per status

@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
+from omegaconf import DictConfig
 
 from configs import uploads_dir
 from gateway import validation
@@ -19,7 +20,7 @@ from gateway.errors import BodyCut, json_error
 from pose_common.client import SupervisorClient
 from pose_common.hostinfo import is_wsl
 
-CFG_KEY = web.AppKey("cfg", object)
+CFG_KEY = web.AppKey("cfg", DictConfig)
 CLIENT_KEY = web.AppKey("client", SupervisorClient)
 IDEMPOTENCY_KEY_MAX = 256
 FIELD_LIMIT = 1 << 20  # a form field beside an uploaded video (max_frames, idempotency_key, ...)
@@ -29,7 +30,7 @@ def client(request: web.Request) -> SupervisorClient:
     return request.app[CLIENT_KEY]
 
 
-def config(request: web.Request):
+def config(request: web.Request) -> DictConfig:
     return request.app[CFG_KEY]
 
 
@@ -126,7 +127,7 @@ async def submit(request: web.Request, path: str, source: str, idempotency_key: 
     if status >= 400:
         raise json_error(status, body.get("error", "rejected"))
     job = body["job"]
-    if not job.get("created", True):
+    if not job.get("created", True) and idempotency_key is not None:  # only an Idempotency-Key replays a job
         await check_replay(job, path, source, max_frames, idempotency_key)
     return job
 

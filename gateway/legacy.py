@@ -201,6 +201,7 @@ async def pose_hybrid(request: web.Request) -> web.Response:
     """JSON {image_base64 (raw or data: URL), frame_number, visualize} or multipart `frame` + `frameNumber`."""
     started = time.monotonic()
     ctype = request.content_type
+    image: Optional[bytes]
     if ctype == "application/json":
         body = await read_json_body(request)
         b64 = body.get("image_base64")
@@ -391,7 +392,7 @@ async def legacy_status(request: web.Request, job_id: str) -> dict:
         body["queue_position"] = job.get("queue_position")
         body["attempts"] = job.get("attempts")
     elif status == "processing":
-        body["elapsed_time"] = round(time.time() - (job.get("started_at") or job.get("created_at")), 3)
+        body["elapsed_time"] = round(time.time() - (job.get("started_at") or job["created_at"]), 3)
         body["progress"] = {"frames_done": job.get("frames_done"), "frames_total": job.get("frames_total")}
     elif status == "complete":
         body["result"] = await legacy_result_of(request, job)

@@ -19,6 +19,12 @@ STATE_WORDS = {"queued": "queued", "running": "processing", "rendering": "proces
                "error": "error"}
 
 
+def _finite(value: Any, default: float = 0.0) -> float:
+    """number_or with a float default, typed as the float it then always is."""
+    number = _num(value, default)
+    return default if number is None else number
+
+
 def engine_name_of(health: dict) -> str:
     return str(health.get("engine_name") or (health.get("engine") or {}).get("name") or "unknown")
 
@@ -66,7 +72,7 @@ def legacy_health(health: Optional[dict], error: Optional[str] = None) -> dict:
 def warmup_body(health: dict, diagnostics: dict) -> dict:
     engine = engine_name_of(health)
     boots = diagnostics.get("boots") or []
-    stages = {s.get("name"): _num(s.get("duration_s")) for s in (boots[-1].get("stages") or [])} if boots else {}
+    stages = {s.get("name"): _finite(s.get("duration_s")) for s in (boots[-1].get("stages") or [])} if boots else {}
     total = round(sum(stages.values()), 4)
     body = {"status": "ready", "ready": True, "engine": engine, "device": health.get("device"),
             "models": models_for(engine, detector_of(health), True),
@@ -199,7 +205,7 @@ def legacy_result(native: dict, processing_time: float, output_path: Optional[st
     width, height = video.get("width"), video.get("height")
     duration = _num(video.get("duration_s")) or (count / fps if fps else 0.0)
     engine = native.get("engine") or {}
-    seconds = round(_num(processing_time), 3)
+    seconds = round(_finite(processing_time), 3)
     result = {
         "job_id": native.get("job_id"), "video_path": native.get("video_path"), "status": "complete",
         "frames": frames, "pose_timeline": timeline,
@@ -236,7 +242,7 @@ def with_gaps_filled(entries: list, fps: float) -> list:
 
 def frame_time(frame: dict, fps: float) -> float:
     pts = frame.get("pts_s")
-    return round(_num(pts, frame["frame_index"] / fps) if pts is not None else frame["frame_index"] / fps, 6)
+    return round(_finite(pts, frame["frame_index"] / fps) if pts is not None else frame["frame_index"] / fps, 6)
 
 
 def legacy_frame(position: int, frame: dict, fps: float, names: Sequence[str], faces: Optional[list]) -> dict:
@@ -257,7 +263,7 @@ def timeline_frame(position: int, frame: dict, fps: float, names: Sequence[str],
     return {"frameNumber": position, "originalFrameNumber": int(frame["frame_index"]),
             "timestamp": round(frame_time(frame, fps), 3), "confidence": _num(person.get("score")) if person else 0.0,
             "keypoints": rows, "joints3D": raw3d,
-            "jointAngles": joint_angles(names, raw3d, visibilities(person), min_visibility) if raw3d else {},
+            "jointAngles": joint_angles(names, raw3d, visibilities(person), min_visibility) if raw3d and person else {},
             "has3D": bool(raw3d), "meshRendered": bool(person and person.get("vertices"))}
 
 

@@ -10,7 +10,7 @@ import os
 import re
 import sys
 import time
-from typing import Optional
+from typing import Optional, Union
 
 from aiohttp import web
 from multidict import CIMultiDict
@@ -29,7 +29,7 @@ from gateway.helpers import (
     read_json_body,
     receive_upload,
 )
-from gateway.store import reader
+from gateway.store import ledger_job, reader
 from pose_common import faults, results
 from pose_common.client import Unavailable
 from pose_common.views import job_view
@@ -109,8 +109,8 @@ async def get_result(request: web.Request) -> web.StreamResponse:
         return await phalp_pickle(request, job)
     response = web.StreamResponse(headers={"Content-Type": "application/json"})
     await response.prepare(request)
-    async for chunk in reader(request).chunks(lambda ledger: results.json_chunks(ledger.job(job["job_id"]), ledger,
-                                                                                  with_vertices)):
+    async for chunk in reader(request).chunks(
+            lambda ledger: results.json_chunks(ledger_job(ledger, job["job_id"]), ledger, with_vertices)):
         await response.write(chunk.encode())
     await response.write_eof()
     return response
@@ -122,13 +122,13 @@ async def stream_ndjson(request: web.Request, job_id: str, with_vertices: bool) 
     store = reader(request)
     response = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
     await response.prepare(request)
-    job = await store.run(lambda ledger: ledger.job(job_id))
+    job = await store.run(lambda ledger: ledger_job(ledger, job_id))
     await response.write((json.dumps(await store.run(lambda ledger: results.header(job, ledger, with_vertices)))
                           + "\n").encode())
     last, count, with_person = -1, 0, 0
     deadline = time.monotonic() + STREAM_LIMIT_S
     while time.monotonic() < deadline:
-        job = await store.run(lambda ledger: ledger.job(job_id))
+        job = await store.run(lambda ledger: ledger_job(ledger, job_id))
         async for frame in store.chunks(lambda ledger: results.frames(job, ledger, with_vertices, after=last)):
             await response.write((json.dumps(frame) + "\n").encode())
             last, count, with_person = frame["frame_index"], count + 1, with_person + bool(frame["persons"])
@@ -211,10 +211,11 @@ def file_response(request: web.Request, path: str, content_type: str) -> web.Fil
     return RangeFileResponse(path, ignore_range, headers={"Content-Type": content_type})
 
 
+ByteRange = Union[tuple[int, Optional[int]], tuple[None, int]]  # (first, last or None) or (None, suffix length)
 BYTE_RANGE = re.compile(r"bytes=(?:(\d+)-(\d*)|-(\d+))", re.ASCII | re.IGNORECASE)
 
 
-def understood_range(header: Optional[str]) -> Optional[tuple[Optional[int], Optional[int]]]:
+def understood_range(header: Optional[str]) -> Optional[ByteRange]:
     """One byte range -> (first, last) for `first-[last]`, (None, length) for a suffix `-length`;
     None for no header or one to ignore (another unit, malformed, last before first, a list)."""
     match = BYTE_RANGE.fullmatch(header or "")
@@ -228,10 +229,11 @@ def understood_range(header: Optional[str]) -> Optional[tuple[Optional[int], Opt
     return int(first), int(last) if last else None
 
 
-def range_satisfiable(wanted: tuple[Optional[int], Optional[int]], size: int) -> bool:
-    first, last_or_length = wanted
-    if first is None:  # a suffix: satisfiable when it asks for at least one byte of a non-empty file
-        return last_or_length > 0 and size > 0
+def range_satisfiable(wanted: ByteRange, size: int) -> bool:
+    if wanted[0] is None:  # a suffix: satisfiable when it asks for at least one byte of a non-empty file
+        length = wanted[1]
+        return length > 0 and size > 0
+    first = wanted[0]
     return first < size
 
 
@@ -288,7 +290,7 @@ def query_float(request: web.Request, name: str) -> Optional[float]:
     return value
 
 
-async def phalp_pickle(request: web.Request, job: dict) -> web.Response:
+async def phalp_pickle(request: web.Request, job: dict) -> web.StreamResponse:
     from pose_common.phalp_pickle import write_phalp_pickle
 
     result = await load_result(job["result_path"])
@@ -367,12 +369,14 @@ async def get_report(request: web.Request) -> web.StreamResponse:
     cfg = config(request)
     out = os.path.join(results_dir(cfg), f"{job['job_id']}.report.html")
     if not os.path.exists(out):
-        await build_report(request.app[LOG_KEY], cfg.ledger.url or ledger_path(cfg), job["job_id"], out)
+        await build_report(request.app[LOG_KEY], cfg.ledger.url or ledger_path(cfg), job["job_id"], out,
+                           float(cfg.angles.min_visibility))
     return file_response(request, out, "text/html; charset=utf-8")
 
 
-async def build_report(log, ledger: str, job_id: str, out: str) -> None:
+async def build_report(log, ledger: str, job_id: str, out: str, min_visibility: float) -> None:
     proc = await asyncio.create_subprocess_exec(sys.executable, "-m", "pose_common.report", ledger, job_id, out,
+                                                str(min_visibility),
                                                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.DEVNULL,
                                                 stderr=asyncio.subprocess.PIPE)
     try:

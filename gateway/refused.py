@@ -25,7 +25,6 @@ PREFIX = "refused-"
 KEEP = 1000
 # the native route's refusals of the video itself; any other refusal (size, roots, queue) is the request's
 VIDEO_REFUSALS = ("not_a_video", "undecodable_video", "video_too_large")
-STORE_KEY = web.AppKey("refused_jobs", object)
 
 
 def is_video_refusal(exc: ApiError) -> bool:
@@ -71,6 +70,9 @@ class RefusedJobs:
                 os.unlink(entry.path)
             except OSError:
                 pass
+
+
+STORE_KEY = web.AppKey("refused_jobs", RefusedJobs)
 
 
 def refused_jobs(app: web.Application) -> RefusedJobs:

@@ -91,7 +91,7 @@ class Traffic:
     """What the server needs to know of the application's requests to choose a connection to close:
     which connections are inside a handler now (with their body's watch) and which ever were."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.in_flight: dict[Any, Optional[BodyWatch]] = {}
         self.served: set = set()  # the server forgets a connection when it is lost
 

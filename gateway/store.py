@@ -11,18 +11,18 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
 from aiohttp import web
+from omegaconf import DictConfig
 
 from configs import ledger_path
 from gateway.errors import json_error
-from pose_common.ledger import LedgerUnavailable, SqlLedger
+from pose_common.ledger import Job, LedgerUnavailable, SqlLedger
 from pose_common.ledger_open import open_ledger_at
 
 T = TypeVar("T")
-READER_KEY = web.AppKey("ledger_reader", object)
 
 
 class LedgerReader:
-    def __init__(self, cfg):
+    def __init__(self, cfg: DictConfig) -> None:
         self.location = cfg.ledger.url or ledger_path(cfg)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self.ledger: Optional[SqlLedger] = None
@@ -63,5 +63,16 @@ class LedgerReader:
             self.ledger.close()
 
 
+READER_KEY = web.AppKey("ledger_reader", LedgerReader)
+
+
 def reader(request: web.Request) -> LedgerReader:
     return request.app[READER_KEY]
+
+
+def ledger_job(ledger: SqlLedger, job_id: str) -> Job:
+    """A job the supervisor has just answered for (its rows are never deleted, only its files)."""
+    job = ledger.job(job_id)
+    if job is None:
+        raise LookupError(f"job {job_id} is not in the ledger")
+    return job

@@ -24,8 +24,8 @@ import zmq
 
 from configs import read_config, video_roots
 from gpu_worker.engines import build_engine
-from gpu_worker.engines.base import Engine, FrameOut
-from gpu_worker.engines.fault import FaultPlan
+from gpu_worker.engines.base import FrameOut
+from gpu_worker.engines.fault import FaultEngine, FaultPlan
 from gpu_worker.errors import classify, free_cuda_cache, is_cuda_oom
 from gpu_worker.gpu import gpu_memory_used
 from gpu_worker.images import decode_for_engine, to_original
@@ -104,13 +104,20 @@ class Worker:
         self.sock = P.connect_dealer(self.ctx, self.endpoint, P.worker_identity(generation).decode())
         self.heartbeat = Heartbeat(self.ctx, self.endpoint, generation, cfg.supervisor.heartbeat_s, parent_pid)
         self.crumb = Breadcrumb(RuntimeDir(cfg.runtime_dir).worker_crumb(generation))
-        self.engine: Optional[Engine] = None
+        self._engine: Optional[FaultEngine] = None
         self.stage = "start"
         self.job: Optional[str] = None
         self.frame: Optional[int] = None
         self.process = psutil.Process()
         self.held_pts: dict[int, Optional[float]] = {}  # frames in the engine, not yet emitted
         self.resume: Optional[Resume] = None
+
+    @property
+    def engine(self) -> FaultEngine:
+        """The engine run() built first; everything else the worker does comes after."""
+        if self._engine is None:
+            raise RuntimeError("the worker's engine is not built yet")
+        return self._engine
 
     # --- sending ----------------------------------------------------------------------------
     def send(self, kind: str, job: Optional[str] = None, blobs: Optional[list] = None, **body: Any) -> None:
@@ -127,7 +134,7 @@ class Worker:
         self.heartbeat.start()
         self.send(P.T.HELLO, pid=os.getpid(), rung=self.rung)
         try:
-            self.engine = self.build_engine()
+            self._engine = self.build_engine()
             self.mark("start")
             self.engine.check("start")
             self.load()
@@ -141,7 +148,7 @@ class Worker:
         except Exception as exc:  # a bug of ours: still report it before going
             return self.die(self.dying_from(exc, during_load=False))
 
-    def build_engine(self) -> Engine:
+    def build_engine(self) -> FaultEngine:
         fault = dict(self.cfg.fault) if self.cfg.fault.kind else {}
         name = self.rung["engine"]
         if name == "fault":
@@ -233,14 +240,15 @@ class Worker:
 
     def process_video(self, readable: str, start: int, poison: dict[int, str], max_frames: Optional[int],
                       progress: "JobProgress") -> None:
-        first = self.resume.warm_from if self.resume else start
+        resume = self.resume
+        first = resume.warm_from if resume else start
         started = False
         for meta, index, pts, rgb in only_sampled(frames(readable, first, self.cfg.jobs.max_video_pixels), max_frames):
             if not started:
                 self.send(P.T.VIDEO, job=self.job, meta=meta.as_dict())
                 self.engine.begin_video(meta.width, meta.height, meta.fps)
                 started = True
-            if index < start and not self.resume.warms(index):
+            if index < start and (resume is None or not resume.warms(index)):  # None: frames() starts at start
                 continue
             self.mark("frame", index)
             if index in poison:

@@ -37,7 +37,7 @@ def _mid(a, b):
     return None if a is None or b is None else [(a[i] + b[i]) / 2.0 for i in range(3)]
 
 
-def joint_angles(names: Sequence[str], points_3d: Sequence[Sequence[float]],
+def joint_angles(names: Sequence[str], points_3d: Sequence[Sequence[Optional[float]]],
                  visibility: Optional[Sequence[Any]] = None,
                  min_visibility: float = DEFAULT_MIN_VISIBILITY) -> dict:
     """Degrees, from the engine's own joint names (first occurrence of each name). `visibility[i]` is
@@ -64,19 +64,20 @@ def joint_angles(names: Sequence[str], points_3d: Sequence[Sequence[float]],
     return angles
 
 
-def seen_points(names: Sequence[str], points_3d: Sequence[Sequence[float]], visibility: Optional[Sequence[Any]],
-                min_visibility: float) -> dict[str, list[float]]:
+def seen_points(names: Sequence[str], points_3d: Sequence[Sequence[Optional[float]]],
+                visibility: Optional[Sequence[Any]], min_visibility: float) -> dict[str, list[float]]:
     """name -> finite 3D point, for the joints seen well enough."""
-    points: dict[str, list[float]] = {}
+    points: dict[str, Optional[list[float]]] = {}
     for i, (name, point) in enumerate(zip(names, points_3d)):
         if name in points or not point or len(point) < 3:
             continue
-        if not all(isinstance(v, (int, float)) and math.isfinite(v) for v in point[:3]):
+        finite = [float(v) for v in point[:3] if isinstance(v, (int, float)) and math.isfinite(v)]
+        if len(finite) < 3:  # a missing (None) or non-finite coordinate
             continue
         if visibility is not None and not is_seen(visibility[i] if i < len(visibility) else None, min_visibility):
             points[name] = None  # the first occurrence decides, seen or not
             continue
-        points[name] = [float(v) for v in point[:3]]
+        points[name] = finite
     return {name: point for name, point in points.items() if point is not None}
 
 

@@ -38,9 +38,15 @@ class SupervisorClient:
             self.sock.close(linger=0)
         self.ctx.term()
 
+    def started_sock(self) -> zmq.asyncio.Socket:
+        if self.sock is None:
+            raise RuntimeError("SupervisorClient.start() was not awaited")
+        return self.sock
+
     async def read_replies(self) -> None:
+        sock = self.started_sock()
         while True:
-            parts = await self.sock.recv_multipart(copy=False)
+            parts = await sock.recv_multipart(copy=False)
             try:
                 env = P.unpack(parts)
             except P.ProtocolError:
@@ -56,10 +62,11 @@ class SupervisorClient:
         timeout = timeout_s or self.timeout_s
         req = uuid.uuid4().hex
         body["deadline"] = time.time() + timeout
+        sock = self.started_sock()
         future = asyncio.get_running_loop().create_future()
         self.pending[req] = future
         try:
-            await self.sock.send_multipart(P.pack(P.Envelope(kind, body, req=req, blobs=blobs or [])),
+            await sock.send_multipart(P.pack(P.Envelope(kind, body, req=req, blobs=blobs or [])),
                                            flags=zmq.NOBLOCK, copy=False)
             env = await asyncio.wait_for(future, timeout)
         except zmq.Again:

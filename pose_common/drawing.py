@@ -2,7 +2,15 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, overload
+
+
+@overload
+def number_or(value: Any, default: float = 0.0) -> float: ...
+
+
+@overload
+def number_or(value: Any, default: None) -> Optional[float]: ...
 
 
 def number_or(value: Any, default: Optional[float] = 0.0) -> Optional[float]:

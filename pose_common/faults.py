@@ -5,10 +5,11 @@ from __future__ import annotations
 import hashlib
 import os
 import re
-from typing import Optional
+from typing import Literal, Optional, get_args
 
-KINDS = ("segfault", "abort", "bus_error", "kill", "exit", "hang", "raise", "cuda_oom",
-         "cuda_sticky", "slow", "load_failure")
+FaultKind = Literal["segfault", "abort", "bus_error", "kill", "exit", "hang", "raise", "cuda_oom",
+                    "cuda_sticky", "slow", "load_failure"]
+KINDS: tuple[str, ...] = get_args(FaultKind)
 AT_GRAMMAR = "start | image | stage:NAME | frame:N (N a non-negative integer) | supervisor (raise only)"
 _AT = re.compile(r"(start|image|supervisor|stage:[A-Za-z_][A-Za-z0-9_]{0,63}|frame:(0|[1-9][0-9]{0,8}))")
 SUPERVISOR = "supervisor"  # the supervisor's own loop: proves it restarts and resumes its jobs

@@ -90,7 +90,7 @@ def _text(value) -> str:
 
 @lru_cache(maxsize=1)
 def package_versions() -> dict[str, Optional[str]]:
-    versions = {}
+    versions: dict[str, Optional[str]] = {}
     for name in PACKAGES:
         try:
             versions[name] = metadata.version(name)

@@ -14,7 +14,7 @@ import os
 import sqlite3
 import time
 import uuid
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, fields
 from typing import Any, Iterator, Optional, Sequence
 
@@ -153,7 +153,7 @@ class SqlLedger:
     def all(self, sql: str, args: Sequence = ()) -> list[tuple]:
         raise NotImplementedError
 
-    def transaction(self):
+    def transaction(self, durable: bool = False) -> AbstractContextManager[None]:
         raise NotImplementedError
 
     def close(self) -> None:
@@ -161,6 +161,13 @@ class SqlLedger:
 
     def ping(self) -> None:
         self.one("SELECT 1")
+
+    def one_row(self, sql: str, args: Sequence = ()) -> tuple:
+        """A query that always answers a row (an aggregate, or a row this transaction just wrote)."""
+        row = self.one(sql, args)
+        if row is None:
+            raise LookupError(f"no row for {sql!r}")
+        return row
 
     # --- jobs -----------------------------------------------------------------------------------
     def accept(self, video_path: str, source: str = "path", idempotency_key: Optional[str] = None,
@@ -174,9 +181,10 @@ class SqlLedger:
                       " VALUES (?, ?, ?, ?, 'queued', ?, ?) ON CONFLICT DO NOTHING",
                       (job_id, idempotency_key, video_path, source, time.time(), max_frames))
             self.add_event(job_id, "queued", {"status": "queued"})
-        if idempotency_key:
-            return self.job_by_key(idempotency_key), True
-        return self.job(job_id), True
+        job = self.job_by_key(idempotency_key) if idempotency_key else self.job(job_id)
+        if job is None:  # committed above: it is there
+            raise LookupError(f"job {job_id} was accepted but cannot be read back")
+        return job, True
 
     def job(self, job_id: str) -> Optional[Job]:
         row = self.one(f"{SELECT_JOB} WHERE job_id=?", (job_id,))
@@ -247,7 +255,8 @@ class SqlLedger:
 
     def list_jobs(self, state: Optional[str] = None, limit: int = 50, before: Optional[float] = None) -> list[Job]:
         """Newest first; page with `before` = the created_at of the last job of the previous page."""
-        where, args = [], []
+        where: list[str] = []
+        args: list[Any] = []
         if state:
             where.append("state=?")
             args.append(state)
@@ -292,7 +301,7 @@ class SqlLedger:
                                 f" AND state IN ('running', 'rendering') AND {FENCE}",
                                 (time.time(), overlay_path, warning, lease.job_id, *fence(lease)))
             if changed:
-                frames = self.one("SELECT frames_decoded, warning FROM jobs WHERE job_id=?", (lease.job_id,))
+                frames = self.one_row("SELECT frames_decoded, warning FROM jobs WHERE job_id=?", (lease.job_id,))
                 self.add_event(lease.job_id, "done", {"status": "done", "frames": frames[0], "warning": frames[1]})
         return changed == 1
 
@@ -316,7 +325,8 @@ class SqlLedger:
     # --- retention ---------------------------------------------------------------------------------
     def finished_jobs(self, finished_before: Optional[float] = None) -> list[Job]:
         """Finished jobs whose files have not been removed, oldest first."""
-        where, args = "state IN ('done','error') AND removed_at IS NULL", ()
+        where = "state IN ('done','error') AND removed_at IS NULL"
+        args: tuple[Any, ...] = ()
         if finished_before is not None:
             where, args = where + " AND finished_at<?", (finished_before,)
         return [Job(*row) for row in self.all(f"{SELECT_JOB} WHERE {where} ORDER BY finished_at", args)]
@@ -346,7 +356,7 @@ class SqlLedger:
         return True
 
     def frames_done(self, job_id: str) -> int:
-        return self.one("SELECT COUNT(*) FROM frames WHERE job_id=?", (job_id,))[0]
+        return self.one_row("SELECT COUNT(*) FROM frames WHERE job_id=?", (job_id,))[0]
 
     def stored_indices(self, job_id: str) -> set[int]:
         return {r[0] for r in self.all("SELECT frame_index FROM frames WHERE job_id=?", (job_id,))}
@@ -359,7 +369,7 @@ class SqlLedger:
             return next((i for i in selected if i not in stored), (selected[-1] + 1) if selected else 0)
         if not self.one("SELECT 1 FROM frames WHERE job_id=? AND frame_index=0", (job_id,)):
             return 0
-        row = self.one("SELECT MIN(f.frame_index + 1) FROM frames f WHERE f.job_id=? AND NOT EXISTS"
+        row = self.one_row("SELECT MIN(f.frame_index + 1) FROM frames f WHERE f.job_id=? AND NOT EXISTS"
                        " (SELECT 1 FROM frames g WHERE g.job_id=f.job_id AND g.frame_index=f.frame_index+1)",
                        (job_id,))
         return int(row[0] or 0)
@@ -404,7 +414,7 @@ class SqlLedger:
         self.exec("INSERT INTO frame_deaths (job_id, frame_index, deaths, last_cause) VALUES (?, ?, 1, ?)"
                   " ON CONFLICT(job_id, frame_index) DO UPDATE SET deaths=frame_deaths.deaths+1,"
                   " last_cause=excluded.last_cause", (job_id, index, cause))
-        return self.one("SELECT deaths FROM frame_deaths WHERE job_id=? AND frame_index=?", (job_id, index))[0]
+        return self.one_row("SELECT deaths FROM frame_deaths WHERE job_id=? AND frame_index=?", (job_id, index))[0]
 
     def poison_frames(self, job_id: str, threshold: int) -> dict[int, str]:
         return {i: f"frame killed the worker {d} times (last cause: {c}); skipped" for i, d, c in self.all(
@@ -490,7 +500,7 @@ class Ledger(SqlLedger):
         return self.db.execute(sql, tuple(args)).fetchall()
 
     @contextmanager
-    def transaction(self, durable: bool = False):
+    def transaction(self, durable: bool = False) -> Iterator[None]:
         if self.db.in_transaction:  # nested: the outer transaction commits
             yield
             return

@@ -6,7 +6,7 @@ lock at start. A lost connection raises LedgerUnavailable; the next call reconne
 from __future__ import annotations
 
 from contextlib import contextmanager
-from typing import Optional, Sequence
+from typing import Iterator, Optional, Sequence
 
 import psycopg
 
@@ -77,7 +77,7 @@ class PgLedger(SqlLedger):
         return self._run(sql, args).fetchall()
 
     @contextmanager
-    def transaction(self, durable: bool = False):
+    def transaction(self, durable: bool = False) -> Iterator[None]:
         """Every commit on PostgreSQL is durable (synchronous_commit is the server's to set)."""
         conn = self.connect()
         try:

@@ -118,7 +118,7 @@ def start_rung(ladder: Sequence[Mapping[str, Any]], facts: Optional[GpuFacts],
         return StartChoice(0, fitting_precision(ladder[0], float("inf")) or "fp32",
                            "no NVML facts (no NVIDIA driver or pynvml): starting at the top rung unplanned")
     budget = facts.free_mb - margin_mb
-    skipped = []
+    skipped: list[str] = []
     for index, rung in enumerate(ladder):
         precision = fitting_precision(rung, budget)
         if precision is not None:

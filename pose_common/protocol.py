@@ -16,7 +16,7 @@ from __future__ import annotations
 import itertools
 import os
 from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal, Optional, Sequence
+from typing import Annotated, Any, Literal, Optional, Sequence, TypeVar
 
 import msgpack
 import msgspec
@@ -32,6 +32,8 @@ PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 8 * 1024 * 1024
 MAX_BLOB_BYTES = 256 * 1024 * 1024
 MAX_PARTS = 8
+
+SocketT = TypeVar("SocketT", bound=zmq.Socket)  # a sync or an asyncio socket: connect_dealer returns its context's kind
 
 
 class T:
@@ -173,7 +175,7 @@ class ImageRequest(Request, kw_only=True):
 
 
 class DrillRequest(Request, kw_only=True):
-    fault: Literal[faults.KINDS]
+    fault: faults.FaultKind
     at: str = "frame:0"
 
     def __post_init__(self) -> None:
@@ -281,7 +283,7 @@ class RunImage(Body, kw_only=True):
 
 
 class ArmFault(Body, kw_only=True):
-    fault: Literal[faults.KINDS]
+    fault: faults.FaultKind
     at: str = "frame:0"
     times: Optional[Annotated[int, Meta(ge=1)]] = 1
     hang_s: Annotated[float, Meta(gt=0)] = 3600.0
@@ -319,7 +321,7 @@ def reply(request: Envelope, status: int = 200, /, **body: Any) -> Envelope:
     return Envelope(type=T.REPLY, req=request.req, job=request.job, body=body, status=status)
 
 
-def _as_bytes(part: Any) -> bytes | memoryview:
+def _as_bytes(part: Any) -> bytes | bytearray | memoryview:
     if isinstance(part, (bytes, bytearray, memoryview)):
         return part
     if isinstance(part, zmq.Frame):
@@ -365,7 +367,7 @@ def bind_router(ctx: zmq.Context, endpoint: str) -> zmq.Socket:
     return sock
 
 
-def connect_dealer(ctx: zmq.Context, endpoint: str, identity: Optional[str] = None) -> zmq.Socket:
+def connect_dealer(ctx: zmq.Context[SocketT], endpoint: str, identity: Optional[str] = None) -> SocketT:
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
     # don't queue messages for a supervisor that isn't there: sending fails at once instead

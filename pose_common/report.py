@@ -233,7 +233,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     if len(args) not in (3, 4):
         print("usage: python -m pose_common.report LEDGER JOB_ID OUT.html [MIN_VISIBILITY]", file=sys.stderr)
         return 2
-    write_report(*args[:3], *(float(v) for v in args[3:]))
+    min_visibility = float(args[3]) if len(args) == 4 else DEFAULT_MIN_VISIBILITY
+    write_report(args[0], args[1], args[2], min_visibility)
     return 0
 
 

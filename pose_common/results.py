@@ -9,7 +9,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from pose_common.ledger import Job, Ledger
+from pose_common.ledger import Job, SqlLedger
 
 VIDEO_KEYS = ("fps", "width", "height", "duration_s", "rotation", "codec")
 VERTEX_DTYPE = np.float16
@@ -52,7 +52,7 @@ def video_facts(job: Job) -> dict[str, Any]:
     return video
 
 
-def header(job: Job, ledger: Ledger, with_vertices: bool = False) -> dict[str, Any]:
+def header(job: Job, ledger: SqlLedger, with_vertices: bool = False) -> dict[str, Any]:
     engine = job.engine()
     head: dict[str, Any] = {"job_id": job.job_id, "video": video_facts(job),
                             "engine": {k: engine.get(k) for k in ("name", "version", "device")},
@@ -66,7 +66,7 @@ def header(job: Job, ledger: Ledger, with_vertices: bool = False) -> dict[str, A
     return head
 
 
-def frames(job: Job, ledger: Ledger, with_vertices: bool = False, after: int = -1) -> Iterator[dict]:
+def frames(job: Job, ledger: SqlLedger, with_vertices: bool = False, after: int = -1) -> Iterator[dict]:
     for frame in ledger.iter_frames(job.job_id, after=after, with_vertices=with_vertices):
         for person in frame["persons"]:
             if isinstance(person.get("vertices"), bytes):
@@ -78,7 +78,7 @@ def summary(job: Job, frame_count: int, with_person: int) -> dict[str, Any]:
     return {"frames": frame_count, "frames_with_person": with_person, "attempts": job.attempts, **job.facts()}
 
 
-def json_chunks(job: Job, ledger: Ledger, with_vertices: bool = False) -> Iterator[str]:
+def json_chunks(job: Job, ledger: SqlLedger, with_vertices: bool = False) -> Iterator[str]:
     """The native result document, in pieces."""
     yield json.dumps(header(job, ledger, with_vertices))[:-1] + ', "frames": ['
     count = with_person = 0
@@ -89,7 +89,7 @@ def json_chunks(job: Job, ledger: Ledger, with_vertices: bool = False) -> Iterat
     yield f'], "summary": {json.dumps(summary(job, count, with_person))}}}'
 
 
-def write_result(path: str, job: Job, ledger: Ledger) -> None:
+def write_result(path: str, job: Job, ledger: SqlLedger) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as out:
         for chunk in json_chunks(job, ledger):

@@ -142,7 +142,7 @@ def served_host(cfg) -> str:
 
     from pose_service.listener import HANDOVER_ENV, SD_LISTEN_FDS_START
 
-    fd = os.environ.get(HANDOVER_ENV)
+    fd: Optional[str | int] = os.environ.get(HANDOVER_ENV)
     if fd is None and os.environ.get("LISTEN_PID") == str(os.getpid()) and os.environ.get("LISTEN_FDS", "0") != "0":
         fd = SD_LISTEN_FDS_START
     if fd is None:

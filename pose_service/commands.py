@@ -96,7 +96,8 @@ async def follow_job(cfg, video: str, args, frame_hint: int, sup: subprocess.Pop
             print(f"overlay (every frame with the pose drawn): {overlay}")
         if args.report:
             from pose_common.report import write_report
-            print(f"report (open it in a browser): {write_report(ledger_path(cfg), job_id, args.report)}")
+            written = write_report(ledger_path(cfg), job_id, args.report, float(cfg.angles.min_visibility))
+            print(f"report (open it in a browser): {written}")
         return 0
     finally:
         await client.close()

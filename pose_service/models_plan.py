@@ -42,6 +42,7 @@ def print_plan(result: dict[str, Any]) -> None:
 
 def plan_command(cfg: Any, args: Any) -> int:
     ladder = rungs(cfg)
+    facts: Optional[memplan.GpuFacts]
     if args.gpu_mb is not None:
         facts = memplan.card_facts(args.gpu_mb)
     else:

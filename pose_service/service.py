@@ -39,7 +39,8 @@ class Child:
         self.started = 0.0
 
     def start(self) -> None:
-        env, fds = dict(os.environ), ()
+        env = dict(os.environ)
+        fds: tuple[int, ...] = ()
         if self.listener is not None:
             env[HANDOVER_ENV], fds = str(self.listener.fileno()), (self.listener.fileno(),)
         self.popen = subprocess.Popen(self.argv, stdin=subprocess.DEVNULL, env=env, pass_fds=fds,

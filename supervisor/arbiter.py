@@ -14,7 +14,7 @@ import socket
 import time
 import uuid
 from collections import Counter
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import structlog
 import zmq
@@ -65,9 +65,11 @@ class Supervisor:
         self.jobs = JobRunner(cfg, self.ledger, self.slot, self.send_worker, self.log, self.owner)
         self.images = PendingImages(self.reply)
         self.requests = RequestHandlers(self)
-        self.job_messages = {P.T.VIDEO: self.jobs.on_video, P.T.FRAME: self.jobs.on_frame,
-                             P.T.JOB_DONE: self.jobs.on_done, P.T.JOB_FAILED: self.jobs.on_failed}
-        self.worker_messages = {P.T.INCIDENT: self.on_incident, P.T.IMAGE_DONE: self.answer_image}
+        self.job_messages: dict[str, Callable[[str, Any, float], None]] = {
+            P.T.VIDEO: self.jobs.on_video, P.T.FRAME: self.jobs.on_frame, P.T.JOB_DONE: self.jobs.on_done,
+            P.T.JOB_FAILED: self.jobs.on_failed}
+        self.worker_messages: dict[str, Callable[[P.Envelope, Any, float], None]] = {
+            P.T.INCIDENT: self.on_incident, P.T.IMAGE_DONE: self.answer_image}
         self.retention = Retention(self.ledger, self.jobs.results_dir, cfg.jobs.keep_finished_s,
                                    cfg.jobs.keep_max_mb << 20, cfg.jobs.retention_sweep_s, self.log)
         self.dropped: Counter = Counter()
@@ -239,7 +241,7 @@ class Supervisor:
         self.slot.on_message(env.type, body, now)
         if env.type in self.job_messages:
             if self.jobs.owns(env.job):
-                self.job_messages[env.type](env.job, body, now)
+                self.job_messages[env.type](env.job or "", body, now)
         elif (handler := self.worker_messages.get(env.type)) is not None:
             handler(env, body, now)
 

@@ -65,7 +65,7 @@ class Ending:
     generation: int
     rung: str
     frame: Optional[int] = None
-    detail: dict = field(default_factory=dict)
+    detail: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

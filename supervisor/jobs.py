@@ -3,8 +3,8 @@ single-image requests that interleave with them. The worker's life is the slot's
 asks it whether a job may start and tells it about progress.
 
 A job is `done` only when every artifact its answer names exists and is whole: when the worker has
-sent its last frame the job enters `rendering`, the result file and the overlay video are written
-by a side process (never on the worker), and only then is the job finished."""
+sent its last frame the job enters `rendering`, the result file is written (on the supervisor's loop)
+and the overlay video by a side process (never on the worker), and only then is the job finished."""
 from __future__ import annotations
 
 import math
@@ -52,6 +52,18 @@ class JobRunner:
     @property
     def current(self) -> Optional[str]:
         return self.lease.job_id if self.lease else None
+
+    def held(self) -> Lease:
+        """The lease of the job on the worker; job messages reach us only while there is one (owns())."""
+        if self.lease is None:
+            raise RuntimeError("a job message with no job on the worker")
+        return self.lease
+
+    def job_row(self, job_id: str) -> Job:
+        job = self.ledger.job(job_id)
+        if job is None:
+            raise RuntimeError(f"job {job_id} is not in the ledger")
+        return job
 
     # --- dispatch -------------------------------------------------------------------------------
     def dispatch(self, now: float) -> None:
@@ -124,7 +136,7 @@ class JobRunner:
     # --- job messages from the worker -------------------------------------------------------------
     def on_video(self, job_id: str, body: P.VideoFound, now: float) -> None:
         meta = {name: getattr(body.meta, name) for name in body.meta.__struct_fields__}
-        if self.job_stop_reason or not self.ledger.set_video_meta(self.lease, meta):
+        if self.job_stop_reason or not self.ledger.set_video_meta(self.held(), meta):
             return self.stop_current("the job's lease was lost", now)
         self.progress.frames_total = meta["frame_count"] or None
         self.slot.progressed(now)
@@ -134,7 +146,7 @@ class JobRunner:
         if self.job_stop_reason:
             return
         persons = body.persons
-        stored = self.ledger.add_frame(self.lease, body.index, body.pts, persons, body.error, split_meshes(persons))
+        stored = self.ledger.add_frame(self.held(), body.index, body.pts, persons, body.error, split_meshes(persons))
         if stored is None:
             return self.stop_current("the job's lease was lost", now)
         if not stored:
@@ -162,8 +174,8 @@ class JobRunner:
         self.slot.job_finished()
 
     def finalize(self, frames_decoded: int, warning: Optional[str], run_facts: dict) -> None:
-        lease = self.lease
-        job = self.ledger.job(lease.job_id)
+        lease = self.held()
+        job = self.job_row(lease.job_id)
         expected = [i for i in (job.selected_frames() or range(frames_decoded)) if i < frames_decoded]
         stored = self.ledger.stored_indices(lease.job_id)
         if set(expected) != stored:
@@ -178,7 +190,7 @@ class JobRunner:
             self.log.warning("finalize_refused", job_id=lease.job_id, reason="lease lost")
             return
         self.log.info("job_frames_complete", job_id=lease.job_id, frames=len(stored), warning=warning)
-        self.start_render(self.ledger.job(lease.job_id), lease)
+        self.start_render(self.job_row(lease.job_id), lease)
 
     def note_truncation(self, job: Job, lease: Lease, decoded: int, warning: Optional[str]) -> Optional[str]:
         """Compare what was decoded with what the container declares: a cut or damaged file says so."""
@@ -196,9 +208,10 @@ class JobRunner:
 
     # --- artifacts ----------------------------------------------------------------------------------
     def start_render(self, job: Job, lease: Lease) -> None:
-        """Off the loop and off the worker: the result file here, the overlay in a short-lived
-        process; the job is done when both exist."""
-        write_result(job.result_path, job, self.ledger)
+        """Off the worker: the result file here, on the loop; the overlay in a short-lived process.
+        The job is done when both exist."""
+        result_path = job.result_path or os.path.join(self.results_dir, f"{job.job_id}.json")
+        write_result(result_path, job, self.ledger)
         if not self.cfg.jobs.render_overlay:
             self.ledger.finish(lease)
             return
@@ -208,13 +221,13 @@ class JobRunner:
                 # the renderer reads the very file checked here, through the descriptor it inherits
                 proc = subprocess.Popen(
                     [sys.executable, "-m", "pose_common.overlay", self.ledger.path, job.job_id, readable,
-                     overlay_path(job.result_path)],
+                     overlay_path(result_path)],
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
                     pass_fds=(int(readable.rsplit("/", 1)[1]),), preexec_fn=parent_death_signal(os.getpid()))
         except PathRefused as exc:
             self.ledger.finish(lease, warning=f"the overlay video could not be rendered: {exc}")
             return
-        self.renders[job.job_id] = Render(proc, lease, job.result_path)
+        self.renders[job.job_id] = Render(proc, lease, result_path)
 
     def reap_renders(self) -> None:
         for job_id, render in list(self.renders.items()):

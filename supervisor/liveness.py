@@ -102,7 +102,7 @@ class FramePace:
 
     def __init__(self, first_s: float, warmup: int, floor_s: float, factor: float):
         self.first_s, self.warmup, self.floor_s, self.factor = first_s, warmup, floor_s, factor
-        self.intervals: deque = deque(maxlen=20)
+        self.intervals: deque[float] = deque(maxlen=20)
         self.frames = 0
         self.last_at: Optional[float] = None
 
@@ -119,4 +119,4 @@ class FramePace:
     def limit_s(self) -> float:
         if self.frames < self.warmup or not self.intervals:
             return self.first_s
-        return max(self.floor_s, self.factor * statistics.median(self.intervals))
+        return float(max(self.floor_s, self.factor * statistics.median(self.intervals)))

@@ -9,7 +9,7 @@ def backoff_delay(restarts: int, initial_s: float, max_s: float) -> float:
     """The first restart is immediate; each repeat waits twice as long, up to max_s."""
     if restarts <= 1:
         return 0.0
-    return min(max_s, initial_s * 2 ** (restarts - 2))
+    return float(min(max_s, initial_s * 2 ** (restarts - 2)))
 
 
 @dataclass(frozen=True)
@@ -25,7 +25,7 @@ class RestartPolicy:
     backoff_max_s: float = 30.0
     intensity: int = 3
     period_s: float = 60.0
-    deaths: deque = field(default_factory=lambda: deque(maxlen=1000))
+    deaths: deque[tuple[float, str]] = field(default_factory=lambda: deque(maxlen=1000))
     consecutive: int = 0
 
     def record(self, at: float, kind: str, counts: bool) -> None:

@@ -28,8 +28,9 @@ class RequestHandlers:
         if missing:
             raise RuntimeError(f"request types without a handler: {sorted(missing)}")
 
-    def handle(self, identity: bytes, env: P.Envelope, body: P.Request) -> None:
-        if body.deadline is not None and body.deadline < time.time():
+    def handle(self, identity: bytes, env: P.Envelope, body: P.Body) -> None:
+        deadline = getattr(body, "deadline", None)  # every request schema has one (P.Request)
+        if deadline is not None and deadline < time.time():
             self.sup.dropped["expired_request"] += 1
             return  # the caller already gave up (queued while we were down)
         self.table[env.type](identity, env, body)

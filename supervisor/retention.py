@@ -9,7 +9,7 @@ import os
 import time
 from typing import Callable, Optional
 
-from pose_common.ledger import Job, Ledger
+from pose_common.ledger import Job, SqlLedger
 
 
 def job_files(job: Job, results_dir: str) -> list[str]:
@@ -30,7 +30,7 @@ def size_of(paths: list[str]) -> int:
 
 
 class Retention:
-    def __init__(self, ledger: Ledger, results_dir: str, keep_s: float, max_bytes: int, every_s: float, log,
+    def __init__(self, ledger: SqlLedger, results_dir: str, keep_s: float, max_bytes: int, every_s: float, log,
                  clock: Callable[[], float] = time.time):
         self.ledger, self.results_dir, self.log, self.clock = ledger, results_dir, log, clock
         self.keep_s, self.max_bytes, self.every_s = keep_s, max_bytes, every_s

@@ -1,10 +1,8 @@
-"""The worker slot: the one owner of the worker's life (supervisord's Subprocess is the model).
-
-It holds the state machine, the generation, the rung and ladder position, the probe, the backoff
-and fatal timers, and the liveness and progress deadlines. Every time-driven move happens in
-`transition(now)`; every end of a worker or probe goes exit -> cause -> policy through `finish_*`.
-A message that does not fit the current state is ignored and counted, never raised. What the slot
-decides about jobs (requeue, fail) it tells its `SlotEvents` listener; it never touches the ledger."""
+"""The worker slot, the one owner of the worker's life (after supervisord's Subprocess): the state
+machine, generation, rung, probe, backoff and fatal timers, liveness and progress deadlines. Every
+time-driven move happens in `transition(now)`; every end goes exit -> cause -> policy (`finish_*`).
+A message that does not fit the state is ignored and counted, never raised. What the slot decides
+about jobs it tells its `SlotEvents` listener; it never touches the ledger."""
 from __future__ import annotations
 
 import signal
@@ -12,6 +10,8 @@ import time
 from collections import Counter, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Protocol
+
+import msgspec
 
 from pose_common import protocol as P
 from pose_common.hostinfo import system_memory
@@ -102,7 +102,8 @@ class WorkerSlot:
         return self.life.state in (S.READY, S.BUSY)
 
     def pids(self) -> tuple[int, ...]:
-        return tuple(p.pid for p in (self.proc, self.probe and self.probe.proc) if p is not None)
+        procs = (self.proc, self.probe.proc if self.probe else None)
+        return tuple(p.pid for p in procs if p is not None)
 
     def rung_label(self, index: Optional[int] = None) -> str:
         rung = self.ladder[self.rung_index if index is None else index]
@@ -151,8 +152,9 @@ class WorkerSlot:
 
     def start_probe(self, rung_index: int, purpose: str) -> None:
         proc, out = self.spawner.probe(self.ladder[rung_index], f"rung{rung_index}")
-        self.probe = ProbeRun(proc, out, purpose, rung_index, clock=RunClock(self.run_clock.reader))
-        self.probe.clock.attach(proc.pid, self.clock())
+        clock = RunClock(self.run_clock.reader)
+        clock.attach(proc.pid, self.clock())
+        self.probe = ProbeRun(proc, out, purpose, rung_index, clock=clock)
         self.log.info("probe_started", rung=self.rung_label(rung_index), purpose=purpose, pid=proc.pid)
 
     def maybe_revive(self, now: float) -> None:
@@ -285,7 +287,7 @@ class WorkerSlot:
         self.log.info("worker_ready", generation=self.life.generation, engine=self.engine_info)
 
     def on_dying(self, body: P.DyingReport, now: float) -> None:
-        self.reported = {k: v for k, v in vars_of(body).items() if v is not None}
+        self.reported = {k: v for k, v in msgspec.structs.asdict(body).items() if v is not None}
 
     def job_started(self, now: float) -> bool:
         if self.life.state is not S.READY:
@@ -380,7 +382,7 @@ class WorkerSlot:
                   stage: Optional[str], detail_keys: tuple[str, ...]) -> Ending:
         """The one place a death is recorded: exit status, our own signal, what the process said
         before it went, where it was, its stderr tail and memory, decoded into a cause."""
-        death = Death(returncode=proc.poll(), killed_by_us=proc.kill_reason, reported=reported, stage=stage,
+        death = Death(returncode=proc.poll() or 0, killed_by_us=proc.kill_reason, reported=reported, stage=stage,
                       stderr_tail=proc.stderr_tail(self.cfg.supervisor.stderr_tail_lines),
                       rss=self.rss if process == "worker" else None, system_memory=system_memory())
         said = reported or {}
@@ -495,6 +497,3 @@ class WorkerSlot:
                 "probed_ok": sorted(self.rung_label(i) for i in self.probed_ok),
                 "boots": list(self.boots)}
 
-
-def vars_of(body: P.Body) -> dict:
-    return {name: getattr(body, name) for name in body.__struct_fields__}

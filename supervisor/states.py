@@ -59,7 +59,7 @@ class WorkerLifecycle:
     stage: Optional[str] = None
     device: str = "cpu"
     generation: int = 0
-    history: deque = field(default_factory=lambda: deque(maxlen=200))
+    history: deque[Transition] = field(default_factory=lambda: deque(maxlen=200))
 
     def can_move(self, dst: WorkerState) -> bool:
         return dst in ALLOWED[self.state]

@@ -536,3 +536,82 @@ def test_a_step_up_probe_waits_until_it_fits_beside_the_worker_and_says_why():
     clock.t += 10
     slot.transition(clock())
     assert slot.probe is not None and slot.probe.purpose == "step_up" and slot.probe.rung_index == 0
+
+
+# --- plain examples ------------------------------------------------------------------------------------------
+@pytest.fixture
+def slot_parts():
+    from configs import load_config
+    from supervisor.slot import WorkerSlot
+
+    cfg = load_config(["engine.name=noop", "probe.enabled=false", "supervisor.fatal_retry_s=10"])
+    clock = Clock(100.0)
+    spawner, events = FakeSpawner(clock, tempfile.mkdtemp(prefix="slot-unit-")), Events()
+    slot = WorkerSlot(cfg, [{"engine": "noop", "device": "cpu"}], spawner, events, iter(range(1, 1000)).__next__,
+                      Log(), clock=clock, sched_reader=lambda pid: None)
+    return slot, spawner, events, clock
+
+
+def hello_ready(slot, now):
+    slot.on_message(P.T.HELLO, P.Hello(pid=1), now)
+    slot.on_message(P.T.READY, P.Ready(engine={"name": "noop"}, stages=["runtime", "model"]), now)
+
+
+def test_the_slot_ignores_and_counts_messages_that_do_not_fit_its_state(slot_parts):
+    slot, spawner, events, clock = slot_parts
+    slot.transition(clock())
+    assert slot.state is S.SPAWNING
+    slot.on_message(P.T.READY, P.Ready(engine={}), clock())          # READY before HELLO
+    slot.restart("reload")                                               # a reload while spawning
+    assert slot.state is S.DRAINING
+    slot.on_message(P.T.HELLO, P.Hello(pid=1), clock())                # the drained worker says hello late
+    slot.on_message(P.T.STAGE, P.StageEvent(name="model", event="start"), clock())
+    assert slot.ignored == {"ready@spawning": 1, "hello@draining": 1, "stage@draining": 1}
+    spawner.procs[-1].code = 0
+    slot.transition(clock())
+    assert events.seen == [("stopped", "reload")] and slot.state is S.SPAWNING and slot.generation == 2
+
+
+def test_the_slot_death_goes_exit_cause_policy_and_backs_off(slot_parts):
+    slot, spawner, events, clock = slot_parts
+    slot.transition(clock())
+    hello_ready(slot, clock())
+    assert slot.ready and slot.stage_names == ["runtime", "model"]
+    spawner.procs[-1].code = -signal.SIGSEGV
+    slot.transition(clock())
+    assert events.seen == [("died", "segfault")]
+    assert slot.state is S.SPAWNING and slot.generation == 2  # the first restart is immediate
+
+
+def test_the_slot_load_failure_is_fatal_and_retried_once_not_forever(slot_parts):
+    slot, spawner, events, clock = slot_parts
+    for round_ in range(3):
+        slot.transition(clock())
+        slot.on_message(P.T.HELLO, P.Hello(pid=1), clock())
+        spawner.procs[-1].code = exitcodes.EX_LOAD_FAILED
+        slot.transition(clock())
+        assert slot.state is S.FATAL
+        clock.t += 11  # past supervisor.fatal_retry_s
+        slot.transition(clock())
+        if round_ == 0:
+            assert slot.state is S.EXITED  # one retry, in case someone fixed the files
+    assert slot.state is S.FATAL and "a restart cannot fix this" in slot.health()["reason"]
+    assert len(spawner.procs) == 2
+
+
+def test_frame_pace_keeps_the_long_deadline_for_the_first_frames_then_adapts():
+    from supervisor.liveness import FramePace
+
+    pace = FramePace(first_s=60, warmup=5, floor_s=3, factor=20)
+    pace.restart(0.0)
+    for i in range(4):
+        pace.frame(0.04 * (i + 1))
+    assert pace.limit_s() == 60
+    for i in range(4, 30):
+        pace.frame(0.04 * (i + 1))
+    assert pace.limit_s() == 3  # 20 x 40 ms is below the floor
+    slow = FramePace(first_s=60, warmup=5, floor_s=3, factor=20)
+    slow.restart(0.0)
+    for i in range(10):
+        slow.frame(0.5 * (i + 1))
+    assert slow.limit_s() == pytest.approx(10.0)  # a healthy 0.5 s/frame GPU worker gets 10 s

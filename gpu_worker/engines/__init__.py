@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import importlib
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
-from gpu_worker.engines.base import Engine
+if TYPE_CHECKING:
+    from gpu_worker.engines.fault import FaultEngine
 
 ENGINES = {
     "mediapipe": ("gpu_worker.engines.mediapipe_engine", "MediaPipeEngine"),
@@ -14,7 +15,7 @@ ENGINES = {
 
 
 def build_engine(name: str, device: str, options: dict[str, Any], fault: Optional[dict] = None,
-                 counter_dir: str = ".") -> Engine:
+                 counter_dir: str = ".") -> FaultEngine:
     """`name` may be "fault", which wraps fault["base"]; any engine is wrapped when a fault is set,
     so a drill can arm one later."""
     from gpu_worker.engines.fault import FaultEngine, FaultPlan

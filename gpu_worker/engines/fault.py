@@ -39,7 +39,7 @@ def fire(kind: str, where: str, hang_s: float) -> None:
     elif kind == "cuda_sticky":
         import torch
         exc = torch.AcceleratorError(f"CUDA error: an illegal memory access was encountered (injected at {where})")
-        exc.error_code = 700
+        exc.error_code = 700  # type: ignore[attr-defined]  # torch's stub omits the error_code its C++ side sets
         raise exc
     elif kind == "load_failure":
         from gpu_worker.errors import WeightsMissing

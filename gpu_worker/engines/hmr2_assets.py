@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Mapping
+from typing import Any, Mapping
 
 HMR2_ARCHIVE = ("hmr2_data.tar.gz from https://www.cs.utexas.edu/~pavlakos/4dhumans/hmr2_data.tar.gz "
                 "(formerly people.eecs.berkeley.edu/~jathushan/projects/4dhumans/; a Hugging Face copy "
@@ -432,7 +432,7 @@ def check_pose_predictor(path: str) -> None:
 class _ArrayShape:
     """Stands for a pickled numpy array: keeps its shape, drops its bytes."""
 
-    def __init__(self, *args):
+    def __init__(self, *args: Any) -> None:
         self.shape: tuple = ()
 
     def __setstate__(self, state) -> None:

@@ -4,7 +4,7 @@ plus world coordinates in metres (hip-centred). mediapipe==0.10.21 ships only th
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import numpy as np
 
@@ -25,16 +25,31 @@ BUNDLED_MODELS = ("modules/pose_detection/pose_detection.tflite",
 MIN_MODEL_BYTES = 1_000_000
 
 
+class PoseGraph(Protocol):
+    """What the engine uses of mediapipe.solutions.pose.Pose (mediapipe ships no type information)."""
+
+    def process(self, image: np.ndarray) -> Any: ...
+
+    def close(self) -> None: ...
+
+
+def _built(graph: Optional[PoseGraph]) -> PoseGraph:
+    """A graph the load stages (or begin_video) built before any frame or image reaches it."""
+    if graph is None:
+        raise RuntimeError("MediaPipe pose graph used before it was built")
+    return graph
+
+
 class MediaPipeEngine(Engine):
     name = "mediapipe"
     joint_names = LANDMARK_NAMES
 
     def __init__(self, device: str, options: dict[str, Any]):
         super().__init__("cpu", options)
-        self._mp = None
-        self._video_pose = None
-        self._image_pose = None
-        self._region_pose = None
+        self._mp: Any = None  # the mediapipe module once the runtime stage imported it (untyped: no stubs)
+        self._video_pose: Optional[PoseGraph] = None
+        self._image_pose: Optional[PoseGraph] = None
+        self._region_pose: Optional[PoseGraph] = None
         self._size = (0, 0)
         self.second_pass = RiderSearch(self._find_in_region, self.options)
 
@@ -57,7 +72,7 @@ class MediaPipeEngine(Engine):
                 raise WeightsMissing(f"{path} missing or truncated: reinstall mediapipe==0.10.21 "
                                      "(the last release that bundles its pose models)")
 
-    def _new_pose(self, static: bool, detection_confidence: Optional[float] = None):
+    def _new_pose(self, static: bool, detection_confidence: Optional[float] = None) -> PoseGraph:
         if detection_confidence is None:
             detection_confidence = float(self.options.get("min_detection_confidence", 0.5))
         return self._mp.solutions.pose.Pose(
@@ -71,7 +86,7 @@ class MediaPipeEngine(Engine):
 
     def _warm_up(self) -> None:
         # runs the pose detector graph once, so a broken runtime fails here and not on frame 0
-        self._image_pose.process(np.zeros((256, 256, 3), dtype=np.uint8))
+        _built(self._image_pose).process(np.zeros((256, 256, 3), dtype=np.uint8))
 
     def begin_video(self, width: int, height: int, fps: float) -> None:
         if self._video_pose is not None:
@@ -80,7 +95,7 @@ class MediaPipeEngine(Engine):
         self.second_pass.forget()
 
     def push(self, index: int, pts_s: float, rgb: np.ndarray) -> list[FrameOut]:
-        persons = _persons(self._video_pose.process(rgb), rgb.shape[1], rgb.shape[0])
+        persons = _persons(_built(self._video_pose).process(rgb), rgb.shape[1], rgb.shape[0])
         return [FrameOut(index, self.second_pass.fill(persons, rgb))]
 
     def end_video(self) -> list[FrameOut]:
@@ -93,12 +108,12 @@ class MediaPipeEngine(Engine):
         return self.second_pass.fill(self._find_in_image(rgb), rgb, follow=False)
 
     def _find_in_image(self, rgb: np.ndarray) -> list[Person]:
-        return _persons(self._image_pose.process(rgb), rgb.shape[1], rgb.shape[0])
+        return _persons(_built(self._image_pose).process(rgb), rgb.shape[1], rgb.shape[0])
 
     def _find_in_region(self, rgb: np.ndarray) -> list[Person]:
         """A static-image graph of its own: no tracking state, so the second pass cannot disturb the
         video's."""
-        return _persons(self._region_pose.process(rgb), rgb.shape[1], rgb.shape[0])
+        return _persons(_built(self._region_pose).process(rgb), rgb.shape[1], rgb.shape[0])
 
     def close(self) -> None:
         for pose in (self._video_pose, self._image_pose, self._region_pose):

@@ -37,7 +37,7 @@ def detector_config(settings: Settings) -> Any:
     return cfg
 
 
-def build_detector(settings: Settings, weights_path: str, device: Any) -> Callable[[np.ndarray], dict]:
+def build_detector(settings: Settings, weights_path: str, device: Any) -> LazyConfigPredictor:
     """The detector PHALP.setup_detectron2 builds, loaded from the verified local file and placed on
     `device` instead of a hard-coded .cuda()."""
     cfg = detector_config(settings)

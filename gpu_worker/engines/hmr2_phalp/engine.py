@@ -5,7 +5,7 @@ import contextlib
 import inspect
 import io
 import logging
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, TypedDict
 
 import numpy as np
 
@@ -38,6 +38,16 @@ from gpu_worker.engines.hmr2_phalp.tracking import (
 from gpu_worker.errors import TrackerStateLost
 
 log = logging.getLogger(__name__)
+
+
+class Hmr2Output(TypedDict):
+    """HMR2's output for one crop, on the CPU."""
+    pred_cam: np.ndarray
+    pred_smpl_params: dict[str, np.ndarray]
+    pred_keypoints_3d: np.ndarray
+    pred_vertices: np.ndarray
+    box_center: np.ndarray
+    box_size: np.ndarray
 
 
 class HMR2PhalpEngine(Engine):
@@ -247,11 +257,14 @@ class HMR2PhalpEngine(Engine):
 
     def infer_image(self, rgb: np.ndarray) -> list[Person]:
         """demo.py's path: detector -> HMR2 on ViTDet-style crops; no tracker state is touched."""
+        detector = self._detector
+        if detector is None:
+            raise RuntimeError("the detector stage has not run")
         bgr = rgb_to_bgr(rgb)
         height, width = bgr.shape[:2]
         with self._no_grad():
-            instances = self._detector.single_image(bgr)["instances"] \
-                if isinstance(self._detector, MediaPipePersonDetector) else self._detector(bgr)["instances"]
+            instances = detector.single_image(bgr)["instances"] \
+                if isinstance(detector, MediaPipePersonDetector) else detector(bgr)["instances"]
             boxes, scores = person_boxes(instances, self.settings.image_min_score)
             if len(boxes) == 0:
                 return []
@@ -268,13 +281,13 @@ class HMR2PhalpEngine(Engine):
                 camera_bbox=out["pred_cam"], height=height, width=width, vertices=out["pred_vertices"]))
         return persons
 
-    def _run_hmr2_on_boxes(self, bgr: np.ndarray, boxes: np.ndarray) -> list[dict[str, np.ndarray]]:
+    def _run_hmr2_on_boxes(self, bgr: np.ndarray, boxes: np.ndarray) -> list[Hmr2Output]:
         torch = self._torch
         from hmr2.datasets.vitdet_dataset import ViTDetDataset
 
         dataset = ViTDetDataset(self._hmr2_cfg, bgr, boxes)
         loader = torch.utils.data.DataLoader(dataset, batch_size=8, shuffle=False, num_workers=0)
-        results: list[dict[str, np.ndarray]] = []
+        results: list[Hmr2Output] = []
         with contextlib.redirect_stdout(io.StringIO()):  # ViTDetDataset prints once per crop
             batches = list(loader)
         for batch in batches:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
+from numpy.typing import ArrayLike
 
 from gpu_worker.engines.base import Person
 
@@ -113,15 +114,15 @@ def smpl_to_lists(smpl: Mapping[str, Any]) -> dict[str, list]:
     }
 
 
-def camera_dict(translation: Sequence[float], height: int, width: int) -> dict[str, float]:
+def camera_dict(translation: ArrayLike, height: int, width: int) -> dict[str, float]:
     tx, ty, tz = (float(v) for v in np.asarray(translation).reshape(-1)[:3])
     return {"tx": tx, "ty": ty, "tz": tz, "focal_length": full_frame_focal(height, width),
             "cx": width / 2.0, "cy": height / 2.0}
 
 
 def make_person(track_id: int, score: float, bbox_xyxy: Sequence[float], joints_px: np.ndarray,
-                joints_3d: np.ndarray, smpl: Mapping[str, Any], translation: Sequence[float],
-                camera_bbox: Sequence[float], height: int, width: int,
+                joints_3d: np.ndarray, smpl: Mapping[str, Any], translation: ArrayLike,
+                camera_bbox: ArrayLike, height: int, width: int,
                 vertices: Optional[np.ndarray] = None) -> Person:
     person: Person = {
         "track_id": int(track_id),

@@ -43,12 +43,13 @@ def cuda_calls_on(device: Any) -> Iterator[None]:
         return
     import torch
 
+    # a deliberate monkeypatch of a method, undone in `finally`: what mypy's method-assign forbids
     original = torch.Tensor.cuda
-    torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor.to(device)
+    torch.Tensor.cuda = lambda tensor, *args, **kwargs: tensor.to(device)  # type: ignore[method-assign]
     try:
         yield
     finally:
-        torch.Tensor.cuda = original
+        torch.Tensor.cuda = original  # type: ignore[method-assign]
 
 
 VIT_SIZE_KEYS = ("EMBED_DIM", "DEPTH", "NUM_HEADS")
