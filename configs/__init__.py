@@ -164,6 +164,12 @@ def ledger_path(cfg: DictConfig) -> str:
     return os.path.join(cfg.state_dir, "ledger.sqlite3")
 
 
+def ledger_location(cfg: DictConfig) -> str:
+    """The ledger as one string, for open_ledger_at and child processes: the database URL, or the
+    SQLite file in the state dir."""
+    return str(cfg.ledger.url or ledger_path(cfg))
+
+
 def rungs(cfg: DictConfig) -> list[dict]:
     """The fallback ladder, top rung first."""
     if cfg.ladder:

@@ -17,8 +17,12 @@ from omegaconf import DictConfig
 from configs import uploads_dir
 from gateway import validation
 from gateway.errors import BodyCut, json_error
+from gateway.store import ledger_job, reader
+from pose_common import results
 from pose_common.client import SupervisorClient
 from pose_common.hostinfo import is_wsl
+from pose_common.ledger import SqlLedger
+from pose_common.views import job_view
 
 CFG_KEY = web.AppKey("cfg", DictConfig)
 CLIENT_KEY = web.AppKey("client", SupervisorClient)
@@ -323,12 +327,20 @@ def insufficient_storage(free: int, needed: int):
 
 
 async def job_status(request: web.Request, job_id: str) -> dict:
-    status, body = await ask(request, "status", job_id=job_id)
-    if status in (400, 404):  # an id the supervisor cannot even look up is not a job either
+    """A job as clients see it, read from the ledger (not asked of the supervisor: status and results
+    stay readable while it restarts)."""
+    def view(ledger: SqlLedger) -> Optional[dict]:
+        job = ledger.job(job_id)
+        return job_view(job, ledger) if job is not None else None
+    found = await reader(request).run(view)
+    if found is None:
         raise json_error(404, "Job not found")
-    if status != 200:
-        raise json_error(status, body.get("error") or "the job could not be read")
-    return body["job"]
+    return found
+
+
+async def native_result(request: web.Request, job_id: str) -> dict:
+    """A finished job's whole native result, built from the ledger."""
+    return await reader(request).run(lambda ledger: results.document(ledger_job(ledger, job_id), ledger))
 
 
 async def finished_job(request: web.Request) -> dict:
@@ -339,12 +351,6 @@ async def finished_job(request: web.Request) -> dict:
                          frames_done=job["frames_done"])
     return job
 
-
-async def load_result(path: str) -> dict:
-    def read() -> dict:
-        with open(path) as fh:
-            return json.load(fh)
-    return await asyncio.get_running_loop().run_in_executor(None, read)
 
 
 def live(job: dict) -> dict:

@@ -28,7 +28,7 @@ from gateway.helpers import (
     finished_job,
     job_status,
     live,
-    load_result,
+    native_result,
     open_multipart,
     parse_max_frames,
     parts,
@@ -259,16 +259,13 @@ async def pose_hybrid(request: web.Request) -> web.Response:
 
 
 
-async def cached_native(request: web.Request, path: str) -> dict:
+async def cached_native(request: web.Request, job: dict) -> dict:
     cache = request.app[RESULT_CACHE_KEY]
-    try:
-        key = (path, os.stat(path).st_mtime_ns)
-    except FileNotFoundError:
-        raise json_error(410, "the job's result file is gone", code="removed") from None
+    key = (job["job_id"], job.get("finished_at"))
     if key in cache:
         cache.move_to_end(key)
         return cache[key]
-    native = await load_result(path)
+    native = await native_result(request, job["job_id"])
     cache[key] = native
     while len(cache) > RESULT_CACHE_SIZE:
         cache.popitem(last=False)
@@ -278,7 +275,7 @@ async def cached_native(request: web.Request, path: str) -> dict:
 
 
 async def legacy_result_of(request: web.Request, job: dict) -> dict:
-    native = await cached_native(request, job["result_path"])
+    native = await cached_native(request, job)
     overlay = job.get("overlay_path")
     size_mb = round(os.path.getsize(overlay) / (1 << 20), 2) if overlay and os.path.isfile(overlay) else None
     return legacy_result(native, processing_time_of(job), output_path_of(job), size_mb,
@@ -348,7 +345,7 @@ async def add_frame_images(request: web.Request, job: dict, data: dict) -> None:
     if len(data["frames"]) > limit:
         data["frame_images"] = {"included": False, "reason": omitted_note(job["job_id"], len(data["frames"]), limit)}
         return
-    native = await cached_native(request, job["result_path"])
+    native = await cached_native(request, job)
     try:
         jpegs = await asyncio.get_running_loop().run_in_executor(
             None, overlay_jpegs, job["video_path"], video_roots(cfg), native.get("frames") or [],
@@ -461,7 +458,7 @@ async def frame_route(request: web.Request) -> web.Response:
     job = live(await job_status(request, job_id))
     if job["state"] != "done":
         raise json_error(400, f"Job not complete (status {STATE_WORDS.get(job['state'], job['state'])})")
-    native = await cached_native(request, job["result_path"])
+    native = await cached_native(request, job)
     frames = native.get("frames") or []
     if not 0 <= index < len(frames):
         raise json_error(400, f"frame index {index} out of range (0..{len(frames) - 1})")

@@ -15,7 +15,7 @@ from typing import Optional, Union
 from aiohttp import web
 from multidict import CIMultiDict
 
-from configs import ledger_path, results_dir
+from configs import ledger_location, results_dir
 from gateway.errors import LOG_KEY, json_error, with_code
 from gateway.helpers import (
     accept_video_path,
@@ -24,7 +24,7 @@ from gateway.helpers import (
     finished_job,
     job_status,
     live,
-    load_result,
+    native_result,
     parse_max_frames,
     read_json_body,
     receive_upload,
@@ -293,7 +293,7 @@ def query_float(request: web.Request, name: str) -> Optional[float]:
 async def phalp_pickle(request: web.Request, job: dict) -> web.StreamResponse:
     from pose_common.phalp_pickle import write_phalp_pickle
 
-    result = await load_result(job["result_path"])
+    result = await native_result(request, job["job_id"])
     out = job["result_path"][:-len(".json")] + ".pkl"
     try:
         await asyncio.get_running_loop().run_in_executor(None, write_phalp_pickle, result, out)
@@ -369,7 +369,7 @@ async def get_report(request: web.Request) -> web.StreamResponse:
     cfg = config(request)
     out = os.path.join(results_dir(cfg), f"{job['job_id']}.report.html")
     if not os.path.exists(out):
-        await build_report(request.app[LOG_KEY], cfg.ledger.url or ledger_path(cfg), job["job_id"], out,
+        await build_report(request.app[LOG_KEY], ledger_location(cfg), job["job_id"], out,
                            float(cfg.angles.min_visibility))
     return file_response(request, out, "text/html; charset=utf-8")
 

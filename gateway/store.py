@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Optional, TypeVar
 from aiohttp import web
 from omegaconf import DictConfig
 
-from configs import ledger_path
+from configs import ledger_location
 from gateway.errors import json_error
 from pose_common.ledger import Job, LedgerUnavailable, SqlLedger
 from pose_common.ledger_open import open_ledger_at
@@ -23,7 +23,7 @@ T = TypeVar("T")
 
 class LedgerReader:
     def __init__(self, cfg: DictConfig) -> None:
-        self.location = cfg.ledger.url or ledger_path(cfg)
+        self.location = ledger_location(cfg)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self.ledger: Optional[SqlLedger] = None
 

@@ -89,7 +89,17 @@ def json_chunks(job: Job, ledger: SqlLedger, with_vertices: bool = False) -> Ite
     yield f'], "summary": {json.dumps(summary(job, count, with_person))}}}'
 
 
+def document(job: Job, ledger: SqlLedger, with_vertices: bool = False) -> dict[str, Any]:
+    """The whole native result in memory, for the shapes that need all of it at once (the legacy
+    result, the PHALP pickle); everything else streams json_chunks or frames."""
+    doc = header(job, ledger, with_vertices)
+    doc["frames"] = list(frames(job, ledger, with_vertices))
+    doc["summary"] = summary(job, len(doc["frames"]), sum(bool(f["persons"]) for f in doc["frames"]))
+    return doc
+
+
 def write_result(path: str, job: Job, ledger: SqlLedger) -> None:
+    """An export of the result beside the overlay, for people and tools; the service never reads it back."""
     tmp = f"{path}.tmp"
     with open(tmp, "w") as out:
         for chunk in json_chunks(job, ledger):

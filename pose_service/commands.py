@@ -11,7 +11,7 @@ import tempfile
 import time
 from typing import Any, Optional
 
-from configs import ledger_path
+from configs import ledger_location
 from pose_common.client import SupervisorClient, Unavailable
 
 
@@ -71,7 +71,7 @@ async def follow_job(cfg, video: str, args, frame_hint: int, sup: subprocess.Pop
             return 1
         job_id = body["job"]["job_id"]
         bar = tqdm(total=frame_hint or None, unit="frame", disable=args.quiet, desc="pose")
-        events = JobEvents(ledger_path(cfg), job_id)
+        events = JobEvents(ledger_location(cfg), job_id)
         while True:
             _, body = await until_answered(client, "status", sup, job_id=job_id)
             job = body["job"]
@@ -89,14 +89,14 @@ async def follow_job(cfg, video: str, args, frame_hint: int, sup: subprocess.Pop
             for line in await failing_stage(client, sup):
                 print(line, file=sys.stderr)
             return 1
-        shutil.copyfile(job["result_path"], args.out)
+        export_result(ledger_location(cfg), job_id, args.out)
         print_summary(args.out, job)
         if job.get("overlay_path"):
             overlay = shutil.copyfile(job["overlay_path"], sibling(args.out, ".overlay.mp4"))
             print(f"overlay (every frame with the pose drawn): {overlay}")
         if args.report:
             from pose_common.report import write_report
-            written = write_report(ledger_path(cfg), job_id, args.report, float(cfg.angles.min_visibility))
+            written = write_report(ledger_location(cfg), job_id, args.report, float(cfg.angles.min_visibility))
             print(f"report (open it in a browser): {written}")
         return 0
     finally:
@@ -138,14 +138,12 @@ async def until_answered(client: SupervisorClient, kind: str, sup: subprocess.Po
 class JobEvents:
     """What the CLI prints between progress updates: the worker restarts that touched the job."""
 
-    def __init__(self, ledger_file: str, job_id: str):
-        self.ledger_file, self.job_id, self.seen = ledger_file, job_id, 0
+    def __init__(self, ledger: str, job_id: str):
+        self.ledger, self.job_id, self.seen = ledger, job_id, 0
 
     def restarts(self) -> list[str]:
-        from pose_common.ledger import Ledger
-        if not os.path.exists(self.ledger_file):
-            return []
-        ledger = Ledger(self.ledger_file, readonly=True)
+        from pose_common.ledger_open import open_ledger_at
+        ledger = open_ledger_at(self.ledger, readonly=True)
         try:
             events = ledger.events_since(self.job_id, self.seen)
         finally:
@@ -154,6 +152,21 @@ class JobEvents:
             self.seen = events[-1]["id"]
         return [f"worker restarted after {e['data'].get('cause')} at frame {e['data'].get('frame')}; resuming"
                 for e in events if e["type"] == "restart"]
+
+
+def export_result(ledger: str, job_id: str, out: str) -> None:
+    """The native result, written from the ledger (the one source of every result)."""
+    from pose_common.ledger_open import open_ledger_at
+    from pose_common.results import write_result
+
+    opened = open_ledger_at(ledger, readonly=True)
+    try:
+        job = opened.job(job_id)
+        if job is None:
+            raise LookupError(f"job {job_id} is not in the ledger")
+        write_result(out, job, opened)
+    finally:
+        opened.close()
 
 
 def print_summary(path: str, job: dict) -> None:

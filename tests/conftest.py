@@ -1,4 +1,1 @@
-import sys
-from pathlib import Path
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+"""Shared helpers live in tests/support.py; pyproject.toml puts tests/ on the import path."""
