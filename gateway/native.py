@@ -252,9 +252,19 @@ class RangeFileResponse(web.FileResponse):
 
     async def prepare(self, request: web.BaseRequest):
         if self.ignore_range:
+            # a header that cannot be encoded again (bytes aiohttp kept as surrogates) is junk no file
+            # response reads; carrying it would make clone() raise and drop the connection
             request = request.clone(headers=CIMultiDict((k, v) for k, v in request.headers.items()
-                                                        if k.lower() != "range"))
+                                                        if k.lower() != "range" and utf8_encodable(v)))
         return await super().prepare(request)
+
+
+def utf8_encodable(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def query_flag(request: web.Request, name: str) -> bool:

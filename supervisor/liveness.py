@@ -3,7 +3,8 @@
 Wall time lies on a busy machine: a worker that waits for a CPU behind other processes makes no
 progress through no fault of its own. Linux counts, per thread, the time spent runnable but waiting
 on a run queue (`/proc/<pid>/task/<tid>/schedstat`, second field). The worker's *run time* is wall
-time less the longest such wait among its threads over the same interval; on an idle host the two
+time less its threads' waits over the same interval (summed, at most the interval: a frame's work
+spread over a thread pool is held up whenever any of its threads waits); on an idle host the two
 are equal. Its CPU time (first field, summed) tells "computing in native code that holds the GIL, so
 the heartbeat thread cannot beat" from "asleep in a deadlock"."""
 from __future__ import annotations
@@ -76,17 +77,17 @@ class RunClock:
     def sample(self, now: float) -> None:
         wall = max(0.0, now - self.sampled_at)
         current = self.reader(self.pid) if self.pid is not None else None
-        waited = longest_new_wait(self.last, current)
+        waited = new_waits(self.last, current)
         self.run_s += max(0.0, wall - min(wall, waited))
         if current is not None and self.last is not None:
             self.cpu_s += max(0.0, current.cpu_s - self.last.cpu_s)
         self.last, self.sampled_at = current if current is not None else self.last, now
 
 
-def longest_new_wait(before: Optional[SchedSample], after: Optional[SchedSample]) -> float:
+def new_waits(before: Optional[SchedSample], after: Optional[SchedSample]) -> float:
     if before is None or after is None:
         return 0.0
-    return max((wait - before.waits.get(tid, 0.0) for tid, wait in after.waits.items()), default=0.0)
+    return sum(max(0.0, wait - before.waits.get(tid, 0.0)) for tid, wait in after.waits.items())
 
 
 def silent_but_computing(silent_s: float, cpu_s: float, busy_fraction: float) -> bool:

@@ -454,6 +454,19 @@ def test_a_worker_starved_of_cpu_is_slow_not_hung(live_world):
         assert slot.overdue(clock[0]) is None
 
 
+def test_a_frame_spread_over_a_starved_thread_pool_is_slow_not_hung(live_world):
+    """The main thread sleeps while two pool threads take turns waiting for a CPU: each waits only
+    part of the time, together nearly all of it (the CI hog's false `hang`, with the longest wait)."""
+    slot, sched, clock = live_world
+    warm_frames(slot, clock, sched)
+    for _ in range(20):
+        clock[0] += 0.5
+        sched.waits[1] += 0.24
+        sched.waits[2] += 0.22
+        sched.cpu += 0.04
+        assert slot.overdue(clock[0]) is None
+
+
 def test_a_sleeping_deadlock_is_a_hang_within_seconds(live_world):
     slot, sched, clock = live_world
     warm_frames(slot, clock, sched)

@@ -34,7 +34,7 @@ def test_200_reloads_and_drills_at_random_moments_lose_no_job_and_no_frame(tmp_p
                 jobs.append(stack.submit(clips[shot // 10 % 3]))
             seen_states.add(stack.conn.health().get("worker", "?").split("(")[0])
             fire_at_random(stack, rng)
-            time.sleep(rng.uniform(0.0, 1.2))
+            time.sleep(rng.uniform(0.0, 0.8))
         assert shot == 199, f"only {shot + 1} shots in the time allowed"
         assert {"probing", "spawning", "loading"} <= seen_states, seen_states
         health = wait_for(lambda: (h := stack.conn.health()).get("status") == "ready" and h, 90,

@@ -7,5 +7,5 @@ from hypothesis import HealthCheck, settings
 from test_slot_model import SlotModel
 
 TestSlotModelDeep = SlotModel.TestCase
-TestSlotModelDeep.settings = settings(max_examples=400, stateful_step_count=60, deadline=None,
+TestSlotModelDeep.settings = settings(max_examples=150, stateful_step_count=50, deadline=None,
                                       suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much])
