@@ -414,3 +414,10 @@ class _CdpSession:
         elif method == "Log.entryAdded" and params.get("entry", {}).get("level") == "error":
             self.errors.append(str(params["entry"].get("text")))
         return message
+
+
+def assert_token_guards(url: str, token: str) -> None:
+    """A gateway that just started: liveness open, the rest only with `Authorization: Bearer <token>`."""
+    wait_for(lambda: http("GET", url + "/health")[0] == 200, 30, what="the gateway")
+    assert http("GET", url + "/v1/jobs")[0] == 401
+    assert http("GET", url + "/v1/jobs", headers={"Authorization": f"Bearer {token}"})[0] != 401

@@ -10,7 +10,7 @@ import stat
 import subprocess
 import sys
 
-from support import REPO, free_port, http, wait_for
+from support import REPO, assert_token_guards, free_port
 
 
 def install(tmp_path, *extra: str) -> subprocess.CompletedProcess:
@@ -44,10 +44,7 @@ def test_install_creates_a_private_token_file_once_and_the_unit_uses_it(tmp_path
                             stderr=subprocess.DEVNULL, env={k: v for k, v in os.environ.items()
                                                             if k != "POSE_SERVICE_TOKEN"})
     try:
-        url = f"http://127.0.0.1:{port}"
-        wait_for(lambda: http("GET", url + "/health")[0] == 200, 30, what="the gateway")
-        assert http("GET", url + "/v1/jobs")[0] == 401
-        assert http("GET", url + "/v1/jobs", headers={"Authorization": f"Bearer {token}"})[0] != 401
+        assert_token_guards(f"http://127.0.0.1:{port}", token)
     finally:
         proc.terminate()
         proc.wait(15)

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from configs import load_config
 from gateway.app import build_app
 
-from support import PHOTO, REPO, Stack, free_port, http, make_clip, wait_for
+from support import PHOTO, REPO, Stack, assert_token_guards, free_port, http, make_clip, wait_for
 
 NOOP = ["engine.name=noop", "probe.enabled=false"]
 LIVENESS = ("/health", "/v1/health")
@@ -171,10 +171,7 @@ def test_the_token_can_come_from_the_environment_or_a_file(tmp_path):
         proc = subprocess.Popen(argv, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.DEVNULL,
                                 stderr=subprocess.DEVNULL)
         try:
-            url = f"http://127.0.0.1:{port}"
-            wait_for(lambda: http("GET", url + "/health")[0] == 200, 30, what="the gateway")
-            assert http("GET", url + "/v1/jobs")[0] == 401
-            assert http("GET", url + "/v1/jobs", headers={"Authorization": f"Bearer {token}"})[0] != 401
+            assert_token_guards(f"http://127.0.0.1:{port}", token)
         finally:
             proc.terminate()
             proc.wait(15)
@@ -498,12 +495,16 @@ def test_fuzzing_every_route_gives_no_server_error_and_the_supervisor_survives(g
 def test_arbitrary_header_bytes_on_every_route_with_a_token_give_no_server_error(tmp_path):
     """The fuzz that would have found `Authorization: Bearer \\xff` -> 500: a token set, and header
     values of any bytes on every route."""
+    fuzz_header_bytes_with_a_token(tmp_path, HEADER_BYTES_EXAMPLES_PER_ROUTE)
+
+
+def fuzz_header_bytes_with_a_token(tmp_path, examples_per_route: int) -> None:
     token = "fuzz-" + os.urandom(6).hex()
     stack = Stack(tmp_path, [*NOOP, f"gateway.auth_token={token}", "gateway.max_connections=40",
                              "gateway.idle_timeout_s=1", "gateway.body_timeout_s=1"], gateway=True)
     try:
         wait_for(lambda: http("GET", stack.url + "/v1/health")[0] == 200, 60, what="the daemon")
-        fuzz_every_route(stack, tmp_path, HEADER_BYTES_EXAMPLES_PER_ROUTE, token)
+        fuzz_every_route(stack, tmp_path, examples_per_route, token)
     finally:
         stack.stop()
 

@@ -3,11 +3,7 @@ router has (junk path parameters, queries, headers and bodies), 60 examples a ro
 the arbitrary-header-bytes fuzz with a token set, 40 a route instead of 6."""
 from __future__ import annotations
 
-import os
-
-from test_security import NOOP, fuzz_every_route, gateway  # noqa: F401  (gateway is the daemon fixture)
-
-from support import Stack, http, wait_for
+from test_security import fuzz_every_route, fuzz_header_bytes_with_a_token, gateway  # noqa: F401  (gateway is the daemon fixture)
 
 DEEP_EXAMPLES_PER_ROUTE = 60
 DEEP_HEADER_BYTES_EXAMPLES_PER_ROUTE = 40
@@ -18,11 +14,4 @@ def test_a_deep_fuzz_of_every_route_gives_no_server_error_and_the_supervisor_sur
 
 
 def test_a_deep_fuzz_of_header_bytes_with_a_token_gives_no_server_error(tmp_path):
-    token = "fuzz-" + os.urandom(6).hex()
-    stack = Stack(tmp_path, [*NOOP, f"gateway.auth_token={token}", "gateway.max_connections=40",
-                             "gateway.idle_timeout_s=1", "gateway.body_timeout_s=1"], gateway=True)
-    try:
-        wait_for(lambda: http("GET", stack.url + "/v1/health")[0] == 200, 60, what="the daemon")
-        fuzz_every_route(stack, tmp_path, DEEP_HEADER_BYTES_EXAMPLES_PER_ROUTE, token)
-    finally:
-        stack.stop()
+    fuzz_header_bytes_with_a_token(tmp_path, DEEP_HEADER_BYTES_EXAMPLES_PER_ROUTE)
