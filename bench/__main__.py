@@ -20,6 +20,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
@@ -27,11 +28,11 @@ sys.path.insert(0, str(REPO / "tests"))
 from support import SHARED_DATA, Stack, wait_for  # noqa: E402
 
 
-def raw_engine_fps(clip: str, engine_name: str) -> float:
+def raw_engine_fps(clip: str, engine_name: str, options: Optional[dict] = None) -> float:
     from gpu_worker.engines import build_engine
     from pose_common.video import frames
 
-    engine = build_engine(engine_name, "cpu", {})
+    engine = build_engine(engine_name, "cpu", options or {})
     for stage in engine.stages():
         stage.run()
     started, count = time.perf_counter(), 0

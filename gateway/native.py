@@ -1,6 +1,7 @@
-"""The native /v1 API. Handlers validate, ask the supervisor over ZeroMQ, and answer JSON. A
-supervisor that is down or slow becomes a JSON 503 within gateway.supervisor_timeout_s;
-/v1/health always answers."""
+"""The native /v1 API. Handlers validate and answer JSON: commands go to the supervisor over
+ZeroMQ, reads (job status, results, events) come from the ledger, so they answer while the
+supervisor restarts. A command to a supervisor that is down or slow becomes a JSON 503 within
+gateway.supervisor_timeout_s; /v1/health always answers."""
 from __future__ import annotations
 
 import asyncio

@@ -1,20 +1,90 @@
 """Overlay video: the source frames of a job's result with the stored poses drawn on, at the source
-frame rate (every frame, or the sampled ones for a max_frames job). Run by the supervisor in its own
-process after the job's frames are stored (`python -m pose_common.overlay LEDGER JOB VIDEO OUT`);
-it reads the ledger frame by frame, never the GPU, and writes to a temporary name first, so the
-overlay either exists whole or not at all."""
+frame rate (every frame, or the sampled ones for a max_frames job).
+
+It is drawn while the job is inferred: the supervisor starts `python -m pose_common.overlay LEDGER
+JOB VIDEO OUT` when the job first reaches a worker, at a lower CPU priority than the worker. The
+process follows the ledger: it decodes a frame, waits until the worker has stored it, draws and
+encodes it, and so ends a few frames after the last inference. A worker that dies mid-job changes
+nothing here (its replacement stores the missing frames; stored frames are never written twice),
+so the video has every frame once. It reads the ledger, never the GPU, and writes to a temporary
+name first: the overlay exists whole or not at all. A job that fails or is cancelled meanwhile
+leaves no partial file (exit JOB_GONE)."""
 from __future__ import annotations
 
+import itertools
 import os
 import sys
-from typing import Iterator, Optional
+import time
+from collections import deque
+from typing import Callable, Optional
 
 import av
 import numpy as np
 
 from pose_common.drawing import draw_persons
+from pose_common.ledger import SqlLedger
 from pose_common.ledger_open import open_ledger_at
 from pose_common.video import TruncatedVideo, frames
+
+JOB_GONE = 3           # exit status: the job failed, was cancelled or removed while it was drawn
+POLL_S = (0.02, 1.0)   # an unstored frame is looked for again after 20 ms, backing off to 1 s (a requeued job)
+FETCH = 64             # frames read from the ledger at a time
+INFERRED = ("rendering", "done")   # every frame the job will have is stored
+
+
+class JobGone(Exception):
+    """The job stopped being one whose overlay anybody will want."""
+
+
+class StoredFrames:
+    """The job's stored frames in index order, waiting for the worker where it has not got yet.
+    Workers store a job's frames in index order (a resumed one starts at the first gap), so once a
+    frame at or after an index is stored, whether that index is in the result is settled."""
+
+    def __init__(self, ledger: SqlLedger, job_id: str, sleep: Callable[[float], None] = time.sleep):
+        self.ledger, self.job_id, self.sleep = ledger, job_id, sleep
+        self.pending: deque[dict] = deque()
+        self.last = -1
+        self.ended = False
+        self.idle_polls = 0
+
+    def at(self, index: int) -> Optional[dict]:
+        """-> the stored frame `index`, or None when it is not part of the result."""
+        while self.pending and self.pending[0]["frame_index"] < index:
+            self.pending.popleft()
+        while not self.pending and not self.ended:
+            self.wait_for_more()
+        if self.pending and self.pending[0]["frame_index"] == index:
+            return self.pending.popleft()
+        return None
+
+    def finished(self) -> bool:
+        """No frame is stored beyond those already handed out, and none will be."""
+        return self.ended and not self.pending
+
+    def wait_for_more(self) -> None:
+        if self.fetch():
+            self.idle_polls = 0
+            return
+        state = self.state()
+        if state in INFERRED:
+            self.ended = not self.fetch()  # frames stored just before the state changed
+            return
+        if state not in ("queued", "running"):
+            raise JobGone(f"the job is {state or 'gone'}")
+        self.sleep(min(POLL_S[1], POLL_S[0] * 2 ** min(self.idle_polls, 6)))
+        self.idle_polls += 1
+
+    def fetch(self) -> bool:
+        batch = list(itertools.islice(self.ledger.iter_frames(self.job_id, after=self.last, batch=FETCH), FETCH))
+        if batch:
+            self.pending.extend(batch)
+            self.last = batch[-1]["frame_index"]
+        return bool(batch)
+
+    def state(self) -> Optional[str]:
+        job = self.ledger.job(self.job_id)
+        return None if job is None or job.removed_at else job.state
 
 
 def render_overlay(ledger_path: str, job_id: str, video: str, out: str) -> int:
@@ -23,23 +93,31 @@ def render_overlay(ledger_path: str, job_id: str, video: str, out: str) -> int:
     try:
         job = ledger.job(job_id)
         names = (job.engine() if job else {}).get("joint_names") or []
-        return _render(video, ledger.iter_frames(job_id), names, out)
+        return draw_video(video, StoredFrames(ledger, job_id), names, out)
     finally:
         ledger.close()
 
 
-def _render(video: str, stored: Iterator[dict], names: list, out: str) -> int:
+def draw_video(video: str, stored: StoredFrames, names: list, out: str) -> int:
     tmp = out + ".tmp.mp4"
+    try:
+        count = _encode(video, stored, names, tmp)
+    except BaseException:
+        remove(tmp)
+        raise
+    os.replace(tmp, out)
+    return count
+
+
+def _encode(video: str, stored: StoredFrames, names: list, tmp: str) -> int:
     count = 0
-    entry: Optional[dict] = next(stored, None)
     with av.open(tmp, "w") as container:
         stream = None
         for meta, index, _pts, rgb in decoded(video):
-            while entry is not None and entry["frame_index"] < index:
-                entry = next(stored, None)
+            entry = stored.at(index)
             if entry is None:
-                break
-            if entry["frame_index"] != index:
+                if stored.finished():
+                    break
                 continue  # not part of the result (a sampled job)
             if stream is None:
                 stream = _open_stream(container, meta.fps, rgb.shape[1], rgb.shape[0])
@@ -51,7 +129,6 @@ def _render(video: str, stored: Iterator[dict], names: list, out: str) -> int:
         if stream is not None:
             for packet in stream.encode():
                 container.mux(packet)
-    os.replace(tmp, out)
     return count
 
 
@@ -71,13 +148,33 @@ def _open_stream(container, fps: float, width: int, height: int):
     stream.width, stream.height = width - width % 2, height - height % 2
     stream.pix_fmt = "yuv420p"
     if codec == "libx264":
-        stream.options = {"preset": "veryfast", "crf": "23"}
+        # one encoding thread: the overlay runs beside the worker and must not take its cores
+        stream.options = {"preset": "veryfast", "crf": "23", "threads": "1"}
     return stream
+
+
+def remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def overlay_path(result_path: str) -> str:
     return result_path[: -len(".json")] + ".overlay.mp4"
 
 
+def partial_path(result_path: str) -> str:
+    """Where an overlay being drawn is written until it is whole."""
+    return overlay_path(result_path) + ".tmp.mp4"
+
+
+def main(argv: list[str]) -> int:
+    try:
+        return 0 if render_overlay(*argv[:4]) > 0 else 1
+    except JobGone:
+        return JOB_GONE
+
+
 if __name__ == "__main__":
-    sys.exit(0 if render_overlay(*sys.argv[1:5]) > 0 else 1)
+    sys.exit(main(sys.argv[1:5]))

@@ -2,9 +2,11 @@
 single-image requests that interleave with them. The worker's life is the slot's; this module only
 asks it whether a job may start and tells it about progress.
 
-A job is `done` only when every artifact its answer names exists and is whole: when the worker has
-sent its last frame the job enters `rendering`, the result file is written (on the supervisor's loop)
-and the overlay video by a side process (never on the worker), and only then is the job finished."""
+A job is `done` only when every artifact its answer names exists and is whole. The overlay video is
+drawn beside the inference by a side process at a lower priority (never on the worker) that follows
+the ledger from the job's first dispatch; when the worker has sent its last frame the job enters
+`rendering`, the result file is written (on the supervisor's loop), and once the overlay process
+has encoded the last frames and exited the job is finished."""
 from __future__ import annotations
 
 import math
@@ -21,7 +23,7 @@ from configs import results_dir, video_roots
 from pose_common import protocol as P
 from pose_common.children import parent_death_signal
 from pose_common.ledger import Job, Lease, SqlLedger
-from pose_common.overlay import overlay_path
+from pose_common.overlay import overlay_path, partial_path, remove
 from pose_common.paths import PathRefused, open_inside
 from pose_common.results import mesh_faces_key, split_meshes, write_result
 from pose_common.runtime import RuntimeDir
@@ -33,6 +35,7 @@ SendWorker = Callable[..., bool]
 Reply = Callable[..., None]
 PROGRESS_EVERY_S = 0.5   # at most this often a progress event per job (SSE reads them)
 DEFAULT_FPS, DEFAULT_JOB_FRAMES = 10.0, 300  # a guess until the running job has shown its pace
+OVERLAY_NICENESS = 10    # the overlay drawn beside the inference takes only the CPU the worker leaves
 
 
 class JobRunner:
@@ -89,6 +92,7 @@ class JobRunner:
                                                       "worker_generation": self.slot.generation})
         self.slot.job_started(now)
         self.progress.start(job, now, self.ledger.frames_done(job.job_id))
+        self.follow_with_overlay(job)
         structlog.contextvars.bind_contextvars(job_id=job.job_id)
         self.log.info("job_dispatched", job_id=job.job_id, generation=self.slot.generation, start_frame=start,
                       attempt=job.attempts, poison=sorted(poison))
@@ -109,10 +113,11 @@ class JobRunner:
         if self.lease and not self.job_stop_reason and not self.ledger.renew(self.lease, self.lease_s):
             self.stop_current("the job's lease was lost (taken over by another host, or cancelled)", now)
         for job_id, render in list(self.renders.items()):
-            if not self.ledger.renew(render.lease, self.lease_s):
+            if render.lease is None:
+                self.check_follower(job_id, render)
+            elif not self.ledger.renew(render.lease, self.lease_s):
                 self.log.warning("render_lease_lost", job_id=job_id)
-                render.proc.kill()
-                del self.renders[job_id]
+                self.drop_render(job_id)
         for _ in range(4):  # a few per round; the rest next time
             job = self.ledger.claim_render(self.owner, self.lease_s)
             if job is None or job.job_id in self.renders:
@@ -207,14 +212,29 @@ class JobRunner:
         return warning
 
     # --- artifacts ----------------------------------------------------------------------------------
+    def result_path(self, job: Job) -> str:
+        return job.result_path or os.path.join(self.results_dir, f"{job.job_id}.json")
+
+    def follow_with_overlay(self, job: Job) -> None:
+        """Start drawing the overlay as the frames are stored (once per job: a resumed job's
+        follower simply waits for the frames the new worker stores)."""
+        if self.cfg.jobs.render_overlay and job.job_id not in self.renders:
+            self.spawn_render(job, None)
+
     def start_render(self, job: Job, lease: Lease) -> None:
-        """Off the worker: the result file here, on the loop; the overlay in a short-lived process.
+        """The job's frames are all stored: the result file here, on the loop; the overlay's
+        follower (or, for a job taken over from a stopped host, a fresh one) ends on its own.
         The job is done when both exist."""
-        result_path = job.result_path or os.path.join(self.results_dir, f"{job.job_id}.json")
-        write_result(result_path, job, self.ledger)
+        write_result(self.result_path(job), job, self.ledger)
         if not self.cfg.jobs.render_overlay:
             self.ledger.finish(lease)
-            return
+        elif job.job_id in self.renders:
+            self.renders[job.job_id].lease = lease
+        else:
+            self.spawn_render(job, lease)
+
+    def spawn_render(self, job: Job, lease: Optional[Lease]) -> None:
+        result_path = self.result_path(job)
         try:
             with open_inside(job.video_path, video_roots(self.cfg)) as readable, \
                     open(RuntimeDir(self.cfg.runtime_dir).overlay_stderr, "ab") as log:
@@ -223,16 +243,33 @@ class JobRunner:
                     [sys.executable, "-m", "pose_common.overlay", self.ledger.path, job.job_id, readable,
                      overlay_path(result_path)],
                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                    pass_fds=(int(readable.rsplit("/", 1)[1]),), preexec_fn=parent_death_signal(os.getpid()))
+                    pass_fds=(int(readable.rsplit("/", 1)[1]),), preexec_fn=behind_the_worker(os.getpid()))
         except PathRefused as exc:
-            self.ledger.finish(lease, warning=f"the overlay video could not be rendered: {exc}")
+            if lease is not None:
+                self.ledger.finish(lease, warning=f"the overlay video could not be rendered: {exc}")
             return
         self.renders[job.job_id] = Render(proc, lease, result_path)
+
+    def check_follower(self, job_id: str, render: "Render") -> None:
+        """A follower is only for a job that may still finish here."""
+        job = self.ledger.job(job_id)
+        if job is None or job.state not in ("queued", "running") or (job.owner not in (None, self.owner)):
+            self.drop_render(job_id)
+
+    def drop_render(self, job_id: str) -> None:
+        render = self.renders.pop(job_id)
+        render.proc.kill()
+        render.proc.wait()
+        remove(partial_path(render.result_path))
 
     def reap_renders(self) -> None:
         for job_id, render in list(self.renders.items()):
             code = render.proc.poll()
             if code is None:
+                continue
+            if render.lease is None:  # ended before the frames were all stored (the job failed, or it
+                del self.renders[job_id]  # crashed: the overlay is then drawn whole once they are)
+                self.log.info("overlay_follower_exited", job_id=job_id, code=code)
                 continue
             if code == 0:
                 self.ledger.finish(render.lease, overlay_path=overlay_path(render.result_path))
@@ -270,7 +307,7 @@ class JobRunner:
         if job_id == self.current:
             self.stop_current("cancelled", now)
         if job_id in self.renders:
-            self.renders.pop(job_id).proc.kill()
+            self.drop_render(job_id)  # a cancelled job leaves no partial overlay
 
     def seconds_until_free(self, now: float) -> int:
         """When a place in a full queue is likely to open: the running job's frames left at its
@@ -291,10 +328,20 @@ def gave_up(attempts: int, causes: list[str]) -> str:
     return f"gave up after {attempts} attempts" + (f" (the worker died of: {listed})" if listed else "")
 
 
+def behind_the_worker(parent_pid: int):
+    """A Popen preexec_fn for the overlay: dies with the supervisor, and yields the CPU to the worker."""
+    arm = parent_death_signal(parent_pid)
+
+    def prepare() -> None:
+        arm()
+        os.nice(OVERLAY_NICENESS)
+    return prepare
+
+
 @dataclass
 class Render:
     proc: subprocess.Popen
-    lease: Lease
+    lease: Optional[Lease]  # None while the frames are still being inferred (the job's own lease covers it)
     result_path: str
 
 

@@ -182,6 +182,25 @@ def http(method: str, url: str, body: Any = None, timeout: float = 10, headers: 
         return 0, {"connection_error": str(exc)}
 
 
+def multipart(files: dict[str, tuple[str, bytes, str]], fields: dict[str, str]) -> tuple[bytes, str]:
+    """What form-data / React Native FormData send: -> (body, content type)."""
+    boundary = f"----formdata-{uuid.uuid4().hex}"
+    out = bytearray()
+    for name, value in fields.items():
+        out += f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n".encode()
+    for name, (filename, data, ctype) in files.items():
+        out += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\n"
+                f"Content-Type: {ctype}\r\n\r\n").encode() + data + b"\r\n"
+    out += f"--{boundary}--\r\n".encode()
+    return bytes(out), f"multipart/form-data; boundary={boundary}"
+
+
+def post_form(url: str, fields: dict, file_field: str, filename: str, data: bytes, timeout: float = 600,
+              content_type: str = "video/mp4") -> tuple[int, Any]:
+    body, ctype = multipart({file_field: (filename, data, content_type)}, fields)
+    return http("POST", url, raw=body, headers={"Content-Type": ctype}, timeout=timeout)
+
+
 def _parse(payload: bytes, content_type: str) -> Any:
     if "json" in content_type:
         return json.loads(payload)

@@ -12,29 +12,12 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 
 import av
 
-from support import CLIP, Served, http, needs_shared_data, wait_for
+from support import CLIP, Served, http, needs_shared_data, post_form, wait_for
 
 APP_POLL_S = 5.0  # VideoAnalysisScreen polls job_status every 5 s
-
-
-def multipart(fields: dict[str, str], file_field: str, filename: str, data: bytes,
-              content_type: str = "video/mp4") -> tuple[bytes, str]:
-    """What form-data / React Native FormData send."""
-    boundary = f"----formdata-{uuid.uuid4().hex}"
-    parts = [f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n".encode()
-             for name, value in fields.items()]
-    parts.append(f"--{boundary}\r\nContent-Disposition: form-data; name=\"{file_field}\"; filename=\"{filename}\""
-                 f"\r\nContent-Type: {content_type}\r\n\r\n".encode() + data + b"\r\n")
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-
-
-def post_form(url: str, fields: dict, file_field: str, filename: str, data: bytes, timeout: float = 600):
-    body, ctype = multipart(fields, file_field, filename, data)
-    return http("POST", url, raw=body, headers={"Content-Type": ctype}, timeout=timeout)
 
 
 def frames_in(path: str) -> int:

@@ -37,8 +37,12 @@ def test_detector_segfault_in_probe_steps_down_and_worker_never_tries_it(tmp_pat
         stack.stop()
 
 
-@pytest.mark.parametrize("kind", ["cuda_oom", "cuda_sticky"])
-def test_repeated_gpu_failures_step_down_then_probe_steps_back_up(tmp_path, clip, kind):
+def test_repeated_gpu_failures_step_down_then_probe_steps_back_up(tmp_path, clip):
+    """cuda_oom here; the sticky error in tests/endurance/test_ladder_sticky.py (each spawn imports torch)."""
+    steps_down_and_back_up(tmp_path, clip, "cuda_oom")
+
+
+def steps_down_and_back_up(tmp_path, clip, kind: str) -> None:
     stack = Stack(tmp_path, [*FAST, LADDER, "probe.enabled=false", f"fault.kind={kind}", "fault.at=stage:model",
                              "fault.times=3", "supervisor.intensity=3", "supervisor.step_up_after_s=2"])
     try:

@@ -31,7 +31,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 from typing import Any, Optional
 
@@ -39,7 +38,7 @@ import av
 import numpy as np
 import pytest
 
-from support import free_port
+from support import free_port, multipart
 from support import wait_for as wait_until
 
 REPO = Path(__file__).resolve().parents[1]
@@ -92,18 +91,6 @@ def http(base: str, method: str, path: str, body: Optional[bytes] = None, ctype:
 
 def post_json(base: str, path: str, obj: Any, timeout: float = 30.0) -> Reply:
     return http(base, "POST", path, json.dumps(obj).encode(), "application/json", timeout)
-
-
-def multipart(files: dict[str, tuple[str, bytes, str]], fields: dict[str, str]) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    out = bytearray()
-    for name, value in fields.items():
-        out += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"\r\n\r\n{value}\r\n").encode()
-    for name, (filename, data, ctype) in files.items():
-        out += (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{name}\"; filename=\"{filename}\"\r\n"
-                f"Content-Type: {ctype}\r\n\r\n").encode() + data + b"\r\n"
-    out += f"--{boundary}--\r\n".encode()
-    return bytes(out), f"multipart/form-data; boundary={boundary}"
 
 
 # --- the stack ---------------------------------------------------------------------------------------
@@ -391,59 +378,6 @@ def test_no_person_is_200_with_an_error_string(stack):
     assert body["keypoints"] == [] and body["keypoint_count"] == 0 and body["has_3d"] is False
     assert body["error"] == "No person detected" and body["frame_number"] == 4
     assert (body["frame_width"], body["frame_height"]) == (640, 360)
-
-
-# --- §5.13, 5.24 (under /pose/hybrid load) ---------------------------------------------------------------------------
-def test_many_frames_then_concurrent_streams_memory_flat(stack, clip_jpegs):
-    frames = [base64.b64encode(data).decode() for data in clip_jpegs]
-    pid = stack.diagnostics()["worker"]["pid"]
-    rss_after_20 = None
-    with_person = 0
-    for i in range(200):
-        reply = stack.post("/pose/hybrid", {"image_base64": frames[i % len(frames)], "frame_number": i})
-        assert reply.status == 200, (i, reply.data[:300])
-        body = reply.json
-        assert body["frame_number"] == i and body["keypoint_count"] == len(body["keypoints"])
-        with_person += bool(body["keypoints"])
-        if i == 19:
-            time.sleep(1.1)  # let a heartbeat carry the RSS after 20 frames
-            rss_after_20 = stack.diagnostics()["worker"]["rss"]
-    assert with_person >= 150, with_person
-
-    results: list[tuple[int, int]] = []
-    errors: list[BaseException] = []
-
-    def stream(n: int) -> None:
-        try:
-            for k in range(25):
-                index = (n * 25 + k) % len(frames)
-                reply = stack.post("/pose/hybrid", {"image_base64": frames[index], "frame_number": index})
-                results.append((reply.status, reply.json["frame_number"] if reply.status == 200 else -1))
-                time.sleep(0.05)
-        except BaseException as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-
-    threads = []
-    for n in range(4):
-        threads.append(threading.Thread(target=stream, args=(n,), daemon=True))
-        threads[-1].start()
-        time.sleep(0.05)
-    health_times = []
-    while any(t.is_alive() for t in threads) and len(health_times) < 200:
-        reply = stack.get("/health", timeout=5)
-        assert reply.status == 200
-        health_times.append(reply.seconds)
-        time.sleep(0.1)
-    for t in threads:
-        t.join(60)
-    assert not errors, errors
-    assert len(results) == 100 and all(status == 200 for status, _ in results), results[:10]
-    assert health_times and max(health_times) < 5, max(health_times)
-
-    time.sleep(1.1)
-    worker = stack.diagnostics()["worker"]
-    assert worker["pid"] == pid, "the worker restarted during the run"
-    assert worker["rss"] <= 1.3 * rss_after_20, (rss_after_20, worker["rss"])
 
 
 # --- §5.14 -------------------------------------------------------------------------------------------------

@@ -178,8 +178,8 @@ def test_supervisor_killed_mid_job(served):
     diag = http("GET", url + "/v1/diagnostics")[1]
     sup_pid, worker_pid = diag["supervisor"]["pid"], diag["worker"]["pid"]
     os.kill(sup_pid, signal.SIGKILL)
-    status, body = http("GET", f"{url}/v1/jobs/{job_id}", timeout=2)  # answered, not reset, in < 2 s
-    assert status == 503 and body["error"]
+    status, body = http("GET", f"{url}/v1/jobs/{job_id}", timeout=2)  # read from the ledger: no supervisor needed
+    assert status == 200 and body["status"] in ("queued", "running") and body["frames_done"] >= 20
     status, body = http("GET", url + "/v1/health", timeout=2)
     assert status == 503 and body["status"] in ("unavailable", "loading")  # the replacement may already answer
     wait_for(lambda: pid_gone(worker_pid), 10, what="orphaned worker to die")

@@ -5,12 +5,14 @@ import contextlib
 import inspect
 import io
 import logging
+from pathlib import Path
 from typing import Any, Callable, Optional, TypedDict
 
 import numpy as np
 
 from gpu_worker.engines import hmr2_assets
 from gpu_worker.engines.base import Engine, FrameOut, LoadStage, Person
+from gpu_worker.engines.hmr2_phalp import cpu_runtime
 from gpu_worker.engines.hmr2_phalp.appearance import AppearanceChoice, choose_appearance, neural_renderer_problem
 from gpu_worker.engines.hmr2_phalp.detectors import MediaPipePersonDetector, build_detector
 from gpu_worker.engines.hmr2_phalp.devices import make_current, resolve_cuda_device
@@ -72,6 +74,8 @@ class HMR2PhalpEngine(Engine):
         self._appearance: Optional[AppearanceChoice] = None
         self._tracker_lost = ""  # why the tracker can no longer be trusted in this video ("" = it can)
         self.precision = "fp32"  # the runtime stage resolves engine.options.precision
+        # what runs HMR2's networks; the main_model stage resolves engine.options.hmr2_cpu_runtime
+        self.hmr2_runtime = cpu_runtime.RuntimeChoice("torch")
         self.neural_renderer_problem: Callable[[], str] = neural_renderer_problem
 
     @property
@@ -132,8 +136,6 @@ class HMR2PhalpEngine(Engine):
 
     def _load_hmr2(self) -> None:
         """hmr2.models.load_hmr2, minus its renderer: load_hmr2 cannot pass init_renderer=False."""
-        from pathlib import Path
-
         from hmr2.configs import get_config
         from hmr2.models import DEFAULT_CHECKPOINT, HMR2, check_smpl_exists
 
@@ -150,8 +152,19 @@ class HMR2PhalpEngine(Engine):
             kwargs["weights_only"] = False
         with trusted_torch_load(), backbone_sized_by(model_cfg):
             model = HMR2.load_from_checkpoint(DEFAULT_CHECKPOINT, **kwargs)
-        self._hmr2 = model.to(self._torch_device).eval()
+        self._hmr2 = self._fast_hmr2(model.to(self._torch_device).eval())
         self._hmr2_cfg = model_cfg
+
+    def _fast_hmr2(self, model: Any) -> Any:
+        """On the CPU, HMR2 with its backbone and head on OpenVINO (cpu_runtime.py; about twice as
+        fast, same outputs), unless engine.options.hmr2_cpu_runtime=torch; on CUDA, `model`."""
+        self.hmr2_runtime = cpu_runtime.resolve_runtime(self.settings.hmr2_cpu_runtime, self.device_type)
+        if self.hmr2_runtime.note:
+            log.warning("hmr2_runtime_fallback: %s", self.hmr2_runtime.note)
+        if self.hmr2_runtime.runtime == "torch":
+            return model
+        folder = self.settings.hmr2_cpu_cache or cpu_runtime.default_cache_dir(self.settings.environment())
+        return cpu_runtime.accelerate_hmr2(model, Path(folder), precision=self.precision)
 
     def _build_tracker(self) -> None:
         choice = self.appearance_choice()  # neural_renderer checked here, before PHALP is built
@@ -318,8 +331,13 @@ class HMR2PhalpEngine(Engine):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "detector": self.settings.detector, "n_init": self.settings.n_init,
-                "appearance": self.appearance, "precision": self.precision, **self.appearance_note()}
+                "appearance": self.appearance, "precision": self.precision,
+                "hmr2_runtime": self.hmr2_runtime.runtime, **self.appearance_note(), **self.runtime_note()}
 
     def appearance_note(self) -> dict[str, str]:
         note = self._appearance.note if self._appearance is not None else ""
         return {"appearance_note": note} if note else {}
+
+    def runtime_note(self) -> dict[str, str]:
+        note = self.hmr2_runtime.note
+        return {"hmr2_runtime_note": note} if note else {}

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
 from gpu_worker.engines import hmr2_assets
+from gpu_worker.engines.hmr2_phalp import cpu_runtime
 from gpu_worker.errors import WeightsMissing
 from pose_common import memplan
 
@@ -34,6 +35,12 @@ DEFAULTS: dict[str, Any] = {
     # fp32 | fp16 | bf16 | auto: the detector, HMR2 and the appearance head under autocast (weights
     # stay fp32); auto = fp32, or fp16 on a CUDA card where the memory plan says fp32 does not fit
     "precision": "auto",
+    # what runs HMR2's networks on the CPU (cpu_runtime.py): auto (openvino on the CPU, torch on
+    # CUDA, whose path is unchanged), torch, or openvino (falls back to torch when it does not import)
+    "hmr2_cpu_runtime": "auto",
+    # where openvino's converted HMR2 is kept ("" = $HOME/.cache/pose-service/hmr2-openvino, HOME
+    # after cache_home); about the size of the weights (2.4 GB for the release)
+    "hmr2_cpu_cache": "",
 }
 CACHE_OVERRIDES = {"cache_home": "HOME", "torch_home": "TORCH_HOME", "fvcore_cache": "FVCORE_CACHE"}
 
@@ -54,6 +61,8 @@ class Settings:
     video_vertices: bool
     warm_up: bool
     precision: str = "auto"
+    hmr2_cpu_runtime: str = "auto"
+    hmr2_cpu_cache: str = ""
     env_overrides: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -69,6 +78,8 @@ class Settings:
             image_min_score=float(merged["image_min_score"]), appearance=str(merged["appearance"]),
             video_vertices=bool(merged["video_vertices"]), warm_up=bool(merged["warm_up"]),
             precision=str(merged["precision"]).lower(),
+            hmr2_cpu_runtime=str(merged["hmr2_cpu_runtime"]).lower(),
+            hmr2_cpu_cache=str(merged["hmr2_cpu_cache"] or ""),
             env_overrides={var: str(options[key]) for key, var in CACHE_OVERRIDES.items() if options.get(key)})
         settings.validate()
         return settings
@@ -81,6 +92,8 @@ class Settings:
             raise ValueError(f"n_init ({self.n_init}) must not exceed track_history ({self.track_history})")
         if self.precision not in memplan.PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(memplan.PRECISIONS)}")
+        if self.hmr2_cpu_runtime not in cpu_runtime.RUNTIMES:
+            raise ValueError(f"hmr2_cpu_runtime must be one of {', '.join(cpu_runtime.RUNTIMES)}")
         if self.appearance not in ("texture", "hmar", "auto"):
             raise ValueError("appearance must be 'texture', 'hmar' or 'auto'")
 

@@ -1,0 +1,143 @@
+"""What the user waits for: submit -> `done` (every artifact whole, the overlay included) against
+the plain engine loop over the same frames, in one run so the ratios compare like with like.
+
+For the shared clip and the same clip N times over, in interleaved rounds (median of each):
+  raw          the engine in-process: decode + push every frame (no daemon, no ledger, no overlay)
+  native       POST /v1/jobs, poll until done, overlay on (what the app waits for)
+  native, off  the same with jobs.render_overlay=false (the daemon's own overhead)
+  legacy sync  POST /process_video with the file uploaded, until its 200 (the backend's route)
+and the second pass's share of the raw engine's time (second_pass on vs off, short clip).
+
+Usage: python -m bench.user_wait [--clip PATH] [--repeat 20] [--rounds 3] [--engine mediapipe]
+Prints a table and writes bench/results/user_wait.json."""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.__main__ import REPO, raw_engine_fps, repeat_clip
+
+from support import SHARED_DATA, Served, http, post_form, wait_for
+
+POLL_S = 0.02  # how often the native client asks; small beside a job of seconds
+
+
+def raw_seconds(clip: str, engine: str, options: dict | None = None) -> float:
+    frames = frame_count(clip)
+    return frames / raw_engine_fps(clip, engine, options or {})
+
+
+def frame_count(clip: str) -> int:
+    import av
+
+    with av.open(clip) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def native_seconds(served: Served, clip: str) -> float:
+    started = time.perf_counter()
+    status, body = http("POST", served.url + "/v1/jobs", {"video_path": clip})
+    assert status == 202, body
+    job = wait_for(lambda: (j := served.job(body["job_id"])).get("status") in ("done", "error") and j, 3600,
+                   interval=POLL_S, what="job done")
+    assert job["status"] == "done", job
+    return time.perf_counter() - started
+
+
+def legacy_sync_seconds(served: Served, clip: str) -> float:
+    data = Path(clip).read_bytes()
+    started = time.perf_counter()
+    status, body = post_form(served.url + "/process_video", {"max_frames": "999999"}, "video", Path(clip).name,
+                             data, timeout=3600)
+    assert status == 200 and body["status"] == "success", body
+    return time.perf_counter() - started
+
+
+def serve(tmp: Path, name: str, engine: str, overlay: bool) -> Served:
+    served = Served(tmp / name, [f"engine.name={engine}", "probe.enabled=false", f"jobs.render_overlay={overlay}",
+])
+    served.wait_ready(180)
+    return served
+
+
+def one_round(clips: dict[str, str], engine: str, on: Served, off: Served) -> dict:
+    measured: dict = {}
+    for label, clip in clips.items():
+        measured[label] = {"raw": raw_seconds(clip, engine), "native": native_seconds(on, clip),
+                           "native_overlay_off": native_seconds(off, clip),
+                           "legacy_sync": legacy_sync_seconds(on, clip)}
+    short = clips["short"]
+    measured["second_pass"] = {"on": raw_seconds(short, engine, {"second_pass": True}),
+                               "off": raw_seconds(short, engine, {"second_pass": False})}
+    return measured
+
+
+def summarize(rounds: list[dict], frames: dict[str, int]) -> dict:
+    def median(path: tuple[str, str]) -> float:
+        return statistics.median(r[path[0]][path[1]] for r in rounds)
+
+    out: dict = {}
+    for label, count in frames.items():
+        raw = median((label, "raw"))
+        row = {"frames": count, "raw_s": round(raw, 2), "raw_fps": round(count / raw, 1)}
+        for way in ("native", "native_overlay_off", "legacy_sync"):
+            seconds = median((label, way))
+            row[f"{way}_s"] = round(seconds, 2)
+            row[f"{way}_vs_raw"] = round(raw / seconds, 3)  # throughput ratio: >= 0.9 is the goal
+        out[label] = row
+    on, off = median(("second_pass", "on")), median(("second_pass", "off"))
+    out["second_pass"] = {"raw_s_on": round(on, 2), "raw_s_off": round(off, 2),
+                          "share_of_engine_time": round(max(0.0, on - off) / on, 3)}
+    return out
+
+
+def print_table(summary: dict, rounds: int) -> None:
+    print(f"submit -> done, median of {rounds} interleaved rounds; ratio = raw engine time / daemon time")
+    print(f"{'clip':<7}{'frames':>7}{'raw s':>9}{'native':>16}{'overlay off':>16}{'legacy sync':>16}")
+    for label in ("short", "long"):
+        row = summary[label]
+        cells = [f"{row[f'{w}_s']:.2f}s {row[f'{w}_vs_raw']:.2f}x" for w in ("native", "native_overlay_off",
+                                                                           "legacy_sync")]
+        print(f"{label:<7}{row['frames']:>7}{row['raw_s']:>9.2f}" + "".join(f"{c:>16}" for c in cells))
+    sp = summary["second_pass"]
+    print(f"second pass: {sp['share_of_engine_time']:.1%} of the raw engine's time on the short clip "
+          f"({sp['raw_s_on']:.2f}s with, {sp['raw_s_off']:.2f}s without)")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="bench.user_wait")
+    parser.add_argument("--clip", default=str(SHARED_DATA / "snowboard_k0z18lmds.mp4"))
+    parser.add_argument("--repeat", type=int, default=20)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--engine", default="mediapipe")
+    args = parser.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="pose-bench-wait-"))
+    clip = args.clip
+    if not Path(clip).exists():
+        from pose_service.democlip import make_demo_clip
+        clip = make_demo_clip(str(tmp / "demo.mp4"), frames=120)
+    short = str(tmp / Path(clip).name)
+    Path(short).write_bytes(Path(clip).read_bytes())
+    clips = {"short": short, "long": repeat_clip(short, args.repeat, str(tmp / "long.mp4"))}
+    on, off = serve(tmp, "overlay-on", args.engine, True), serve(tmp, "overlay-off", args.engine, False)
+    try:
+        rounds = [one_round(clips, args.engine, on, off) for _ in range(args.rounds)]
+    finally:
+        on.stop()
+        off.stop()
+    summary = summarize(rounds, {label: frame_count(c) for label, c in clips.items()})
+    print_table(summary, args.rounds)
+    results = REPO / "bench" / "results"
+    results.mkdir(exist_ok=True)
+    (results / "user_wait.json").write_text(json.dumps({"engine": args.engine, "repeat": args.repeat,
+                                                        "summary": summary, "rounds": rounds}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
