@@ -100,9 +100,41 @@ def interleaved(calls: dict[str, Callable[[], Any]], repeat: int) -> dict[str, l
     return times
 
 
+def backbone_gflop(model: Any) -> float:
+    """The ViT's floating-point work per crop (2 x multiply-adds of its linear layers over the 192
+    tokens, plus attention): with the CPU's fp32 GEMM rate below, the floor on its time."""
+    import torch
+
+    tokens = (256 // 16) * (192 // 16)
+    linear = sum(m.weight.numel() for m in model.backbone.modules() if isinstance(m, torch.nn.Linear))
+    blocks = len(model.backbone.blocks)
+    attention = 2 * blocks * tokens * tokens * model.backbone.embed_dim
+    return 2 * (tokens * linear + attention) / 1e9
+
+
+def gemm_gflops(size: int = 2048, repeat: int = 5) -> float:
+    """torch's (MKL) fp32 GEMM rate on this CPU with the process's threads: about the machine's
+    fp32 ceiling, which no runtime can beat by much."""
+    import torch
+
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    started = time.perf_counter()
+    for _ in range(repeat):
+        a @ b
+    return 2 * size**3 * repeat / (time.perf_counter() - started) / 1e9
+
+
 def rss_mb() -> float:
     import psutil
     return psutil.Process().memory_info().rss / 2**20
+
+
+def file_backed_mb() -> float:
+    """The part of the RSS that is mapped files (openvino maps the IR's weights: page cache the
+    kernel can drop, unlike the compiled network's own copy)."""
+    import psutil
+    return psutil.Process().memory_info().shared / 2**20
 
 
 def convert(model: Any, cache_dir: Path, precision: str) -> tuple[Any, dict]:
@@ -130,6 +162,7 @@ def measure(cache: Any, cache_dir: Path, repeat: int, batch: int, with_bf16: boo
     torch_call = as_engine_calls(model)
     fast, results["convert_fresh"] = convert(model, cache_dir, "fp32")
     results["rss_mb_after_openvino"] = rss_mb() - rss_start
+    results["file_backed_mb_after_openvino"] = file_backed_mb()
     _, results["convert_cached"] = convert(model, cache_dir, "fp32")  # the next load: the IR is on disk
     calls = {"torch_fp32": torch_call, "openvino_fp32": fast}
     if with_bf16:
@@ -148,6 +181,8 @@ def measure(cache: Any, cache_dir: Path, repeat: int, batch: int, with_bf16: boo
     results["seconds"] = times
     results["per_crop_median_s"] = {name: statistics.median(values) / (batch if name.endswith(f"b{batch}") else 1)
                                     for name, values in times.items()}
+    results["backbone_gflop_per_crop"] = backbone_gflop(model)
+    results["gemm_fp32_gflops"] = gemm_gflops()
     return results
 
 
@@ -155,10 +190,13 @@ def print_table(results: dict) -> None:
     per_crop, batch = results["per_crop_median_s"], results["batch"]
     base = {1: per_crop["torch_fp32 b1"], batch: per_crop[f"torch_fp32 b{batch}"]}
     print(f"HMR2 (ViT-H, random weights), {results['threads']} threads, median of {results['repeat']} interleaved")
-    print(f"{'path':<24}{'s/crop':>9}{'speed-up':>10}")
+    gflop = results["backbone_gflop_per_crop"]
+    print(f"{'path':<24}{'s/crop':>9}{'speed-up':>10}{'ViT GFLOP/s':>13}")
     for name, seconds in per_crop.items():
         size = batch if name.endswith(f"b{batch}") else 1
-        print(f"{name:<24}{seconds:>9.3f}{base[size] / seconds:>9.2f}x")
+        print(f"{name:<24}{seconds:>9.3f}{base[size] / seconds:>9.2f}x{gflop / seconds:>13.0f}")
+    print(f"ViT-H: {gflop:.0f} GFLOP per crop; torch fp32 GEMM 2048^3 runs at {results['gemm_fp32_gflops']:.0f} "
+          f"GFLOP/s here (fp32 floor about {gflop / results['gemm_fp32_gflops']:.2f} s/crop)")
     print(f"\n{'output differences':<24}" + "".join(f"{key:>14}" for key in COMPARED))
     for name, rows in results["differences"].items():
         print(f"{name + ' max abs':<24}" + "".join(f"{rows[key]['max_abs']:>14.2e}" for key in COMPARED))
@@ -168,7 +206,8 @@ def print_table(results: dict) -> None:
             row = results[key]
             print(f"{key:<16} {row['seconds']:.1f}s (IR {row['ir_mb']:.0f} MB, first call {row['first_call_s']:.2f}s)")
     print(f"memory: torch model +{results['rss_mb_torch_model']:.0f} MB, "
-          f"with the OpenVINO copy +{results['rss_mb_after_openvino']:.0f} MB (RSS)")
+          f"with the OpenVINO copy +{results['rss_mb_after_openvino']:.0f} MB (RSS; "
+          f"{results['file_backed_mb_after_openvino']:.0f} MB of the process's RSS is mapped files)")
 
 
 def main(argv: list[str] | None = None) -> int:

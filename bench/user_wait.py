@@ -6,7 +6,8 @@ For the shared clip and the same clip N times over, in interleaved rounds (media
   native       POST /v1/jobs, poll until done, overlay on (what the app waits for)
   native, off  the same with jobs.render_overlay=false (the daemon's own overhead)
   legacy sync  POST /process_video with the file uploaded, until its 200 (the backend's route)
-and the second pass's share of the raw engine's time (second_pass on vs off, short clip).
+the overlay's tail (from the last frame stored to `done`, in seconds and in the engine's frame
+times), and the second pass's share of the raw engine's time (second_pass on vs off, short clip).
 
 Usage: python -m bench.user_wait [--clip PATH] [--repeat 20] [--rounds 3] [--engine mediapipe]
 Prints a table and writes bench/results/user_wait.json."""
@@ -39,14 +40,27 @@ def frame_count(clip: str) -> int:
         return sum(1 for _ in container.decode(video=0))
 
 
-def native_seconds(served: Served, clip: str) -> float:
+def native_seconds(served: Served, clip: str, tails: list[float]) -> float:
     started = time.perf_counter()
     status, body = http("POST", served.url + "/v1/jobs", {"video_path": clip})
     assert status == 202, body
     job = wait_for(lambda: (j := served.job(body["job_id"])).get("status") in ("done", "error") and j, 3600,
                    interval=POLL_S, what="job done")
     assert job["status"] == "done", job
+    tails.append(overlay_tail_s(served, body["job_id"]))
     return time.perf_counter() - started
+
+
+def overlay_tail_s(served: Served, job_id: str) -> float:
+    """From the last frame stored (the job enters `rendering`) to `done`, from the ledger's events."""
+    from pose_common.ledger import Ledger
+
+    ledger = Ledger(str(served.state_dir / "ledger.sqlite3"), readonly=True)
+    try:
+        at = {e["type"]: e["at"] for e in ledger.events_since(job_id)}
+    finally:
+        ledger.close()
+    return at["done"] - at["rendering"]
 
 
 def legacy_sync_seconds(served: Served, clip: str) -> float:
@@ -68,9 +82,11 @@ def serve(tmp: Path, name: str, engine: str, overlay: bool) -> Served:
 def one_round(clips: dict[str, str], engine: str, on: Served, off: Served) -> dict:
     measured: dict = {}
     for label, clip in clips.items():
-        measured[label] = {"raw": raw_seconds(clip, engine), "native": native_seconds(on, clip),
-                           "native_overlay_off": native_seconds(off, clip),
+        tails: list[float] = []
+        measured[label] = {"raw": raw_seconds(clip, engine), "native": native_seconds(on, clip, tails),
+                           "native_overlay_off": native_seconds(off, clip, []),
                            "legacy_sync": legacy_sync_seconds(on, clip)}
+        measured[label]["overlay_tail"] = tails[0]
     short = clips["short"]
     measured["second_pass"] = {"on": raw_seconds(short, engine, {"second_pass": True}),
                                "off": raw_seconds(short, engine, {"second_pass": False})}
@@ -89,6 +105,9 @@ def summarize(rounds: list[dict], frames: dict[str, int]) -> dict:
             seconds = median((label, way))
             row[f"{way}_s"] = round(seconds, 2)
             row[f"{way}_vs_raw"] = round(raw / seconds, 3)  # throughput ratio: >= 0.9 is the goal
+        tail = median((label, "overlay_tail"))
+        row["overlay_tail_s"] = round(tail, 3)
+        row["overlay_tail_frames"] = round(tail / (raw / count), 1)  # in the raw engine's frame times
         out[label] = row
     on, off = median(("second_pass", "on")), median(("second_pass", "off"))
     out["second_pass"] = {"raw_s_on": round(on, 2), "raw_s_off": round(off, 2),
@@ -104,6 +123,10 @@ def print_table(summary: dict, rounds: int) -> None:
         cells = [f"{row[f'{w}_s']:.2f}s {row[f'{w}_vs_raw']:.2f}x" for w in ("native", "native_overlay_off",
                                                                            "legacy_sync")]
         print(f"{label:<7}{row['frames']:>7}{row['raw_s']:>9.2f}" + "".join(f"{c:>16}" for c in cells))
+    for label in ("short", "long"):
+        row = summary[label]
+        print(f"{label}: the overlay ended {row['overlay_tail_s']:.2f}s after the last frame was stored "
+              f"({row['overlay_tail_frames']} frames of engine time)")
     sp = summary["second_pass"]
     print(f"second pass: {sp['share_of_engine_time']:.1%} of the raw engine's time on the short clip "
           f"({sp['raw_s_on']:.2f}s with, {sp['raw_s_off']:.2f}s without)")

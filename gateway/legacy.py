@@ -59,7 +59,7 @@ from pose_common.client import Unavailable
 from pose_common.numbers import finite
 from pose_common.paths import PathRefused
 
-POLL_S = 0.5
+POLL_S = 0.1  # a synchronous client waits on this; a poll is one read of the ledger
 RELOAD_SETTLE_S = 3.0
 RESULT_CACHE_KEY = web.AppKey("legacy_result_cache", OrderedDict)
 RESULT_CACHE_SIZE = 4

@@ -19,7 +19,6 @@ from collections import deque
 from typing import Callable, Optional
 
 import av
-import numpy as np
 
 from pose_common.drawing import draw_persons
 from pose_common.ledger import SqlLedger
@@ -113,17 +112,16 @@ def _encode(video: str, stored: StoredFrames, names: list, tmp: str) -> int:
     count = 0
     with av.open(tmp, "w") as container:
         stream = None
-        for meta, index, _pts, rgb in decoded(video):
+        for meta, index, _pts, bgr in decoded(video):
             entry = stored.at(index)
             if entry is None:
                 if stored.finished():
                     break
                 continue  # not part of the result (a sampled job)
             if stream is None:
-                stream = _open_stream(container, meta.fps, rgb.shape[1], rgb.shape[0])
-            drawn = draw_persons(np.ascontiguousarray(rgb[:, :, ::-1]), entry["persons"], names)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(drawn[:, :, ::-1]),
-                                                                   format="rgb24")):
+                stream = _open_stream(container, meta.fps, bgr.shape[1], bgr.shape[0])
+            drawn = draw_persons(bgr, entry["persons"], names)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(drawn, format="bgr24")):
                 container.mux(packet)
             count += 1
         if stream is not None:
@@ -135,7 +133,7 @@ def _encode(video: str, stored: StoredFrames, names: list, tmp: str) -> int:
 def decoded(video: str):
     """The video's frames up to where decoding stops (a truncated file's result ends there too)."""
     try:
-        yield from frames(video)
+        yield from frames(video, pixel_format="bgr24")
     except TruncatedVideo:
         return
 

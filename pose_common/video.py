@@ -65,9 +65,10 @@ def probe(path: str, max_pixels: int = DEFAULT_MAX_VIDEO_PIXELS) -> VideoMeta:
         raise VideoError(f"{path}: not a readable video ({_reason(exc)})") from None
 
 
-def frames(path: str, start: int = 0,
-           max_pixels: int = DEFAULT_MAX_VIDEO_PIXELS) -> Iterator[tuple[VideoMeta, int, float, np.ndarray]]:
-    """Yield (meta, index, pts_s, rgb) for every decoded frame with index >= start.
+def frames(path: str, start: int = 0, max_pixels: int = DEFAULT_MAX_VIDEO_PIXELS,
+           pixel_format: str = "rgb24") -> Iterator[tuple[VideoMeta, int, float, np.ndarray]]:
+    """Yield (meta, index, pts_s, rgb) for every decoded frame with index >= start (bgr24 for
+    OpenCV drawing, converted once by FFmpeg instead of flipped by a copy).
 
     Frames before `start` are decoded and dropped so indices stay exact on resume."""
     try:
@@ -84,7 +85,7 @@ def frames(path: str, start: int = 0,
                 meta = _meta(stream, frame)
             if index < start:
                 continue
-            yield meta, index, _pts_seconds(frame, stream, index, meta.fps), to_rgb(frame)
+            yield meta, index, _pts_seconds(frame, stream, index, meta.fps), to_rgb(frame, pixel_format)
 
 
 def _decode(container, stream, path):
@@ -141,8 +142,8 @@ def display_rotation_cw(frame) -> int:
     return (-int(getattr(frame, "rotation", 0) or 0)) % 360
 
 
-def to_rgb(frame) -> np.ndarray:
-    rgb = frame.to_ndarray(format="rgb24")
+def to_rgb(frame, pixel_format: str = "rgb24") -> np.ndarray:
+    rgb = frame.to_ndarray(format=pixel_format)
     clockwise = display_rotation_cw(frame)
     if clockwise:
         rgb = np.ascontiguousarray(np.rot90(rgb, k=-(clockwise // 90)))  # rot90 turns counter-clockwise

@@ -109,28 +109,28 @@ def main(argv: Optional[list[str]] = None) -> int:
         from gateway.app import main as gateway_main
         return gateway_main(cfg)
     if args.verb == "run":
-        from pose_service.commands import run_clip
+        from pose_service.verbs.run import run_clip
         return run_clip(cfg, args, overrides)
     if args.verb == "drill":
-        from pose_service.commands import drill
+        from pose_service.verbs.drill import drill
         return drill(cfg, args)
     if args.verb == "diagnose":
-        from pose_service.commands import diagnose
+        from pose_service.verbs.diagnose import diagnose
         return diagnose(cfg, args)
     if args.verb == "install-service":
-        from pose_service.install import install_service
+        from pose_service.verbs.install import install_service
         return install_service(args)
     if args.verb == "models" and args.models_verb == "import-smpl":
-        from pose_service.smpl_import import import_smpl_command
+        from pose_service.verbs.models_import_smpl import import_smpl_command
         return import_smpl_command(args)
     if args.verb == "models" and args.models_verb == "plan":
-        from pose_service.models_plan import plan_command
+        from pose_service.verbs.models_plan import plan_command
         return plan_command(cfg, args)
     if args.verb == "models":
-        from pose_service.commands import models_verify
+        from pose_service.verbs.models_verify import models_verify
         return models_verify(cfg, args)
     if args.verb == "selftest":
-        from pose_service.selftest import selftest_command
+        from pose_service.verbs.selftest import selftest_command
         return selftest_command(cfg, args)
     return 2
 

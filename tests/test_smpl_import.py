@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gpu_worker.engines import hmr2_assets
-from pose_service.smpl_import import import_smpl, load_without_chumpy, plain_smpl
+from pose_service.verbs.models_import_smpl import import_smpl, load_without_chumpy, plain_smpl
 
 from chumpy_shaped import write_chumpy_shaped_smpl
 

@@ -152,3 +152,26 @@ def test_engine_falls_back_to_torch_when_openvino_does_not_import(cache, monkeyp
     described = engine.describe()
     assert described["hmr2_runtime"] == "torch" and "ImportError: test" in described["hmr2_runtime_note"]
     assert type(engine._hmr2.backbone).__name__ == "ViT"
+
+
+def test_openvino_sends_no_telemetry_and_writes_nothing_in_home(tmp_path):
+    """`import openvino` and ov.convert_model report usage over the network and create ~/intel unless
+    the user opted out; through cpu_runtime they do neither (a fresh process: the import is what counts)."""
+    import os
+    import subprocess
+
+    script = (
+        "import sys, torch\n"
+        "from pathlib import Path\n"
+        "from gpu_worker.engines.hmr2_phalp.cpu_runtime import convert, import_openvino\n"
+        "import_openvino()\n"
+        "convert(torch.nn.Linear(4, 2).eval(), torch.zeros(1, 4), Path(sys.argv[1]))\n"
+        "import openvino.tools.ovc as ovc\n"
+        "assert type(ovc.telemetry).__module__ == 'openvino.tools.ovc.telemetry_stub', type(ovc.telemetry)\n"
+        "assert 'openvino_telemetry' not in sys.modules\n")
+    home = tmp_path / "home"
+    home.mkdir()
+    subprocess.run([sys.executable, "-c", script, str(tmp_path)], check=True, cwd=REPO, timeout=300,
+                   env={**os.environ, "HOME": str(home), "PYTHONPATH": str(REPO)})
+    assert (tmp_path / "model.xml").is_file()
+    assert list(home.iterdir()) == [], "nothing written in HOME (openvino_telemetry's ~/intel)"

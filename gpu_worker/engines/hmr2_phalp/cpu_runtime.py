@@ -1,27 +1,32 @@
 """HMR2 on the CPU through OpenVINO: the same HMR2.forward, with its two networks run by OpenVINO.
 
-Why: on the CPU rung HMR2's ViT-H backbone is almost all of a person crop's time, and torch's
-fp32 path (MKL GEMMs plus one unfused elementwise kernel per op) runs it well below what the CPU
-can do. OpenVINO (a PyPI wheel, no protobuf/onnx dependency) fuses the layers and runs oneDNN's
-brgemm kernels. Only the backbone (ViT) and the SMPL head (transformer decoder) are converted;
-the rest of HMR2.forward_step (camera, SMPL body model, projection) stays upstream's torch code,
-so the outputs keep every key, shape and dtype.
+Why: on the CPU rung HMR2's ViT-H backbone is almost all of a person crop's time (about 242
+GFLOP), and torch's fp32 path (MKL GEMMs plus one unfused elementwise kernel per op) runs it well
+below what the CPU can do. OpenVINO (a PyPI wheel, no protobuf/onnx dependency) fuses the layers
+and runs its own GEMM kernels (MLAS, oneDNN brgemm) close to the CPU's fp32 FMA rate, which
+bounds what any fp32 runtime can gain (bench/hmr2_cpu.py measures both). bf16 (avx512_bf16)
+roughly doubles that rate, at about 1e-2 error: only when engine.options.precision=bf16.
+Only the backbone (ViT) and the SMPL head (transformer decoder) are converted; the rest of
+HMR2.forward_step (camera, SMPL body model, projection) stays upstream's torch code, so the outputs
+keep every key, shape and dtype.
 
 How: `accelerate_hmr2(model, cache_dir)` converts both networks from the loaded torch modules
 (ov.convert_model traces them: the real hmr2 classes, no network, no downloads), saves the IR
 under cache_dir keyed by a hash of the weights, compiles it in fp32 (OpenVINO would pick bf16 by
 itself on a CPU with avx512_bf16: the hint is always explicit), and returns a shallow copy of the
 HMR2 module whose `backbone` and `smpl_head` are the OpenVINO-backed stand-ins. Calling it is
-calling HMR2: `fast({"img": ..., "mask": ...})` -> the same dict. Without openvino the torch model
-comes back unchanged (`resolve_runtime` says why).
+calling HMR2: `fast({"img": ..., "mask": ...})` -> the same dict. Where openvino does not import,
+`resolve_runtime` picks torch and says why (the engine then keeps the torch model).
 """
 from __future__ import annotations
 
 import copy
 import hashlib
+import importlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -46,10 +51,33 @@ class RuntimeChoice:
     note: str = ""
 
 
+def import_openvino() -> Any:
+    """openvino, with its usage telemetry off. `import openvino` itself reports an event over the
+    network, and so does every ov.convert_model, unless the user opted out with a file under
+    ~/intel (which it creates): openvino_telemetry is opt-out for ovc. A service sends nothing and
+    writes nothing in HOME: openvino_telemetry is hidden while openvino is first imported, so ovc
+    takes its own no-op stub, and the stub replaces the real module in ovc's modules if openvino was
+    imported before (for the rest of the process: it only ever turns the reporting off)."""
+    hidden = "openvino_telemetry" not in sys.modules
+    if hidden:
+        sys.modules["openvino_telemetry"] = None  # type: ignore[assignment]  # `import` raises ImportError
+    try:
+        import openvino
+    finally:
+        if hidden and sys.modules.get("openvino_telemetry", False) is None:
+            del sys.modules["openvino_telemetry"]
+    stub = importlib.import_module("openvino.tools.ovc.telemetry_stub")
+    for name in ("convert_impl", "telemetry_utils", "utils", "main"):
+        module = sys.modules.get(f"openvino.tools.ovc.{name}")
+        if module is not None and hasattr(module, "tm"):
+            module.tm = stub  # type: ignore[attr-defined]
+    return openvino
+
+
 def openvino_problem() -> str:
     """'' when openvino imports, else why not (the engine falls back to torch and says so)."""
     try:
-        import openvino  # noqa: F401
+        import_openvino()
     except Exception as exc:  # an ImportError, or a broken wheel's OSError
         return f"openvino does not import ({type(exc).__name__}: {exc})"
     return ""
@@ -153,9 +181,9 @@ def fingerprint(module: Any, example_shape: tuple[int, ...]) -> str:
     """A hash of everything the converted network depends on: the versions of torch and openvino,
     the module's class, its input shape, and every weight's name, shape, dtype and bytes (a stale
     IR would silently give another model's outputs; hashing 2.5 GB costs a few seconds)."""
-    import openvino
     import torch
 
+    openvino = import_openvino()
     digest = hashlib.sha256()
     digest.update(f"{torch.__version__}|{openvino.__version__}|{type(module).__qualname__}|"
                   f"{example_shape}".encode())
@@ -168,9 +196,9 @@ def fingerprint(module: Any, example_shape: tuple[int, ...]) -> str:
 def convert(module: Any, example: Any, folder: Path) -> None:
     """ov.convert_model on the torch module (traced, batch left dynamic), saved as IR in fp32:
     save_model would otherwise store the weights in fp16."""
-    import openvino as ov
     import torch
 
+    ov = import_openvino()
     shape = [-1, *example.shape[1:]]
     with torch.no_grad():
         network = ov.convert_model(module, example_input=example, input=[(shape, ov.Type.f32)])
@@ -205,8 +233,7 @@ def cached_ir(module: Any, example: Any, cache_dir: Path, name: str) -> tuple[Pa
 def compile_ir(xml: Path, precision: str, threads: int) -> _Compiled:
     """Compiled for the CPU: the precision always explicit (see the module's docstring), as many
     threads as torch runs with, tuned for one request at a time (latency)."""
-    import openvino as ov
-
+    ov = import_openvino()
     config = {"INFERENCE_PRECISION_HINT": PRECISION_HINTS[precision], "INFERENCE_NUM_THREADS": threads,
               "PERFORMANCE_HINT": "LATENCY"}
     return _Compiled(ov.Core().compile_model(str(xml), "CPU", config))

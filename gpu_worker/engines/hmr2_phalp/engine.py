@@ -156,8 +156,9 @@ class HMR2PhalpEngine(Engine):
         self._hmr2_cfg = model_cfg
 
     def _fast_hmr2(self, model: Any) -> Any:
-        """On the CPU, HMR2 with its backbone and head on OpenVINO (cpu_runtime.py; about twice as
-        fast, same outputs), unless engine.options.hmr2_cpu_runtime=torch; on CUDA, `model`."""
+        """On the CPU, HMR2 with its backbone and head on OpenVINO (cpu_runtime.py: faster, the same
+        outputs; bench/hmr2_cpu.py), unless engine.options.hmr2_cpu_runtime=torch; on CUDA, `model`.
+        The torch backbone and head are freed with `model` once the fast copy replaces it."""
         self.hmr2_runtime = cpu_runtime.resolve_runtime(self.settings.hmr2_cpu_runtime, self.device_type)
         if self.hmr2_runtime.note:
             log.warning("hmr2_runtime_fallback: %s", self.hmr2_runtime.note)

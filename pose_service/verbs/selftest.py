@@ -3,7 +3,7 @@ process, on a built-in clip with a real person (pose_service.democlip): load sec
 GPU memory (torch's and NVML's), frames per second, frames with a person. The report is what a user
 pastes into an issue after the first run on a new machine; a rung that fails says where and why.
 
-    python -m pose_service.selftest --rung JSON --clip PATH --frames N --out FILE   (one rung, the child)
+    python -m pose_service.verbs.selftest --rung JSON --clip PATH --frames N --out FILE   (one rung, the child)
 """
 from __future__ import annotations
 
@@ -85,7 +85,7 @@ def run_rung(rung: dict, clip: str, frames: int) -> dict[str, Any]:
 
 
 def child_main(argv: Optional[list[str]] = None) -> int:
-    parser = argparse.ArgumentParser(prog="pose_service.selftest")
+    parser = argparse.ArgumentParser(prog="pose_service.verbs.selftest")
     parser.add_argument("--rung", required=True)
     parser.add_argument("--clip", required=True)
     parser.add_argument("--frames", type=int, default=12)
@@ -100,8 +100,8 @@ def child_main(argv: Optional[list[str]] = None) -> int:
 def rung_in_child(rung: dict, clip: str, frames: int, workdir: str) -> dict[str, Any]:
     """One rung in a fresh process: a crash (segfault, OOM kill) costs that rung's row only."""
     out = os.path.join(workdir, f"rung-{abs(hash(json.dumps(rung, sort_keys=True)))}.json")
-    proc = subprocess.run([sys.executable, "-m", "pose_service.selftest", "--rung", json.dumps(rung), "--clip", clip,
-                           "--frames", str(frames), "--out", out], capture_output=True, text=True,
+    proc = subprocess.run([sys.executable, "-m", "pose_service.verbs.selftest", "--rung", json.dumps(rung),
+                           "--clip", clip, "--frames", str(frames), "--out", out], capture_output=True, text=True,
                           timeout=RUNG_TIMEOUT_S)
     if os.path.exists(out):
         with open(out) as fh:

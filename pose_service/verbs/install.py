@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-CHECKOUT = Path(__file__).resolve().parents[1]
+CHECKOUT = Path(__file__).resolve().parents[2]
 TEMPLATE_PREFIX = "/opt/pose-service"
 TEMPLATE_BIN = f"{TEMPLATE_PREFIX}/.venv/bin/pose-service"
 SYSTEM_DIR = Path("/etc/systemd/system")
