@@ -10,7 +10,8 @@ from typing import Iterator, Optional, Sequence
 
 import psycopg
 
-from pose_common.ledger import LedgerUnavailable, SqlLedger, migrations
+from pose_common.ledger import LedgerUnavailable, SqlLedger
+from pose_common.ledger_schema import migrations
 
 MIGRATION_LOCK = 0x706F7365  # pg_advisory_lock key: one migrator at a time
 CONNECT_TIMEOUT_S = 5

@@ -1,4 +1,4 @@
-"""Issue: the walking skeleton, end to end over HTTP with real processes (gateway -> ZeroMQ ->
+"""End to end over HTTP with real processes (gateway -> ZeroMQ ->
 supervisor -> spawned MediaPipe worker) on the real snowboarding clip."""
 from __future__ import annotations
 
