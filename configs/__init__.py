@@ -4,7 +4,7 @@ from __future__ import annotations
 import difflib
 import os
 from pathlib import Path
-from typing import Sequence
+from typing import Sequence, cast
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -13,7 +13,7 @@ from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from configs.schema import Config
+from configs.schema import Config, RungConfig
 
 CONFIG_DIR = Path(__file__).resolve().parent
 ConfigStore.instance().store(name="schema", node=Config)
@@ -23,7 +23,7 @@ class ConfigError(ValueError):
     """An operator's mistake in an override, said in one line."""
 
 
-def load_config(overrides: Sequence[str] = (), config_name: str = "pose_service") -> DictConfig:
+def load_config(overrides: Sequence[str] = (), config_name: str = "pose_service") -> Config:
     """-> the composed config; ConfigError (one line naming the override) for an operator's mistake."""
     unknown = unknown_key(overrides)
     if unknown:
@@ -37,7 +37,7 @@ def load_config(overrides: Sequence[str] = (), config_name: str = "pose_service"
         cfg.runtime_dir = os.path.join(cfg.state_dir, "run")
     cfg.runtime_dir = os.path.abspath(os.path.expanduser(cfg.runtime_dir))
     cfg.storage_dir = os.path.abspath(os.path.expanduser(cfg.storage_dir or cfg.state_dir))
-    return cfg
+    return cast(Config, cfg)  # a structured config: reads like the schema's dataclass
 
 
 def _compose(config_name: str, overrides: Sequence[str]) -> DictConfig:
@@ -146,31 +146,31 @@ def yaml_value(text: str):
         return text
 
 
-def uploads_dir(cfg: DictConfig) -> str:
+def uploads_dir(cfg: Config) -> str:
     return os.path.join(cfg.storage_dir, "uploads")
 
 
-def video_roots(cfg: DictConfig) -> list[str]:
+def video_roots(cfg: Config) -> list[str]:
     """Where job videos may be read from: the configured roots and the service's own uploads."""
     return [*cfg.jobs.allowed_roots, uploads_dir(cfg)]
 
 
-def results_dir(cfg: DictConfig) -> str:
+def results_dir(cfg: Config) -> str:
     return os.path.join(cfg.storage_dir, "results")
 
 
-def ledger_path(cfg: DictConfig) -> str:
+def ledger_path(cfg: Config) -> str:
     """The SQLite ledger (used when ledger.url is unset)."""
     return os.path.join(cfg.state_dir, "ledger.sqlite3")
 
 
-def ledger_location(cfg: DictConfig) -> str:
+def ledger_location(cfg: Config) -> str:
     """The ledger as one string, for open_ledger_at and child processes: the database URL, or the
     SQLite file in the state dir."""
     return str(cfg.ledger.url or ledger_path(cfg))
 
 
-def rungs(cfg: DictConfig) -> list[dict]:
+def rungs(cfg: Config) -> list[dict]:
     """The fallback ladder, top rung first."""
     if cfg.ladder:
         return [_rung_dict(r) for r in cfg.ladder]
@@ -179,23 +179,31 @@ def rungs(cfg: DictConfig) -> list[dict]:
              "options": OmegaConf.to_container(cfg.engine.options, resolve=True)}]
 
 
-def _rung_dict(node: DictConfig) -> dict:
+def _rung_dict(node: RungConfig) -> dict:
     rung = OmegaConf.to_container(node, resolve=True)
     if not isinstance(rung, dict):  # a RungConfig node (configs/schema.py) always gives a dict
         raise ConfigError(f"a ladder rung must be a mapping, not {rung!r}")
     return rung
 
 
-def dump_config(cfg: DictConfig, path: str | os.PathLike) -> None:
+def dump_config(cfg: Config, path: str | os.PathLike) -> None:
     """Hand a resolved config to a child process (the worker reads it back with read_config)."""
     tmp = f"{path}.tmp"
     Path(tmp).write_text(OmegaConf.to_yaml(cfg, resolve=True))
     os.replace(tmp, path)
 
 
-def read_config(path: str | os.PathLike) -> DictConfig:
+def fault_settings(cfg: Config) -> dict:
+    """The armed fault as a plain dict ({} when none is set): what the engines' FaultPlan takes."""
+    if not cfg.fault.kind:
+        return {}
+    settings = OmegaConf.to_container(cast(DictConfig, cfg.fault), resolve=True)
+    return settings if isinstance(settings, dict) else {}
+
+
+def read_config(path: str | os.PathLike) -> Config:
     schema = OmegaConf.structured(Config)
     cfg = OmegaConf.merge(schema, OmegaConf.load(os.fspath(path)))
     if not isinstance(cfg, DictConfig):  # merged onto the schema (a DictConfig), it always is one
         raise ConfigError(f"{os.fspath(path)}: not a configuration mapping")
-    return cfg
+    return cast(Config, cfg)

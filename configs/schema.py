@@ -179,10 +179,10 @@ class LedgerConfig:
 @dataclass
 class Config:
     state_dir: str = "~/.local/state/pose-service"
-    runtime_dir: Optional[str] = None
+    runtime_dir: str = ""  # default <state_dir>/run
     # uploads/ and results/ (with overlays) live here; default state_dir. With a shared ledger it
     # must be shared storage (NFS/SMB) mounted at the same path on every host
-    storage_dir: Optional[str] = None
+    storage_dir: str = ""
     log_level: str = "info"
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
     jobs: JobsConfig = field(default_factory=JobsConfig)

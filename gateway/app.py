@@ -10,6 +10,7 @@ from contextlib import asynccontextmanager
 
 from aiohttp import web
 
+from configs import Config
 from gateway import apidoc, legacy, native, security
 from gateway.errors import BODY_LIMIT_KEY, LOG_KEY, json_errors
 from gateway.helpers import CFG_KEY, CLIENT_KEY
@@ -21,7 +22,7 @@ from pose_common.logs import setup_logging
 TRAFFIC_KEY = web.AppKey("traffic", Traffic)
 
 
-def build_app(cfg) -> web.Application:
+def build_app(cfg: Config) -> web.Application:
     traffic = Traffic()
     app = web.Application(middlewares=[json_errors, traffic.watch_requests(cfg),
                                        security.guard(cfg, security.read_token(cfg))],
@@ -61,7 +62,7 @@ async def supervisor_client(app: web.Application):
         yield
 
 
-def main(cfg) -> int:
+def main(cfg: Config) -> int:
     """The caller (pose_service.cli) has checked security.startup_refusal first."""
     app = build_app(cfg)
     app[LOG_KEY].info("gateway_start", host=cfg.gateway.host, port=cfg.gateway.port)

@@ -12,9 +12,8 @@ from typing import Any, Callable, Optional
 
 from aiohttp import BodyPartReader, web
 from aiohttp.http_exceptions import HttpProcessingError
-from omegaconf import DictConfig
 
-from configs import uploads_dir
+from configs import Config, uploads_dir
 from gateway import validation
 from gateway.errors import BodyCut, json_error
 from gateway.store import ledger_job, reader
@@ -24,7 +23,7 @@ from pose_common.hostinfo import is_wsl
 from pose_common.ledger import SqlLedger
 from pose_common.views import job_view
 
-CFG_KEY = web.AppKey("cfg", DictConfig)
+CFG_KEY = web.AppKey("cfg", Config)
 CLIENT_KEY = web.AppKey("client", SupervisorClient)
 IDEMPOTENCY_KEY_MAX = 256
 FIELD_LIMIT = 1 << 20  # a form field beside an uploaded video (max_frames, idempotency_key, ...)
@@ -34,7 +33,7 @@ def client(request: web.Request) -> SupervisorClient:
     return request.app[CLIENT_KEY]
 
 
-def config(request: web.Request) -> DictConfig:
+def config(request: web.Request) -> Config:
     return request.app[CFG_KEY]
 
 
@@ -300,7 +299,7 @@ async def within(reading, timeout_s: float):
                          code="body_timeout") from None
 
 
-def check_free_space(cfg, incoming: Optional[int]) -> None:
+def check_free_space(cfg: Config, incoming: Optional[int]) -> None:
     """Refuse an upload before a byte is written when the storage would be left short (507)."""
     directory = uploads_dir(cfg)
     os.makedirs(directory, mode=0o700, exist_ok=True)
@@ -310,7 +309,7 @@ def check_free_space(cfg, incoming: Optional[int]) -> None:
         raise insufficient_storage(free, needed)
 
 
-def storage_room(cfg) -> Callable[[], None]:
+def storage_room(cfg: Config) -> Callable[[], None]:
     """-> a check the upload runs as it grows: 507 once writing on would leave less than jobs.min_free_mb."""
     directory, reserve = uploads_dir(cfg), cfg.jobs.min_free_mb << 20
 

@@ -20,6 +20,7 @@ from typing import Optional
 
 from aiohttp import web
 
+from configs import Config
 from gateway.errors import ApiError, json_error
 
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
@@ -61,7 +62,7 @@ class TokenUnreadable(ValueError):
     """The configured token cannot be used: its file is unreadable or empty, or it is blank or malformed."""
 
 
-def read_token(cfg) -> Optional[str]:
+def read_token(cfg: Config) -> Optional[str]:
     """gateway.auth_token, else $POSE_SERVICE_TOKEN, else the first line of gateway.auth_token_file.
     A value that is set but blank is refused (it would admit nobody, or look like a lock that is not
     there); an empty environment variable counts as unset, as shells use it."""
@@ -104,7 +105,7 @@ def bearer_matches(header: Optional[str], token: str) -> bool:
                                hashlib.sha256(token.encode("ascii")).digest())
 
 
-def guard(cfg, token: Optional[str]):
+def guard(cfg: Config, token: Optional[str]):
     """The middleware: Host, then Origin, then the token; CORS headers for an allowed web origin
     (on errors too, so its page can read why)."""
     allowed_hosts = list(cfg.gateway.allowed_hosts)
@@ -171,7 +172,7 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def startup_refusal(cfg, served_host: str) -> Optional[str]:
+def startup_refusal(cfg: Config, served_host: str) -> Optional[str]:
     """Why the gateway must not start, in one line: an unreadable token file, or an address reachable
     from other machines with no token (that would hand the service to the network)."""
     try:

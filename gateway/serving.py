@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from aiohttp import web
 
+from configs import Config
 from gateway.errors import BodyCut, error_body
 
 CROWDED_GRACE_S = 1.0
@@ -95,7 +96,7 @@ class Traffic:
         self.in_flight: dict[Any, Optional[BodyWatch]] = {}
         self.served: set = set()  # the server forgets a connection when it is lost
 
-    def watch_requests(self, cfg):
+    def watch_requests(self, cfg: Config):
         """The middleware: registers each request's connection and watches its body, if it has one."""
         gateway = cfg.gateway
         limits = (float(gateway.body_deadline_s), float(gateway.body_min_bytes_per_s), float(gateway.body_rate_grace_s))

@@ -11,9 +11,8 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Iterator, Optional, TypeVar
 
 from aiohttp import web
-from omegaconf import DictConfig
 
-from configs import ledger_location
+from configs import Config, ledger_location
 from gateway.errors import json_error
 from pose_common.ledger import Job, LedgerUnavailable, SqlLedger
 from pose_common.ledger_open import open_ledger_at
@@ -22,7 +21,7 @@ T = TypeVar("T")
 
 
 class LedgerReader:
-    def __init__(self, cfg: DictConfig) -> None:
+    def __init__(self, cfg: Config) -> None:
         self.location = ledger_location(cfg)
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ledger")
         self.ledger: Optional[SqlLedger] = None

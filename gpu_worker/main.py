@@ -22,7 +22,7 @@ import psutil
 import structlog
 import zmq
 
-from configs import read_config, video_roots
+from configs import Config, fault_settings, read_config, video_roots
 from gpu_worker.engines import build_engine
 from gpu_worker.engines.base import FrameOut
 from gpu_worker.engines.fault import FaultEngine, FaultPlan
@@ -96,7 +96,7 @@ class Heartbeat(threading.Thread):
 
 
 class Worker:
-    def __init__(self, cfg, generation: int, rung: dict, parent_pid: int):
+    def __init__(self, cfg: Config, generation: int, rung: dict, parent_pid: int):
         self.cfg, self.generation, self.rung = cfg, generation, rung
         self.log = setup_logging("worker", cfg.log_level).bind(generation=generation)
         self.ctx = zmq.Context()
@@ -149,7 +149,7 @@ class Worker:
             return self.die(self.dying_from(exc, during_load=False))
 
     def build_engine(self) -> FaultEngine:
-        fault = dict(self.cfg.fault) if self.cfg.fault.kind else {}
+        fault = fault_settings(self.cfg)
         name = self.rung["engine"]
         if name == "fault":
             fault.setdefault("base", self.cfg.fault.base)

@@ -14,7 +14,7 @@ import traceback
 
 import psutil
 
-from configs import read_config
+from configs import fault_settings, read_config
 from gpu_worker.engines import build_engine
 from gpu_worker.errors import classify
 from gpu_worker.gpu import gpu_memory_used
@@ -58,7 +58,7 @@ def main(argv=None) -> int:
     rung = json.loads(args.rung)
     report = {"rung": rung, "stages": [], "stage": "start", "ok": False}
     write(args.out, report)
-    fault = dict(cfg.fault) if cfg.fault.kind else {}
+    fault = fault_settings(cfg)
     try:
         engine = build_engine(rung["engine"], rung.get("device", "cpu"), rung.get("options") or {},
                               fault=fault, counter_dir=cfg.runtime_dir)

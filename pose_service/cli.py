@@ -8,7 +8,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
+
+if TYPE_CHECKING:
+    from configs import Config
 
 
 def split_overrides(argv: list[str]) -> tuple[list[str], list[str]]:
@@ -135,7 +138,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     return 2
 
 
-def served_host(cfg) -> str:
+def served_host(cfg: Config) -> str:
     """The address the gateway will really answer on: a listening socket handed to this process
     (systemd's socket unit, or serve's own to its gateway) wins over gateway.host."""
     import socket

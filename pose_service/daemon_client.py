@@ -9,12 +9,13 @@ import urllib.request
 import uuid
 from typing import Any, Optional
 
+from configs import Config
 from gateway.security import TokenUnreadable, read_token
 
 __all__ = ["DaemonClient", "TokenUnreadable", "daemon_auth"]
 
 
-def daemon_auth(cfg) -> dict[str, str]:
+def daemon_auth(cfg: Config) -> dict[str, str]:
     """The Authorization header every verb that talks to the daemon sends: the token from
     gateway.auth_token, $POSE_SERVICE_TOKEN or gateway.auth_token_file (none: no header)."""
     token = read_token(cfg)

@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from typing import Optional
 
+from configs import Config
 from pose_common import statelock
 from pose_common.children import parent_death_signal, stop_process
 from pose_common.logs import setup_logging
@@ -68,7 +69,7 @@ class Child:
 
 
 class ServiceManager:
-    def __init__(self, cfg, overrides: list[str], config_name: str,
+    def __init__(self, cfg: Config, overrides: list[str], config_name: str,
                  signal_queue: Optional[queue.SimpleQueue] = None):
         self.cfg = cfg
         self.log = setup_logging("service", cfg.log_level)
@@ -152,7 +153,7 @@ class ServiceManager:
         self.log.info("service_ready", url=url)
 
 
-def main(cfg, overrides: list[str], config_name: str) -> int:
+def main(cfg: Config, overrides: list[str], config_name: str) -> int:
     try:
         manager = ServiceManager(cfg, overrides, config_name)
     except statelock.StateDirHeld as exc:

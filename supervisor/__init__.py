@@ -1,1 +1,2 @@
-"""The supervisor: owns the job ledger and the worker's life (spawn, watch, decode deaths, restart)."""
+"""The supervisor: the ledger's writer (jobs, frames, artifacts) and owner of the worker's life
+(spawn, watch, decode deaths, restart, step down and up the ladder)."""

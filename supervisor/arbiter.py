@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 import structlog
 import zmq
 
-from configs import dump_config, ledger_path, rungs
+from configs import Config, dump_config, ledger_path, rungs
 from pose_common import exitcodes, statelock
 from pose_common import protocol as P
 from pose_common.ledger import LedgerUnavailable
@@ -41,7 +41,7 @@ from supervisor.slot import WorkerSlot
 class Supervisor:
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
-    def __init__(self, cfg, signal_queue: Optional[queue.SimpleQueue] = None):
+    def __init__(self, cfg: Config, signal_queue: Optional[queue.SimpleQueue] = None):
         self.cfg = cfg
         self.log = setup_logging("supervisor", cfg.log_level)
         self.signals = signal_queue or queue.SimpleQueue()
@@ -304,7 +304,7 @@ def make_private(*directories: str) -> None:
         os.chmod(directory, 0o700)
 
 
-def main(cfg) -> int:
+def main(cfg: Config) -> int:
     try:
         supervisor = Supervisor(cfg)
     except statelock.StateDirHeld as exc:

@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 
 import structlog
 
-from configs import results_dir, video_roots
+from configs import Config, results_dir, video_roots
 from pose_common import protocol as P
 from pose_common.children import parent_death_signal
 from pose_common.ledger import Job, Lease, SqlLedger
@@ -39,7 +39,7 @@ OVERLAY_NICENESS = 10    # the overlay drawn beside the inference takes only the
 
 
 class JobRunner:
-    def __init__(self, cfg, ledger: SqlLedger, slot: WorkerSlot, send_worker: SendWorker, log, owner: str):
+    def __init__(self, cfg: Config, ledger: SqlLedger, slot: WorkerSlot, send_worker: SendWorker, log, owner: str):
         self.cfg, self.ledger, self.slot, self.send_worker, self.log = cfg, ledger, slot, send_worker, log
         self.owner, self.lease_s = owner, cfg.ledger.lease_s
         self.results_dir = results_dir(cfg)

@@ -13,6 +13,7 @@ from typing import Any, Callable, Optional, Protocol
 
 import msgspec
 
+from configs import Config
 from pose_common import protocol as P
 from pose_common.hostinfo import system_memory
 from pose_common.memplan import read_gpu_facts
@@ -47,7 +48,7 @@ class ProbeRun:
 
 
 class WorkerSlot:
-    def __init__(self, cfg, ladder: list[dict], spawner: Spawner, events: SlotEvents,
+    def __init__(self, cfg: Config, ladder: list[dict], spawner: Spawner, events: SlotEvents,
                  next_generation: Callable[[], int], log, clock: Callable[[], float] = time.monotonic,
                  metrics: Optional[Metrics] = None, sched_reader: SchedReader = read_schedstat,
                  gpu_facts: FactsReader = read_gpu_facts):

@@ -16,8 +16,8 @@ ENGINES = {
 
 def build_engine(name: str, device: str, options: dict[str, Any], fault: Optional[dict] = None,
                  counter_dir: str = ".") -> FaultEngine:
-    """`name` may be "fault", which wraps fault["base"]; any engine is wrapped when a fault is set,
-    so a drill can arm one later."""
+    """`name` may be "fault", which runs fault["base"]. Every engine is wrapped in a FaultEngine
+    (with no plan unless a fault is set), so a drill can arm one later."""
     from gpu_worker.engines.fault import FaultEngine, FaultPlan
 
     fault = fault or {}

@@ -8,8 +8,10 @@ import subprocess
 import sys
 from typing import Any, Optional
 
+from configs import Config
 
-def diagnose(cfg, args) -> int:
+
+def diagnose(cfg: Config, args) -> int:
     from configs import dump_config, rungs
     from pose_common import hostinfo
     from supervisor.causes import Death, decode_exit

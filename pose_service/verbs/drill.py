@@ -8,10 +8,11 @@ import sys
 import tempfile
 import time
 
+from configs import Config
 from pose_service.daemon_client import DaemonClient, TokenUnreadable
 
 
-def drill(cfg, args) -> int:
+def drill(cfg: Config, args) -> int:
     at = args.at or "frame:5"
     try:
         daemon = DaemonClient.for_config(cfg, args.url)

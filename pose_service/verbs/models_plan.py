@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from typing import Any, Optional
 
-from configs import rungs
+from configs import Config, rungs
 from pose_common import memplan
 
 
@@ -40,7 +40,7 @@ def print_plan(result: dict[str, Any]) -> None:
     print(f"start: rung {start['rung']} in {start['precision']}: {start['reason']}")
 
 
-def plan_command(cfg: Any, args: Any) -> int:
+def plan_command(cfg: Config, args: Any) -> int:
     ladder = rungs(cfg)
     facts: Optional[memplan.GpuFacts]
     if args.gpu_mb is not None:

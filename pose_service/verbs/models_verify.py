@@ -6,8 +6,10 @@ import json
 import os
 from typing import Optional
 
+from configs import Config
 
-def models_verify(cfg, args) -> int:
+
+def models_verify(cfg: Config, args) -> int:
     engine = args.engine or cfg.engine.name
     if engine == "hmr2_phalp":
         rows = hmr2_phalp_assets(cfg, args.detector)
@@ -29,7 +31,7 @@ def models_verify(cfg, args) -> int:
     return 0 if all(r["status"] == "present" or r.get("optional") for r in rows) else 1
 
 
-def hmr2_phalp_assets(cfg, detector: Optional[str]) -> list[dict]:
+def hmr2_phalp_assets(cfg: Config, detector: Optional[str]) -> list[dict]:
     """The files the configured hmr2_phalp rungs read (their detectors, appearance and cache options,
     as the engine applies them), checked by the same function as the engine's weights stage."""
     from pose_service.hmr2_verify import hmr2_phalp_rows

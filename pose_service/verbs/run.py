@@ -11,11 +11,11 @@ import sys
 import time
 from typing import Any
 
-from configs import ledger_location
+from configs import Config, ledger_location
 from pose_common.client import SupervisorClient, Unavailable
 
 
-def run_clip(cfg, args, overrides: list[str]) -> int:
+def run_clip(cfg: Config, args, overrides: list[str]) -> int:
     video = args.video
     if args.demo:
         from pose_service.democlip import make_demo_clip
@@ -46,7 +46,7 @@ def run_clip(cfg, args, overrides: list[str]) -> int:
             sup.kill()
 
 
-def private_roots(cfg, video: str) -> str:
+def private_roots(cfg: Config, video: str) -> str:
     """The private supervisor accepts the clip the CLI user named (it checks every path it is given)."""
     roots = [*cfg.jobs.allowed_roots, os.path.dirname(os.path.realpath(video))]
     return "jobs.allowed_roots=[" + ",".join("'" + root.replace("'", "\\'") + "'" for root in roots) + "]"
@@ -58,7 +58,7 @@ def sibling(out: str, suffix: str) -> str:
     return stem + suffix
 
 
-async def follow_job(cfg, video: str, args, frame_hint: int, sup: subprocess.Popen, log_path: str) -> int:
+async def follow_job(cfg: Config, video: str, args, frame_hint: int, sup: subprocess.Popen, log_path: str) -> int:
     from tqdm import tqdm
 
     client = SupervisorClient(cfg.runtime_dir, timeout_s=5.0)

@@ -18,6 +18,7 @@ import time
 import traceback
 from typing import Any, Optional
 
+from configs import Config
 from pose_common import memplan
 
 RUNG_TIMEOUT_S = 1800
@@ -142,7 +143,7 @@ def print_report(report: dict[str, Any]) -> None:
               f"GPU peak torch {peak['torch']} MB / NVML {peak['nvml']} MB")
 
 
-def selftest_command(cfg: Any, args: Any) -> int:
+def selftest_command(cfg: Config, args: Any) -> int:
     from configs import rungs
 
     report = selftest(rungs(cfg), args.frames)
