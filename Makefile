@@ -39,8 +39,11 @@ lint: install
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/mypy
 
+# two test processes, a file each at a time (module fixtures stay in one process): the core tests
+# mostly wait on real processes, so the 2-core CI machine runs them in about two thirds of the time.
+# The endurance tier stays serial: it measures what load does.
 test-core: install system-packages
-	$(PY) -m pytest $(PYTEST_ARGS) $(CORE_TESTS)
+	$(PY) -m pytest $(PYTEST_ARGS) -n 2 --dist loadfile $(CORE_TESTS)
 
 test-endurance: install
 	$(PY) -m pytest $(PYTEST_ARGS) tests/endurance
