@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 from conftest import run_on_frames
 
+from gpu_worker.engines.hmr2_phalp.cpu_runtime import openvino_problem
+
 from support import REPO
 
-pytest.importorskip("openvino")
+# not pytest.importorskip: a plain `import openvino` reports usage and writes ~/intel (cpu_runtime)
+pytestmark = pytest.mark.skipif(bool(openvino_problem()), reason="openvino does not import")
 
-# fp32 end to end: measured max abs errors on the full-size model are around 1e-6 (rotations,
-# betas, joints) and 1e-5 (camera); bf16 is 1e-2 and more. The bounds sit between the two, so a
+# fp32 end to end: measured max abs errors on the full-size model are 1e-6 to 6e-6 (rotations,
+# betas, joints, camera, vertices; bench/hmr2_cpu.py); bf16 gives 5e-3 to 6e-2. The bounds sit between the two, so a
 # path that silently dropped to reduced precision (openvino's own CPU default on avx512_bf16, or an
 # IR saved in fp16) fails them.
 TOLERANCE_ABS = {"global_orient": 1e-4, "body_pose": 1e-4, "betas": 1e-4, "keypoints_3d": 1e-4,

@@ -23,6 +23,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import importlib
+import inspect
 import logging
 import os
 import shutil
@@ -179,14 +180,17 @@ def _head_as_tuple(head: Any) -> Any:
 
 def fingerprint(module: Any, example_shape: tuple[int, ...]) -> str:
     """A hash of everything the converted network depends on: the versions of torch and openvino,
-    the module's class, its input shape, and every weight's name, shape, dtype and bytes (a stale
-    IR would silently give another model's outputs; hashing 2.5 GB costs a few seconds)."""
+    the source files of its classes (hmr2's, this file's), its input shape, and every weight's name,
+    shape, dtype and bytes (a stale IR would silently give another model's outputs; hashing 2.5 GB
+    costs a few seconds)."""
     import torch
 
     openvino = import_openvino()
     digest = hashlib.sha256()
     digest.update(f"{torch.__version__}|{openvino.__version__}|{type(module).__qualname__}|"
                   f"{example_shape}".encode())
+    for source in sorted({inspect.getsourcefile(type(part)) or "" for part in module.modules()}):
+        digest.update(source.encode() + (Path(source).read_bytes() if os.path.isfile(source) else b""))
     for name, tensor in module.state_dict().items():
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
         digest.update(tensor.detach().to("cpu").contiguous().view(-1).view(torch.uint8).numpy().data)

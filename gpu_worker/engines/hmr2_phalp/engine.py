@@ -10,9 +10,9 @@ from typing import Any, Callable, Optional, TypedDict
 
 import numpy as np
 
+import gpu_worker.engines.hmr2_phalp.cpu_runtime as cpu_runtime
 from gpu_worker.engines import hmr2_assets
 from gpu_worker.engines.base import Engine, FrameOut, LoadStage, Person
-from gpu_worker.engines.hmr2_phalp import cpu_runtime
 from gpu_worker.engines.hmr2_phalp.appearance import AppearanceChoice, choose_appearance, neural_renderer_problem
 from gpu_worker.engines.hmr2_phalp.detectors import MediaPipePersonDetector, build_detector
 from gpu_worker.engines.hmr2_phalp.devices import make_current, resolve_cuda_device

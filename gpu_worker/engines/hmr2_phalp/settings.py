@@ -5,8 +5,8 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional
 
+import gpu_worker.engines.hmr2_phalp.cpu_runtime as cpu_runtime
 from gpu_worker.engines import hmr2_assets
-from gpu_worker.engines.hmr2_phalp import cpu_runtime
 from gpu_worker.errors import WeightsMissing
 from pose_common import memplan
 
