@@ -54,7 +54,7 @@ bench: install
 serve: install
 	$(VENV)/bin/pose-service serve
 
-# The upstream tier: the hmr2_phalp engine against the real 4D-Humans, PHALP and detectron2 code on
+# The upstream tier (900 s a test: the first engine load converts HMR2 to OpenVINO): the hmr2_phalp engine against the real 4D-Humans, PHALP and detectron2 code on
 # the CPU, with random weights and a synthetic SMPL model (tests/upstream). Its own venv, because the
 # core venv's CPU-only torch 2.13 cannot import any torchvision from the package index. Built from
 # the pinned sources in ../shared/upstream and the package index only; rebuilt when one of them,
@@ -88,7 +88,7 @@ install-upstream:
 # pytest's exit status 5 (nothing collected) is not a failure here
 test-upstream: install-upstream
 	@if [ -d $(UPSTREAM_SRC) ]; then py=$(UPY); else py=$(PY); $(MAKE) --no-print-directory install; fi; \
-	$$py -m pytest $(PYTEST_ARGS) $(UPSTREAM_TESTS) || [ $$? -eq 5 ]
+	$$py -m pytest $(PYTEST_ARGS) --timeout 900 $(UPSTREAM_TESTS) || [ $$? -eq 5 ]
 
 bench-upstream: install-upstream
 	$(UPY) -m bench.upstream
