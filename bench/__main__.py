@@ -116,6 +116,14 @@ def warm_image_latency(stack: Stack, image: str, n: int = 10) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def clip_or_demo(clip: str, tmp: Path) -> str:
+    """The clip asked for, or (without ../shared) a generated one with a real person in it."""
+    if Path(clip).exists():
+        return clip
+    from pose_service.democlip import make_demo_clip
+    return make_demo_clip(str(tmp / "demo.mp4"), frames=120)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="bench")
     parser.add_argument("--clip", default=str(SHARED_DATA / "snowboard_k0z18lmds.mp4"))
@@ -123,10 +131,7 @@ def main() -> int:
     parser.add_argument("--engine", default="mediapipe")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="pose-bench-"))
-    clip = args.clip
-    if not Path(clip).exists():
-        from pose_service.democlip import make_demo_clip
-        clip = make_demo_clip(str(tmp / "demo.mp4"), frames=120)
+    clip = clip_or_demo(args.clip, tmp)
     image = str(SHARED_DATA / "person_standing.jpg")
     if not Path(image).exists():
         import cv2

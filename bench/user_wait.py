@@ -21,7 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.__main__ import REPO, raw_engine_fps, repeat_clip
+from bench.__main__ import REPO, clip_or_demo, raw_engine_fps, repeat_clip
 
 from support import SHARED_DATA, Served, http, post_form, wait_for
 
@@ -140,10 +140,7 @@ def main() -> int:
     parser.add_argument("--engine", default="mediapipe")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="pose-bench-wait-"))
-    clip = args.clip
-    if not Path(clip).exists():
-        from pose_service.democlip import make_demo_clip
-        clip = make_demo_clip(str(tmp / "demo.mp4"), frames=120)
+    clip = clip_or_demo(args.clip, tmp)
     short = str(tmp / Path(clip).name)
     Path(short).write_bytes(Path(clip).read_bytes())
     clips = {"short": short, "long": repeat_clip(short, args.repeat, str(tmp / "long.mp4"))}
