@@ -50,6 +50,7 @@ test-endurance: install
 
 bench: install
 	$(PY) -m bench
+	$(PY) -m bench.user_wait
 
 serve: install
 	$(VENV)/bin/pose-service serve

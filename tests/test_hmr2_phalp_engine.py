@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 import subprocess
 import sys
 from collections import deque
@@ -538,21 +539,67 @@ def minimal_content(kind: str, path: str) -> None:
             yaml.safe_dump({"configs": {"in_feat": 8, "frame_length": 4, "transformer": {"depth": 1},
                                         "extra_feat": {"pose_shape": {"dim": 229}}, "num_smpl_heads": 1}}, fh)
     elif kind == "hmr2_checkpoint":
-        torch.save({"state_dict": {"backbone.patch_embed.proj.weight": tensor(8, 3, 16, 16),
-                                   "smpl_head.decpose.weight": tensor(144, 4),
-                                   "smpl_head.decshape.weight": tensor(10, 4),
-                                   "smpl_head.deccam.weight": tensor(3, 4)}}, path)
+        torch.save({"state_dict": minimal_hmr2_weights()}, path)
     elif kind == "resnet50":
         torch.save({"conv1.weight": tensor(64, 3, 7, 7), "layer4.2.conv3.weight": tensor(2048, 512, 1, 1)}, path)
     elif kind == "hmar_weights":
         torch.save({"model": {f"hmar.{part}.w": tensor(1) for part in ("encoding_head", "texture_head", "backbone")}},
                    path)
     elif kind == "pose_predictor":
-        torch.save({"state_dict": {"encoder.pose_shape_encoder.0.weight": tensor(4, 229)}}, path)
+        torch.save({"state_dict": minimal_pose_predictor_weights()}, path)
     elif kind == "detectron2":
         dump_pickle({"model": {"backbone.net.w": zeros(1), "roi_heads.box_predictors.0.cls_score.weight": zeros(81, 4)}})
     else:
         raise AssertionError(kind)
+
+
+def minimal_hmr2_weights(leave_out: str = "") -> dict:
+    import torch
+
+    weights = {"backbone.patch_embed.proj.weight": torch.zeros(8, 3, 16, 16), "backbone.pos_embed": torch.zeros(1, 5, 8),
+               "backbone.blocks.0.attn.qkv.weight": torch.zeros(24, 8), "backbone.last_norm.weight": torch.zeros(8),
+               "smpl_head.transformer.layers.0.w": torch.zeros(1), "smpl_head.decpose.weight": torch.zeros(144, 4),
+               "smpl_head.decshape.weight": torch.zeros(10, 4), "smpl_head.deccam.weight": torch.zeros(3, 4)}
+    return {k: v for k, v in weights.items() if not k.startswith(leave_out or "-")}
+
+
+def minimal_pose_predictor_weights(leave_out: str = "") -> dict:
+    import torch
+
+    names = ["encoder.pose_shape_encoder.0.weight", "encoder.transformer.layers.0.w", "encoder.transformer1.layers.0.w",
+             "encoder.smpl_head.0.decpose.weight", "encoder.loca_head.0.0.weight"]
+    return {name: torch.zeros(1) for name in names if not name.startswith(leave_out or "-")}
+
+
+@pytest.mark.parametrize("kind, leave_out, named", [
+    ("hmr2_checkpoint", "backbone.last_norm", "backbone.last_norm.weight"),
+    ("hmr2_checkpoint", "smpl_head.transformer", "smpl_head.transformer"),
+    ("hmr2_checkpoint", "backbone.blocks", "backbone.blocks.0"),
+    ("pose_predictor", "encoder.transformer1", "transformer1"),
+    ("pose_predictor", "encoder.loca_head", "loca_head.0"),
+])
+def test_verify_names_a_part_the_strict_false_loaders_would_leave_random(tmp_path, kind, leave_out, named):
+    """HMR2 and PHALP's pose predictor load with strict=False: a checkpoint without a part loads
+    without a word and runs that part at random init. verify reads the keys as each loader does."""
+    import torch
+
+    path = str(tmp_path / "weights.ckpt")
+    weights = minimal_hmr2_weights(leave_out) if kind == "hmr2_checkpoint" else minimal_pose_predictor_weights(leave_out)
+    torch.save({"state_dict": weights}, path)
+    check = hmr2_assets.check_hmr2_checkpoint if kind == "hmr2_checkpoint" else hmr2_assets.check_pose_predictor
+    with pytest.raises(hmr2_assets.ContentError, match=re.escape(named)):
+        check(path)
+    whole = minimal_hmr2_weights() if kind == "hmr2_checkpoint" else minimal_pose_predictor_weights()
+    torch.save({"state_dict": whole}, path)
+    check(path)
+
+
+def test_the_pose_predictors_pose_shape_encoder_is_not_required_phalp_never_loads_it(tmp_path):
+    import torch
+
+    path = str(tmp_path / "pose_predictor.ckpt")
+    torch.save({"state_dict": minimal_pose_predictor_weights("encoder.pose_shape_encoder")}, path)
+    hmr2_assets.check_pose_predictor(path)
 
 
 def seed(assets, shrink: str | None = None) -> None:

@@ -1,6 +1,7 @@
 """A synthetic hmr2_phalp cache for the upstream tier: every file the engine and `models verify`
 read, with the keys and shapes of the released files, made of random numbers by the real
-upstream classes (HMR2, PHALP's HMAR, its pose transformer, detectron2's ViTDet) at small sizes.
+upstream classes (HMR2, PHALP's HMAR, its pose transformer, detectron2's ViTDet and RegNetY) at small
+sizes.
 
 A TEST FIXTURE: nothing here is, or stands in for, the released weights or the SMPL body model.
 A random network's outputs mean nothing; what the tier checks is that every key, shape, device
@@ -45,6 +46,15 @@ DETECTOR_OVERRIDES = [
     "model.proposal_generator.post_nms_topk=[1000,12]",
     *[f"model.roi_heads.box_predictors.{i}.test_topk_per_image=3" for i in range(3)],
 ]
+# RegNetY-4GF Mask R-CNN (the 8 GB card's rung) at its real width and depth, reading 256-px images
+# with few proposals
+REGNETY_OVERRIDES = [
+    "dataloader.test.mapper.augmentations.0.short_edge_length=256",
+    "dataloader.test.mapper.augmentations.0.max_size=256",
+    "model.proposal_generator.pre_nms_topk=[2000,60]",
+    "model.proposal_generator.post_nms_topk=[1000,12]",
+    "model.roi_heads.box_predictor.test_topk_per_image=3",
+]
 PERSON_BIAS = 8.0
 CAMERA_WEIGHT_SCALE = 1e-3  # added to class 0's logit in every cascade stage's classifier
 
@@ -59,11 +69,12 @@ class SyntheticCache:
     def env(self) -> dict[str, str]:
         return {"HOME": str(self.home), "TORCH_HOME": str(self.torch_home), "FVCORE_CACHE": str(self.fvcore_cache)}
 
-    def options(self, **extra: Any) -> dict[str, Any]:
+    def options(self, detector: str = "vitdet", **extra: Any) -> dict[str, Any]:
         """Engine options that point the engine at this cache and at the small detector."""
-        return {"detector": "vitdet", "appearance": "hmar", "warm_up": False,
+        overrides = DETECTOR_OVERRIDES if detector == "vitdet" else REGNETY_OVERRIDES
+        return {"detector": detector, "appearance": "hmar", "warm_up": False,
                 "cache_home": str(self.home), "torch_home": str(self.torch_home),
-                "fvcore_cache": str(self.fvcore_cache), "detector_overrides": list(DETECTOR_OVERRIDES), **extra}
+                "fvcore_cache": str(self.fvcore_cache), "detector_overrides": list(overrides), **extra}
 
     def paths(self, appearance: str = "hmar") -> dict[str, str]:
         return {a.name: a.path for a in hmr2_assets.required_assets("vitdet", self.env, appearance)}
@@ -93,7 +104,8 @@ def make_cache(root: Path) -> SyntheticCache:
     write_hmar(paths["phalp_hmar_weights"])
     write_pose_predictor(paths["phalp_pose_predictor"], paths["phalp_pose_predictor_config"])
     write_hmr2(paths["hmr2_model_config"], paths["hmr2_checkpoint"])
-    write_detector(hmr2_assets.detector_weights_path("vitdet", cache.env), cache.options())
+    for detector in ("vitdet", "regnety"):
+        write_detector(hmr2_assets.detector_weights_path(detector, cache.env), cache.options(detector))
     return cache
 
 
@@ -249,7 +261,7 @@ def write_hmr2(config_path: str, checkpoint_path: str) -> None:
 # --- the detector ---------------------------------------------------------------------------------
 
 def write_detector(path: str, options: dict[str, Any]) -> None:
-    """The small ViTDet's weights as a detectron2 model-zoo pickle, person class biased."""
+    """The detector's random weights as a detectron2 model-zoo pickle, person class biased."""
     from detectron2.config import instantiate
 
     from gpu_worker.engines.hmr2_phalp import detector_config

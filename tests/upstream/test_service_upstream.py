@@ -140,6 +140,24 @@ def test_worker_killed_mid_job_resumes_with_every_frame_once_and_track_ids_kept(
     assert same, "no person after the resume point to compare"
 
 
+def test_the_regnety_rung_serves_the_clip_end_to_end(cache, cut_clip, tmp_path):
+    """The rung an 8 GB card starts on (models plan): detectron2's RegNetY-4GF Mask R-CNN from its
+    model-zoo config, through serve, the ledger and the result route."""
+    serve = Served(tmp_path / "regnety", [*SLOW_CPU, f"ladder=[{rung(cache.options('regnety'))}]"])
+    try:
+        serve.wait_ready(timeout=240)
+        job = serve.wait_job(job_id := submit(serve, cut_clip), timeout=300)
+        assert job["status"] == "done", job
+        body = result(serve, job_id)
+    finally:
+        serve.stop()
+    assert body["engine"]["detector"] == "regnety"
+    assert [f["frame_index"] for f in body["frames"]] == list(range(CUT_FRAMES))
+    people = [p for f in body["frames"] for p in f["persons"]]
+    assert people, "the biased RegNetY finds people; PHALP confirms tracks within 24 frames"
+    assert all(np.asarray(p["keypoints_3d"]).shape == (45, 3) and p["track_id"] is not None for p in people)
+
+
 def test_pose_hybrid_gives_the_mesh_the_backend_reads(served):
     image = base64.b64encode(PHOTO.read_bytes()).decode()
     status, body = http("POST", served.url + "/pose/hybrid", {"image_base64": image, "frame_number": 3},
