@@ -52,10 +52,19 @@ def video_facts(job: Job) -> dict[str, Any]:
     return video
 
 
+# what ran the job: name, version and device always; the others where the engine has them (hmr2_phalp)
+ENGINE_FACTS = ("name", "version", "device")
+ENGINE_EXTRAS = ("detector", "precision", "appearance", "hmr2_runtime")
+
+
+def engine_facts(engine: dict[str, Any]) -> dict[str, Any]:
+    return {**{k: engine.get(k) for k in ENGINE_FACTS}, **{k: engine[k] for k in ENGINE_EXTRAS if k in engine}}
+
+
 def header(job: Job, ledger: SqlLedger, with_vertices: bool = False) -> dict[str, Any]:
     engine = job.engine()
     head: dict[str, Any] = {"job_id": job.job_id, "video": video_facts(job),
-                            "engine": {k: engine.get(k) for k in ("name", "version", "device")},
+                            "engine": engine_facts(engine),
                             "joint_names": engine.get("joint_names") or []}
     if with_vertices:
         faces = ledger.get_blob(mesh_faces_key(engine.get("name") or ""))

@@ -14,6 +14,8 @@ import numpy as np
 import pytest
 from conftest import CUT_FRAMES, SHARED, option_overrides
 
+from supervisor.resume import WARM_FRAMES
+
 from support import REPO, Served, http, wait_for
 
 PHOTO = SHARED / "data" / "person_standing.jpg"
@@ -108,42 +110,42 @@ def signature(value) -> tuple:
     return (type(value).__name__,)
 
 
-def test_worker_killed_mid_job_resumes_with_every_frame_once_and_track_ids_kept(served, first_run, cut_clip):
-    _, uninterrupted = first_run
+def test_worker_killed_mid_job_resumes_with_every_frame_once_and_track_ids_kept(served, cut_clip):
+    """Killed beyond the warm window: the replacement re-runs only the WARM_FRAMES stored frames before
+    the resume point, so its tracker numbers its tracks afresh and only the id mapping
+    (gpu_worker/track_ids.py) carries the stored ids on. With random weights the boxes jump from frame
+    to frame, so identities are checked against what was stored, not against an uninterrupted run:
+    a track live in the warm window goes on under its stored id (with the mapping disabled every id
+    after the resume point is new and this fails), and a track the replacement started gets an id
+    above every stored one."""
     job_id = submit(served, cut_clip)
-    wait_for(lambda: served.job(job_id).get("frames_done", 0) >= 12, 300, interval=0.2, what="12 frames stored")
-    pid = served.diagnostics()["worker"]["pid"]
-    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: served.job(job_id).get("frames_done", 0) >= WARM_FRAMES + 4, 300, interval=0.1,
+             what=f"{WARM_FRAMES + 4} frames stored")
+    os.kill(served.diagnostics()["worker"]["pid"], signal.SIGKILL)
+    start = served.job(job_id)["frames_done"]  # frames are stored in order; the replacement loads for seconds
     job = served.wait_job(job_id, timeout=400)
     assert job["status"] == "done", job
-    resumed = result(served, job_id)
-    assert [f["frame_index"] for f in resumed["frames"]] == list(range(CUT_FRAMES))
-    crashes = [c for c in served.diagnostics()["crashes"] if c.get("job_id") == job_id]
-    assert crashes, "the kill must have hit this job"
-    killed_at = min(c["frame_index"] for c in crashes if c.get("frame_index") is not None)
-    # frames stored before the kill: at least those n_init (5) behind the frame being processed
-    stored_before = [f for f in resumed["frames"] if f["frame_index"] <= killed_at - 5]
-    known = {p["track_id"] for f in stored_before for p in f["persons"]}
-    assert known, "no track was stored before the kill"
-    same = 0
-    for before, after in zip(uninterrupted["frames"], resumed["frames"]):
-        if before["frame_index"] <= killed_at:
-            continue
-        by_box = {tuple(np.round(p["bbox_xyxy"], 0)): p["track_id"] for p in before["persons"]}
-        for person in after["persons"]:
-            tid = by_box.get(tuple(np.round(person["bbox_xyxy"], 0)))
-            if tid in known:  # a track from before the kill keeps its id
-                assert person["track_id"] == tid, f"frame {before['frame_index']}: id changed after the resume"
-                same += 1
-            else:  # a track born after it gets an id no stored track has
-                assert person["track_id"] not in known, f"frame {before['frame_index']}: id reused"
-    assert same, "no person after the resume point to compare"
+    assert [c for c in served.diagnostics()["crashes"] if c.get("job_id") == job_id], "the kill must hit this job"
+    resumed = result(served, job_id)["frames"]
+    assert [f["frame_index"] for f in resumed] == list(range(CUT_FRAMES))
+    assert start > WARM_FRAMES, "the replacement must not re-run the job from its first frame"
+
+    def ids(frames) -> set[int]:
+        return {p["track_id"] for f in frames for p in f["persons"]}
+
+    for frame in resumed:
+        assert len(ids([frame])) == len(frame["persons"]), f"frame {frame['frame_index']}: one id for two people"
+    warm, after = ids(resumed[start - WARM_FRAMES:start]), ids(resumed[start:])
+    highest = max(ids(resumed[:start]), default=0)
+    described = f"resumed at {start}: warm window ids {sorted(warm)}, ids after {sorted(after)}, highest {highest}"
+    assert warm & after, f"no track went on under its stored id; {described}"
+    assert all(tid in warm or tid > highest for tid in after), f"a stored id was given to a new track; {described}"
 
 
-def test_the_regnety_rung_serves_the_clip_end_to_end(cache, cut_clip, tmp_path):
+def test_the_regnety_rung_serves_the_clip_end_to_end(cache, cut_clip, tmp_path_factory):
     """The rung an 8 GB card starts on (models plan): detectron2's RegNetY-4GF Mask R-CNN from its
     model-zoo config, through serve, the ledger and the result route."""
-    serve = Served(tmp_path / "regnety", [*SLOW_CPU, f"ladder=[{rung(cache.options('regnety'))}]"])
+    serve = Served(tmp_path_factory.mktemp("regnety"), [*SLOW_CPU, f"ladder=[{rung(cache.options('regnety'))}]"])
     try:
         serve.wait_ready(timeout=240)
         job = serve.wait_job(job_id := submit(serve, cut_clip), timeout=300)
