@@ -59,6 +59,23 @@ def wait_for(predicate: Callable[[], Any], timeout: float, interval: float = 0.1
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
+def wait_while_progressing(predicate: Callable[[], Any], progress: Callable[[], Any], stall: float, cap: float,
+                           interval: float = 0.2, what: str = "condition") -> Any:
+    """Like wait_for, but a slow machine is not a failure: the wait runs out only when `progress()` has
+    not changed for `stall` seconds (or after `cap` in all), so a CPU-starved run that keeps storing
+    frames is told from one that stopped."""
+    started = last_change = time.monotonic()
+    seen = progress()
+    while (now := time.monotonic()) - last_change < stall and now - started < cap:
+        value = predicate()
+        if value:
+            return value
+        if (current := progress()) != seen:
+            seen, last_change = current, now
+        time.sleep(interval)
+    raise AssertionError(f"no progress for {stall}s (or {cap}s in all) waiting for {what}; last seen {seen}")
+
+
 class SupervisorConn:
     """A blocking DEALER client speaking the real protocol."""
 
@@ -260,6 +277,15 @@ class Served:
     def wait_job(self, job_id: str, timeout: float = 60) -> dict:
         return wait_for(lambda: (j := self.job(job_id)).get("status") in ("done", "error") and j, timeout,
                         interval=0.2, what=f"job {job_id} to finish")
+
+    def job_progress(self, job_id: str) -> tuple:
+        job = self.job(job_id)
+        return job.get("status"), job.get("frames_done"), job.get("attempts")
+
+    def wait_job_progressing(self, job_id: str, stall: float = 300, cap: float = 3600) -> dict:
+        """Waits as long as the job keeps moving (status, stored frames, attempts)."""
+        return wait_while_progressing(lambda: (j := self.job(job_id)).get("status") in ("done", "error") and j,
+                                      lambda: self.job_progress(job_id), stall, cap, what=f"job {job_id} to finish")
 
     def stop(self, timeout: float = 30) -> Optional[int]:
         if self.proc.poll() is None:

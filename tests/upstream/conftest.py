@@ -14,6 +14,9 @@ HERE = Path(__file__).resolve().parent
 SHARED = REPO.parent / "shared"
 CLIP = SHARED / "data" / "snowboard_k0z18lmds.mp4"
 CUT_FRAMES = 24
+# both sides of the comparison with PHALP's track(): a track unseen for 4 frames is deleted (50 by
+# default, longer than the cut), so deletions and re-identifications happen within it
+COMPARED = {"max_age_track": 4}
 # without ../shared there is no upstream venv either: its modules (joblib, hmr2, phalp) cannot even be
 # imported, so the tier is not collected at all (make test-upstream says why)
 collect_ignore_glob = [] if SHARED.is_dir() else ["test_*.py"]
@@ -103,8 +106,8 @@ def reference_pickle(cache, frames_dir, tmp_path_factory, seeded_pose_predictor)
     from reference import run_track
 
     from gpu_worker.engines.hmr2_phalp import Settings
-    return run_track(frames_dir, tmp_path_factory.mktemp("phalp_out"), Settings.from_options(cache.options()),
-                     cache.home)
+    return run_track(frames_dir, tmp_path_factory.mktemp("phalp_out"),
+                     Settings.from_options(cache.options(**COMPARED)), cache.home)
 
 
 def option_overrides(options: dict, prefix: str = "engine.options") -> list[str]:

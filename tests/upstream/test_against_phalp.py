@@ -4,7 +4,7 @@ from __future__ import annotations
 import joblib
 import numpy as np
 import pytest
-from conftest import run_on_frames
+from conftest import COMPARED, run_on_frames
 
 from gpu_worker.engines.hmr2_phalp import joints_2d_to_pixels, xyxy_to_xywh
 
@@ -13,7 +13,7 @@ SMPL_TOLERANCE = 1e-4
 
 @pytest.fixture(scope="module")
 def engine_frames(cache, frames_dir, seeded_pose_predictor):
-    return run_on_frames(cache.options(), frames_dir)[0]
+    return run_on_frames(cache.options(**COMPARED), frames_dir)[0]
 
 
 def observed(record: dict) -> dict[int, int]:
@@ -57,3 +57,36 @@ def test_ghosts_are_the_only_difference(engine_frames, reference_pickle):
         left_out = set(map(int, record["tid"])) - {p["track_id"] for p in frame.persons}
         ages = dict(zip(map(int, record["tid"]), record["tracked_time"]))
         assert all(ages[tid] > 0 for tid in left_out)
+
+
+def deleted_tracks(reference: list[dict]) -> dict[int, int]:
+    """tid -> the last frame PHALP lists it in (ghost or seen), for tracks it stops listing before
+    the end: deleted after max_age_track frames unseen."""
+    last = {int(tid): index for index, record in enumerate(reference) for tid in record["tid"]}
+    return {tid: index for tid, index in last.items() if index < len(reference) - 1}
+
+
+def reidentified_tracks(reference: list[dict]) -> set[int]:
+    """Tracks PHALP lost (a ghost in some frame) and matched again later (seen, tracked_time 0)."""
+    lost: set[int] = set()
+    found: set[int] = set()
+    for record in reference:
+        for tid, age in zip(map(int, record["tid"]), record["tracked_time"]):
+            if age > 0:
+                lost.add(tid)
+            elif tid in lost:
+                found.add(tid)
+    return found
+
+
+def test_deletions_and_reidentifications_happen_and_match(engine_frames, reference_pickle):
+    """With max_age_track lowered on both sides, the cut holds deleted and re-identified tracks, so
+    the per-frame comparison above covers them; a deleted track never comes back in the engine."""
+    reference = list(joblib.load(reference_pickle).values())
+    deleted, found = deleted_tracks(reference), reidentified_tracks(reference)
+    assert deleted, "no track was deleted in PHALP's output: deletions are not compared"
+    assert found, "no track was re-identified in PHALP's output: re-identification is not compared"
+    for tid, last in deleted.items():
+        assert all(tid not in {p["track_id"] for p in frame.persons} for frame in engine_frames[last + 1:])
+    for tid in found:
+        assert sum(any(p["track_id"] == tid for p in frame.persons) for frame in engine_frames) >= 2
