@@ -287,6 +287,8 @@ class Worker:
                 self.send_frame(out.index, pts, out.persons)
             elif out.index < self.resume.start:
                 self.resume.keep_warm(out.index, out.persons)
+                self.send(P.T.WARMED, job=self.job, index=out.index, warm_from=self.resume.warm_from,
+                          start=self.resume.start)
             else:
                 self.send_frame(out.index, pts, self.resume.rename(out.persons))
 

@@ -57,6 +57,7 @@ class T:
     READY = "ready"
     VIDEO = "video"
     FRAME = "frame"
+    WARMED = "warmed"   # a resumed job's warm-up frame went through the engine (kept, not stored)
     JOB_DONE = "job_done"
     JOB_FAILED = "job_failed"
     INCIDENT = "incident"
@@ -70,8 +71,8 @@ class T:
 
 
 REQUESTS = frozenset({T.SUBMIT, T.STATUS, T.HEALTH, T.DIAGNOSTICS, T.METRICS, T.IMAGE, T.DRILL, T.RELOAD, T.CANCEL})
-WORKER_MESSAGES = frozenset({T.HELLO, T.HEARTBEAT, T.STAGE, T.READY, T.VIDEO, T.FRAME, T.JOB_DONE, T.JOB_FAILED,
-                             T.INCIDENT, T.DYING, T.IMAGE_DONE})
+WORKER_MESSAGES = frozenset({T.HELLO, T.HEARTBEAT, T.STAGE, T.READY, T.VIDEO, T.FRAME, T.WARMED, T.JOB_DONE,
+                             T.JOB_FAILED, T.INCIDENT, T.DYING, T.IMAGE_DONE})
 TO_WORKER = frozenset({T.RUN_JOB, T.RUN_IMAGE, T.ARM_FAULT, T.STOP_JOB})
 
 
@@ -227,6 +228,14 @@ class Frame(Body, kw_only=True):
     error: Optional[Text] = None
 
 
+class Warmed(Body, kw_only=True):
+    """A resumed job re-runs the stored frames [warm_from, start) to warm the tracker; none is stored
+    again, so without this the job would look stalled for their whole run."""
+    index: Count
+    warm_from: Count
+    start: Count
+
+
 class JobDone(Body, kw_only=True):
     frames_decoded: Count
     warning: Optional[Text] = None
@@ -300,8 +309,8 @@ SCHEMAS: dict[str, type[Body]] = {
     T.SUBMIT: Submit, T.STATUS: JobRef, T.CANCEL: JobRef, T.HEALTH: Request, T.DIAGNOSTICS: Request,
     T.METRICS: Request, T.RELOAD: Request, T.IMAGE: ImageRequest, T.DRILL: DrillRequest,
     T.HELLO: Hello, T.HEARTBEAT: Heartbeat, T.STAGE: StageEvent, T.READY: Ready, T.VIDEO: VideoFound,
-    T.FRAME: Frame, T.JOB_DONE: JobDone, T.JOB_FAILED: JobFailed, T.INCIDENT: Incident, T.DYING: DyingReport,
-    T.IMAGE_DONE: ImageDone,
+    T.FRAME: Frame, T.WARMED: Warmed, T.JOB_DONE: JobDone, T.JOB_FAILED: JobFailed, T.INCIDENT: Incident,
+    T.DYING: DyingReport, T.IMAGE_DONE: ImageDone,
     T.RUN_JOB: RunJob, T.RUN_IMAGE: RunImage, T.ARM_FAULT: ArmFault, T.STOP_JOB: StopJob,
 }
 

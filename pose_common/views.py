@@ -16,6 +16,9 @@ def job_view(job: Job, ledger: SqlLedger) -> dict[str, Any]:
     view["phase"] = "rendering" if job.state == "rendering" else None
     view["frames_done"] = ledger.frames_done(job.job_id)
     view["video"] = job.meta()
+    if job.state == "running" and (event := ledger.last_event(job.job_id)) and event["type"] == "resuming":
+        view["phase"] = "resuming"  # re-running the frames before the resume point; frames_done waits
+        view["resume"] = {k: event["data"][k] for k in ("resume_at", "warm_frames", "warm_frames_done")}
     if job.overlay_path and job.state == "done":
         view["overlay_path"] = job.overlay_path
     if job.state in ("queued", "running"):

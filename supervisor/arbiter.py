@@ -66,7 +66,8 @@ class Supervisor:
         self.images = PendingImages(self.reply)
         self.requests = RequestHandlers(self)
         self.job_messages: dict[str, Callable[[str, Any, float], None]] = {
-            P.T.VIDEO: self.jobs.on_video, P.T.FRAME: self.jobs.on_frame, P.T.JOB_DONE: self.jobs.on_done,
+            P.T.VIDEO: self.jobs.on_video, P.T.FRAME: self.jobs.on_frame, P.T.WARMED: self.jobs.on_warmed,
+            P.T.JOB_DONE: self.jobs.on_done,
             P.T.JOB_FAILED: self.jobs.on_failed}
         self.worker_messages: dict[str, Callable[[P.Envelope, Any, float], None]] = {
             P.T.INCIDENT: self.on_incident, P.T.IMAGE_DONE: self.answer_image}

@@ -146,6 +146,13 @@ class JobRunner:
         self.progress.frames_total = meta["frame_count"] or None
         self.slot.progressed(now)
 
+    def on_warmed(self, job_id: str, body: P.Warmed, now: float) -> None:
+        """A warm-up frame costs what a frame costs: it feeds the frame pace, and the job's view says
+        it is resuming rather than showing stored frames that do not move."""
+        self.slot.progressed(now, frame=True)
+        if not self.job_stop_reason:
+            self.ledger.add_event(job_id, "resuming", resuming_phase(body))
+
     def on_frame(self, job_id: str, body: P.Frame, now: float) -> None:
         self.slot.progressed(now, frame=True)
         if self.job_stop_reason:
@@ -320,6 +327,11 @@ class JobRunner:
     def view(self, job_id: str) -> Optional[dict[str, Any]]:
         job = self.ledger.job(job_id)
         return None if job is None else job_view(job, self.ledger)
+
+
+def resuming_phase(body: P.Warmed) -> dict[str, Any]:
+    return {"status": "running", "phase": "resuming", "resume_at": body.start,
+            "warm_frames": body.start - body.warm_from, "warm_frames_done": body.index + 1 - body.warm_from}
 
 
 def gave_up(attempts: int, causes: list[str]) -> str:

@@ -280,10 +280,11 @@ class Served:
 
     def job_progress(self, job_id: str) -> tuple:
         job = self.job(job_id)
-        return job.get("status"), job.get("frames_done"), job.get("attempts")
+        return (job.get("status"), job.get("phase"), job.get("frames_done"), job.get("attempts"),
+                (job.get("resume") or {}).get("warm_frames_done"))
 
     def wait_job_progressing(self, job_id: str, stall: float = 300, cap: float = 3600) -> dict:
-        """Waits as long as the job keeps moving (status, stored frames, attempts)."""
+        """Waits as long as the job keeps moving (status, phase, stored frames, attempts, warm-up)."""
         return wait_while_progressing(lambda: (j := self.job(job_id)).get("status") in ("done", "error") and j,
                                       lambda: self.job_progress(job_id), stall, cap, what=f"job {job_id} to finish")
 

@@ -14,6 +14,8 @@ import time
 
 import pytest
 
+from supervisor.resume import WARM_FRAMES
+
 from support import REPO, NotifySocket, Served, Stack, http, make_clip, pid_gone, wait_for
 
 NOOP = ["engine.name=noop", "probe.enabled=false"]
@@ -151,6 +153,36 @@ def test_hang_at_a_frame_on_a_warm_cpu_worker_is_caught_in_seconds(tmp_path):
         assert [f["frame_index"] for f in stack.result(job)["frames"]] == list(range(80))
     finally:
         stack.stop()
+
+
+def test_a_resumed_jobs_warm_up_counts_as_progress_and_shows_in_its_view(tmp_path, clip):
+    """After a worker death the replacement re-runs the WARM_FRAMES stored frames before the resume
+    point without storing them again. Each is progress: here a first frame may take 2 s while the
+    warm-up takes 12 x 0.3 s, so counted by stored frames alone the replacement would be killed as
+    hung. The job's view says it is resuming, with how far the warm-up got."""
+    served = Served(tmp_path, [*NOOP, "+engine.options.frame_delay_s=0.3", "deadlines.frame_s=2"])
+    try:
+        served.wait_ready()
+        job_id = http("POST", served.url + "/v1/jobs", {"video_path": str(clip)})[1]["job_id"]
+        wait_for(lambda: served.job(job_id).get("frames_done", 0) >= WARM_FRAMES + 4, 60, interval=0.05,
+                 what=f"{WARM_FRAMES + 4} frames stored")
+        os.kill(served.diagnostics()["worker"]["pid"], signal.SIGKILL)
+        seen = []
+        deadline = time.monotonic() + 120
+        while (job := served.job(job_id)).get("status") not in ("done", "error") and time.monotonic() < deadline:
+            if job.get("phase") == "resuming":
+                seen.append(job["resume"])
+            time.sleep(0.05)
+        assert job["status"] == "done" and job["attempts"] == 2, job
+        assert [c["cause"] for c in served.diagnostics()["crashes"]] == ["oom_killed"], "only the kill"
+        assert seen, "the view never said the job was resuming"
+        assert {r["warm_frames"] for r in seen} == {WARM_FRAMES}
+        done = [r["warm_frames_done"] for r in seen]
+        assert done == sorted(done) and len(set(done)) > 1 and max(done) <= WARM_FRAMES, done
+        status, body = http("GET", f"{served.url}/v1/jobs/{job_id}/result")
+        assert [f["frame_index"] for f in body["frames"]] == list(range(60))
+    finally:
+        served.stop()
 
 
 def test_sigkill_of_serve_leaves_no_process_and_a_held_state_dir_is_refused(tmp_path, clip):
