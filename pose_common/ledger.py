@@ -361,7 +361,7 @@ class SqlLedger:
 
     def last_event(self, job_id: str) -> Optional[dict]:
         row = self.one("SELECT id, at, type, data FROM job_events WHERE job_id=? ORDER BY id DESC LIMIT 1",
-                           (job_id,))
+                       (job_id,))
         return None if row is None else {"id": row[0], "at": row[1], "type": row[2], "data": json.loads(row[3])}
 
     def events_since(self, job_id: str, event_id: int = 0, limit: int = 500) -> list[dict]:

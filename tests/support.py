@@ -274,9 +274,12 @@ class Served:
         status, body = http("GET", f"{self.url}/v1/jobs/{job_id}", timeout=5)
         return body if status == 200 else {}
 
+    def finished_job(self, job_id: str) -> Optional[dict]:
+        job = self.job(job_id)
+        return job if job.get("status") in ("done", "error") else None
+
     def wait_job(self, job_id: str, timeout: float = 60) -> dict:
-        return wait_for(lambda: (j := self.job(job_id)).get("status") in ("done", "error") and j, timeout,
-                        interval=0.2, what=f"job {job_id} to finish")
+        return wait_for(lambda: self.finished_job(job_id), timeout, interval=0.2, what=f"job {job_id} to finish")
 
     def job_progress(self, job_id: str) -> tuple:
         job = self.job(job_id)
@@ -285,8 +288,8 @@ class Served:
 
     def wait_job_progressing(self, job_id: str, stall: float = 300, cap: float = 3600) -> dict:
         """Waits as long as the job keeps moving (status, phase, stored frames, attempts, warm-up)."""
-        return wait_while_progressing(lambda: (j := self.job(job_id)).get("status") in ("done", "error") and j,
-                                      lambda: self.job_progress(job_id), stall, cap, what=f"job {job_id} to finish")
+        return wait_while_progressing(lambda: self.finished_job(job_id), lambda: self.job_progress(job_id), stall, cap,
+                                      what=f"job {job_id} to finish")
 
     def stop(self, timeout: float = 30) -> Optional[int]:
         if self.proc.poll() is None:
