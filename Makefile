@@ -51,6 +51,7 @@ test-endurance: install
 bench: install
 	$(PY) -m bench
 	$(PY) -m bench.user_wait
+	$(PY) -m bench.recall_bench
 
 serve: install
 	$(VENV)/bin/pose-service serve

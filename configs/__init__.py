@@ -1,6 +1,7 @@
 """Hydra/OmegaConf configuration: a dataclass schema plus YAML, overridable on every command."""
 from __future__ import annotations
 
+import copy
 import difflib
 import os
 from pathlib import Path
@@ -184,6 +185,13 @@ def _rung_dict(node: RungConfig) -> dict:
     if not isinstance(rung, dict):  # a RungConfig node (configs/schema.py) always gives a dict
         raise ConfigError(f"a ladder rung must be a mapping, not {rung!r}")
     return rung
+
+
+def with_fault(cfg: Config, kind: str, at: str, times: int) -> Config:
+    """A copy of `cfg` with a fault armed (a drill): the service's own config is left as it is."""
+    armed = copy.deepcopy(cfg)
+    armed.fault.kind, armed.fault.at, armed.fault.times = kind, at, times
+    return armed
 
 
 def dump_config(cfg: Config, path: str | os.PathLike) -> None:

@@ -42,7 +42,8 @@ class GatewayConfig:
     # max_upload_mb) - form fields, /pose/hybrid's image - at most this much together (413 too_large)
     max_form_memory_mb: int = 8
     # open connections beyond this are answered 503 and closed; above evict_idle_above x this many,
-    # each new connection first closes the oldest idle one (never-used ones before kept-alive ones)
+    # each new connection first closes the oldest one left idle after an answer (past max_connections,
+    # one that never sent anything); a connection whose request arrived is never closed unanswered
     max_connections: int = 256
     evict_idle_above: float = 0.75
     # POST /process_video (synchronous) waits this long for the job, then answers 504 with its id
@@ -93,6 +94,9 @@ class SupervisorConfig:
     abort_grace_s: float = 3.0
     # a worker asked to stop (reload, cancel, shutdown) that is still alive after this is SIGKILLed
     stop_grace_s: float = 10.0
+    # a worker (or probe) still alive this long after our SIGKILL (uninterruptible sleep in a driver) is
+    # abandoned: its job goes back to the queue (charged, cause `unkillable`), a new worker starts
+    unkillable_after_s: float = 30.0
     backoff_initial_s: float = 0.5
     backoff_max_s: float = 30.0
     # `intensity` GPU-class deaths within `period_s` -> next rung of the ladder (or fatal on the last)

@@ -128,7 +128,7 @@ async def submit(request: web.Request, path: str, source: str, idempotency_key: 
         raise json_error(429, body.get("error", "queue full"), headers={"Retry-After": str(wait)},
                          code="queue_full", retry_after_s=wait)
     if status >= 400:
-        raise json_error(status, body.get("error", "rejected"))
+        raise json_error(status, body.get("error", "rejected"), code=body.get("code"))
     job = body["job"]
     if not job.get("created", True) and idempotency_key is not None:  # only an Idempotency-Key replays a job
         await check_replay(job, path, source, max_frames, idempotency_key)

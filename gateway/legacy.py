@@ -56,6 +56,7 @@ from gateway.legacy_shapes import (
 )
 from gateway.refused import add_store, is_video_refusal, refused_jobs
 from pose_common.client import Unavailable
+from pose_common.job_states import is_terminal
 from pose_common.numbers import finite
 from pose_common.paths import PathRefused
 
@@ -74,38 +75,27 @@ def respond(body: dict, status: int = 200) -> web.Response:
                              dumps=functools.partial(json.dumps, allow_nan=False))
 
 
-
-
-# --- engine facts -----------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
+# --- /health, /warmup, /reload -------------------------------------------------------------------------
 async def native_health(request: web.Request) -> dict:
     _, body = await ask(request, "health")
     return body["health"]
 
 
-# --- /health, /warmup, /reload -------------------------------------------------------------------------
 @routes.get("/health")
 async def health_route(request: web.Request) -> web.Response:
-    """Always 200, answered from the supervisor's state (never waits on the worker)."""
+    """Always 200, answered from the supervisor's state (never waits on the worker); a supervisor that
+    does not answer within gateway.supervisor_timeout_s is status 'not_ready' with the reason."""
     try:
         return respond(legacy_health(await native_health(request)))
     except Unavailable as exc:
         return respond(legacy_health(None, str(exc)))
 
 
-
-
 @routes.get("/warmup")
 async def warmup_route(request: web.Request) -> web.Response:
     """Wait until the worker is ready (it loads at startup, never lazily): 200 with load times from
-    the last boot's stages; 500 when fatal; 503 when not ready within gateway.warmup_timeout_s (or ?timeout=)."""
+    the last boot's stages; 500 when fatal; 503 when not ready within gateway.warmup_timeout_s (a
+    ?timeout= in seconds may shorten that wait, never lengthen it; 400 when it is not a number)."""
     try:
         limit = float(config(request).gateway.warmup_timeout_s)
         wait = min(limit, max(0.0, float(request.query.get("timeout", limit))))
@@ -135,7 +125,9 @@ async def warmup_route(request: web.Request) -> web.Response:
 
 @routes.post("/reload")
 async def reload_route(request: web.Request) -> web.Response:
-    """Restart the worker (its models load again in a fresh process). Answers at once; poll /health."""
+    """Restart the worker (its models load again in a fresh process). Answers once the supervisor no
+    longer reports the old worker ready (waiting RELOAD_SETTLE_S at most), before the new one has
+    loaded: poll /health or /warmup."""
     status, reply = await ask(request, "reload")
     if status >= 400:
         return respond({"status": "error", "error": reply.get("error", "reload refused")}, status)
@@ -186,19 +178,11 @@ async def read_multipart_image(request: web.Request) -> tuple[Optional[bytes], d
     return image, fields
 
 
-
-
-
-
-
-
-
-
-
-
 @routes.post("/pose/hybrid")
 async def pose_hybrid(request: web.Request) -> web.Response:
-    """JSON {image_base64 (raw or data: URL), frame_number, visualize} or multipart `frame` + `frameNumber`."""
+    """JSON {image_base64 (raw or data: URL), frame_number, visualize}, or multipart with the image as a
+    `frame`, `image` or `file` file part (or an image_base64 field) and `frameNumber` (or frame_number)
+    and `visualize` fields; any other content type -> 415."""
     started = time.monotonic()
     ctype = request.content_type
     image: Optional[bytes]
@@ -245,20 +229,6 @@ async def pose_hybrid(request: web.Request) -> web.Response:
 
 
 # --- the legacy result --------------------------------------------------------------------------------------
-
-
-
-
-
-
-
-
-
-
-
-
-
-
 async def cached_native(request: web.Request, job: dict) -> dict:
     cache = request.app[RESULT_CACHE_KEY]
     key = (job["job_id"], job.get("finished_at"))
@@ -272,8 +242,6 @@ async def cached_native(request: web.Request, job: dict) -> dict:
     return native
 
 
-
-
 async def legacy_result_of(request: web.Request, job: dict) -> dict:
     native = await cached_native(request, job)
     overlay = job.get("overlay_path")
@@ -285,7 +253,7 @@ async def legacy_result_of(request: web.Request, job: dict) -> dict:
 # --- video jobs ---------------------------------------------------------------------------------------------------
 async def submit_upload(request: web.Request, path: str, max_frames: Optional[int]) -> dict:
     """Roots and decodability (415 not a video, 422 undecodable) checked before anything is queued;
-    a refused upload is deleted."""
+    an upload that is not queued (refused, queue full, supervisor unavailable) is deleted."""
     try:
         return await accept_video_path(request, path, "upload", None, max_frames)
     except Exception:
@@ -301,25 +269,30 @@ async def receive_video(request: web.Request) -> tuple[str, dict]:
 
 
 async def wait_for_job(request: web.Request, job_id: str, timeout_s: float) -> Optional[dict]:
-    """Poll until done/error. -> the job, or None on timeout. A supervisor restart is waited out."""
+    """Poll the ledger until the job is done or error. -> the job, or None at the deadline. The
+    supervisor is not asked, so its restart does not interrupt the wait; a ledger that cannot be read
+    for a while is waited out too (the client keeps its job id, in the 504 at worst)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         try:
             job = await job_status(request, job_id)
-            if job["state"] in ("done", "error"):
+            if is_terminal(job["state"]):
                 return job
-        except Unavailable:
-            pass
+        except ApiError as exc:
+            if exc.body.get("code") != "ledger_unavailable":
+                raise
         await asyncio.sleep(POLL_S)
     return None
 
 
 @routes.post("/process_video")
 async def process_video(request: web.Request) -> web.Response:
-    """Synchronous: multipart `video` (+ max_frames; output_format is accepted and ignored) -> 200
-    {status:'success', data:<legacy result>} once every artifact it names exists (output_path is the
-    overlay video). Waits at most gateway.sync_timeout_s, then 504 with the job id to poll. A video the
-    worker cannot read -> 422; the service fatal -> 503; never 500 for what was uploaded."""
+    """Synchronous: multipart `video` or `file` (+ max_frames; output_format is accepted and ignored)
+    -> 200 {status:'success', job_id, data:<legacy result>} once every artifact it names exists
+    (output_path is the overlay video, or the native result JSON where no overlay was rendered:
+    jobs.render_overlay off, or its rendering failed). Waits at most gateway.sync_timeout_s, then 504
+    with the job id to poll. A video refused up front -> 415/422/413 as on the native route; a job that
+    fails -> 422 (the video), 409 (cancelled) or 503 (the service fatal); never 500 for what was uploaded."""
     path, fields = await receive_video(request)
     job = await submit_upload(request, path, parse_max_frames(fields.get("max_frames")))
     job_id = job["job_id"]
@@ -339,7 +312,8 @@ async def process_video(request: web.Request) -> web.Response:
 
 async def add_frame_images(request: web.Request, job: dict, data: dict) -> None:
     """A short result carries each frame's overlay as frames[i].image_base64 (the app's carousel); a
-    longer one says it left them out and where they are (gateway.inline_frame_images_max)."""
+    longer one says it left them out and where they are (gateway.inline_frame_images_max), and one
+    whose video can no longer be read says that."""
     cfg = config(request)
     limit = int(cfg.gateway.inline_frame_images_max)
     if len(data["frames"]) > limit:
@@ -358,13 +332,12 @@ async def add_frame_images(request: web.Request, job: dict, data: dict) -> None:
     data["frame_images"] = {"included": True, "format": "image/jpeg", "count": len(jpegs)}
 
 
-
-
 @routes.post("/process_video_async")
 async def process_video_async(request: web.Request) -> web.Response:
-    """multipart `video` (+ max_frames) -> 200 {status:'accepted', job_id, message}. A video the native
-    route refuses up front (415/422/413) is accepted too, and its first poll is status 'error' with the
-    reason (gateway.refused: the backend's proxy hides a non-2xx's reason from the app)."""
+    """multipart `video` or `file` (+ max_frames) -> 200 {status:'accepted', job_id, queue_position,
+    message}. A video the native route refuses up front (415/422/413) is accepted too, and its first
+    poll is status 'error' with the reason (gateway.refused: the backend's proxy hides a non-2xx's
+    reason from the app)."""
     path, fields = await receive_video(request)
     try:
         job = await submit_upload(request, path, parse_max_frames(fields.get("max_frames")))
@@ -374,8 +347,6 @@ async def process_video_async(request: web.Request) -> web.Response:
         job = await asyncio.get_running_loop().run_in_executor(None, refused_jobs(request.app).record, exc)
     return respond({"status": "accepted", "job_id": job["job_id"], "queue_position": job.get("queue_position", 0),
                     "message": f"Video queued for processing; poll /job_status/{job['job_id']}"})
-
-
 
 
 async def legacy_status(request: web.Request, job_id: str) -> dict:
@@ -404,8 +375,10 @@ async def legacy_status(request: web.Request, job_id: str) -> dict:
 
 @routes.get("/job_status/{job_id}")
 async def job_status_route(request: web.Request) -> web.Response:
-    """queued | processing (elapsed_time, progress) | complete (result, output_path = the native result
-    JSON, processing_time) | error (error). Unknown id -> 404 {error:'Job not found'}."""
+    """queued (queue_position, attempts) | processing (elapsed_time, progress) | complete (result,
+    output_path: the overlay video, or the native result JSON where no overlay was rendered;
+    processing_time; warning, if any) | error (error). Unknown id -> 404 {error:'Job not found'}; a
+    job whose results were removed -> 410 with the reason."""
     return respond(await legacy_status(request, request.match_info["job_id"]))
 
 
@@ -416,11 +389,11 @@ async def pose_video_status(request: web.Request) -> web.Response:
 
 @routes.post("/pose/video")
 async def pose_video(request: web.Request) -> web.Response:
-    """JSON {video_path}: C:\\... becomes /mnt/c/... under WSL. Missing, nonexistent or outside the
-    allowed roots -> 400, the same answer whether or not such a file exists (contract §5.21; nothing is
-    revealed about the machine's files). The job runs from the supervisor's queue: 202
-    {status:'processing', queue_position:0} when it is first in line, {status:'queued', queue_position:N}
-    behind N others."""
+    """JSON {video_path}: C:\\... becomes /mnt/c/... under WSL (jobs.map_windows_paths). Missing,
+    nonexistent or outside the allowed roots -> 400; outside them, the same answer whether or not such
+    a file exists (contract §5.21; nothing is revealed about the machine's files). The job runs from
+    the supervisor's queue: 202 {status:'processing', queue_position:0} when it is first in line,
+    {status:'queued', queue_position:N} behind N others."""
     body = await read_json_body(request)
     raw = body.get("video_path")
     if not isinstance(raw, str) or not raw.strip():
@@ -440,14 +413,11 @@ async def pose_video(request: web.Request) -> web.Response:
 
 
 # --- /frame/{job}/{idx} -----------------------------------------------------------------------------------------------
-
-
-
-
 @routes.get("/frame/{job_id}/{idx}")
 async def frame_route(request: web.Request) -> web.Response:
     """200 image/jpeg of frame idx with the stored pose drawn (?overlay=0 for the bare frame).
-    idx not an integer or out of range -> 400; job not complete -> 400; unknown job -> 404."""
+    idx not an integer or out of range -> 400; job not complete -> 400; unknown job -> 404; results
+    removed, or the video gone or no longer decodable -> 410; the video now refused by the roots -> 403."""
     job_id, raw_index = request.match_info["job_id"], request.match_info["idx"]
     try:
         index = int(raw_index)
@@ -479,8 +449,6 @@ async def frame_route(request: web.Request) -> web.Response:
     return web.Response(body=jpeg, content_type="image/jpeg")
 
 
-
-
 # --- native: the legacy shape of a native job -------------------------------------------------------------------------
 @routes.get("/v1/jobs/{job_id}/legacy")
 async def native_legacy_result(request: web.Request) -> web.Response:
@@ -491,6 +459,3 @@ def add_routes(app: web.Application) -> None:
     app[RESULT_CACHE_KEY] = OrderedDict()
     add_store(app, app[CFG_KEY].storage_dir)
     app.add_routes(routes)
-
-
-__all__ = ["add_routes", "legacy_result", "hybrid_response", "legacy_health"]

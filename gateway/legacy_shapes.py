@@ -8,6 +8,7 @@ from typing import Any, Optional, Sequence
 
 from pose_common.angles import DEFAULT_MIN_VISIBILITY, joint_angles, main_person, visibilities
 from pose_common.drawing import number_or as _num
+from pose_common.job_states import LEGACY_WORDS
 
 SERVICE = "pose-service"
 
@@ -15,8 +16,7 @@ SERVICE = "pose-service"
 KNOWN_MODELS = ("hmr2", "vitdet", "phalp", "mediapipe")
 
 
-STATE_WORDS = {"queued": "queued", "running": "processing", "rendering": "processing", "done": "complete",
-               "error": "error"}
+STATE_WORDS = LEGACY_WORDS  # the app's backend reads these words (pose_common.job_states says which)
 
 
 def _finite(value: Any, default: float = 0.0) -> float:

@@ -33,6 +33,7 @@ from gateway.helpers import (
 from gateway.store import ledger_job, reader
 from pose_common import faults, results
 from pose_common.client import Unavailable
+from pose_common.job_states import FILTER_WORDS, is_terminal
 from pose_common.views import job_view
 
 routes = web.RouteTableDef()
@@ -40,7 +41,7 @@ REPORT_TIMEOUT_S = 120.0
 FOLLOW_POLL_S = 0.25          # how often a following stream looks for new frames or events
 SSE_KEEPALIVE_S = 15.0        # a comment line keeps idle proxies from closing the event stream
 STREAM_LIMIT_S = 6 * 3600.0   # no stream is held open longer than this
-JOB_STATES = ("queued", "running", "rendering", "done", "error")
+JOB_STATES = FILTER_WORDS  # what `GET /v1/jobs?state=` takes: a status as answers show it, or `rendering`
 DRILL_DEFAULT_AT = "frame:0"  # only when `at` is absent; a present one must be one of the documented forms
 
 
@@ -133,7 +134,7 @@ async def stream_ndjson(request: web.Request, job_id: str, with_vertices: bool) 
         async for frame in store.chunks(lambda ledger: results.frames(job, ledger, with_vertices, after=last)):
             await response.write((json.dumps(frame) + "\n").encode())
             last, count, with_person = frame["frame_index"], count + 1, with_person + bool(frame["persons"])
-        if job.state in ("done", "error"):
+        if is_terminal(job.state):
             break
         await asyncio.sleep(FOLLOW_POLL_S)
     tail = {"error": job.error} if job.state == "error" else {"summary": results.summary(job, count, with_person)}
@@ -160,7 +161,7 @@ async def job_events(request: web.Request) -> web.StreamResponse:
         for event in events:
             await response.write(sse(event).encode())
             last = event["id"]
-        if any(e["type"] in ("done", "error") for e in events) or (not events and await finished(store, job_id, last)):
+        if any(is_terminal(e["type"]) for e in events) or (not events and await finished(store, job_id, last)):
             break
         if events:
             quiet_since = time.monotonic()
@@ -177,9 +178,10 @@ def sse(event: dict) -> str:
 
 
 async def finished(store, job_id: str, last: int) -> bool:
-    """True once the job's terminal event has been sent (a reconnect after the end gets nothing)."""
-    return await store.run(lambda ledger: any(e["type"] in ("done", "error") for e in ledger.events_since(job_id, 0))
-                           and not ledger.events_since(job_id, last))
+    """True once the client has the job's terminal event: `last`, the id it has read up to, is at or
+    past it (so a reconnect after the end gets nothing), however many events came before it."""
+    terminal = await store.run(lambda ledger: ledger.terminal_event_id(job_id))
+    return terminal is not None and terminal <= last
 
 
 def last_event_id(request: web.Request) -> int:
@@ -374,7 +376,7 @@ async def get_report(request: web.Request) -> web.StreamResponse:
     in a short-lived process (plots are CPU work the gateway's loop must not do) and kept with the
     job's other files."""
     job = live(await job_status(request, request.match_info["job_id"]))
-    if job["status"] not in ("done", "error"):
+    if not is_terminal(job["status"]):
         raise json_error(409, f"job is {job['status']}; its report is written when it has finished",
                          status=job["status"])
     cfg = config(request)

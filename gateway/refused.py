@@ -20,6 +20,7 @@ from typing import Optional
 from aiohttp import web
 
 from gateway.errors import ApiError
+from pose_common.job_states import REFUSED
 
 PREFIX = "refused-"
 KEEP = 1000
@@ -38,7 +39,7 @@ class RefusedJobs:
     def record(self, refusal: ApiError) -> dict:
         """-> the job as /job_status shows it: status error, with the native answer's reason and code."""
         os.makedirs(self.directory, mode=0o700, exist_ok=True)
-        job = {"job_id": PREFIX + uuid.uuid4().hex, "status": "error", "created_at": round(time.time(), 3),
+        job = {"job_id": PREFIX + uuid.uuid4().hex, "status": REFUSED.status, "created_at": round(time.time(), 3),
                "error": refusal.body["error"], "code": refusal.body.get("code"), "http_status": refusal.status}
         path = self._path(job["job_id"])
         fd = os.open(path + ".tmp", os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

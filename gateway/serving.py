@@ -7,18 +7,25 @@
   and gateway.body_min_bytes_per_s here (BodyWatch: 408, whatever reads it).
 - Too many connections: aiohttp accepts every connection and leaves limits to the application
   (aio-libs/aiohttp#675). Above gateway.evict_idle_above of gateway.max_connections, a new connection
-  first closes the oldest idle one (one that never sent a request before one kept alive), then
-  cuts a body arriving below the minimum rate; past gateway.max_connections a new connection that
-  found no room gets a 503 and is closed. A flood of idle or slow connections therefore costs
-  /health and the backend a retry, not the length of a timeout.
+  first closes the oldest idle ones (kept alive after a full response, with no request in progress
+  and no byte received since, read or unread), then cuts a body arriving below the minimum rate (it
+  is answered 408). A connection whose request has not been read and answered is never closed.
+  Past gateway.max_connections, a connection that has sent nothing at all since it opened is closed
+  for the newcomer, oldest first; a newcomer that still finds no room gets a 503 and is closed. A
+  flood of idle or slow connections therefore costs /health and the backend a retry, not the length
+  of a timeout, and a burst of requests within gateway.max_connections is answered whole.
 - Requests the HTTP parser refuses (a bad request line, header or chunk) are answered as JSON
   like every other error, without echoing the parser's words or the client's bytes."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
+import itertools
 import math
+import struct
+import termios
 from http import HTTPStatus
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 from aiohttp import web
 
@@ -32,10 +39,54 @@ BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n
         b"Retry-After: 1\r\nContent-Length: " + str(len(BUSY_BODY)).encode() + b"\r\n\r\n" + BUSY_BODY)
 
 
-class JsonErrorsHandler(web.RequestHandler):
-    """aiohttp's per-connection protocol, with its last-resort answers in JSON."""
+def unread_bytes(transport: Optional[asyncio.BaseTransport]) -> int:
+    """Bytes the kernel holds for a connection that the event loop has not read yet (a request that
+    has just arrived); -1 when that cannot be told."""
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is None:
+        return -1
+    try:
+        return struct.unpack("i", fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"))[0]
+    except OSError:
+        return -1
 
-    __slots__ = ()
+
+class JsonErrorsHandler(web.RequestHandler):
+    """aiohttp's per-connection protocol, with its last-resort answers in JSON, keeping what the
+    server needs to choose a connection it may close: whether a response was ever finished on it,
+    and whether bytes arrived since (or since it opened)."""
+
+    __slots__ = ("answered", "heard")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.answered = False
+        self.heard = False
+
+    def data_received(self, data: bytes) -> None:
+        self.heard = True
+        super().data_received(data)
+
+    async def finish_response(self, request: web.BaseRequest, resp: web.StreamResponse,
+                              start_time: Optional[float]) -> tuple[web.StreamResponse, bool]:
+        finished = await super().finish_response(request, resp, start_time)
+        self.answered, self.heard = True, False
+        return finished
+
+    def quiet(self) -> bool:
+        """Nothing received since it opened or since its last response, neither read nor waiting in
+        the socket, and aiohttp waiting for the next request (the test its keep-alive timer uses:
+        no request in progress, none queued)."""
+        waiting = self._waiter is not None and not self._waiter.done()
+        return waiting and not self.heard and unread_bytes(self.transport) == 0
+
+    def idle_after_answer(self) -> bool:
+        return self.answered and self.quiet()
+
+    def never_used(self) -> bool:
+        """Not a byte received since it opened, read or unread, so no request can be in progress
+        (its handler task may not have started yet: a burst of connections accepted together)."""
+        return not self.answered and not self.heard and unread_bytes(self.transport) == 0
 
     def handle_error(self, request, status: int = 500, exc: Optional[BaseException] = None,
                      message: Optional[str] = None) -> web.StreamResponse:
@@ -89,12 +140,11 @@ class BodyWatch:
 
 
 class Traffic:
-    """What the server needs to know of the application's requests to choose a connection to close:
-    which connections are inside a handler now (with their body's watch) and which ever were."""
+    """What the server needs to know of the application's requests to choose a body to cut: which
+    connections are inside a handler now, with their body's watch."""
 
     def __init__(self) -> None:
         self.in_flight: dict[Any, Optional[BodyWatch]] = {}
-        self.served: set = set()  # the server forgets a connection when it is lost
 
     def watch_requests(self, cfg: Config):
         """The middleware: registers each request's connection and watches its body, if it has one."""
@@ -107,7 +157,6 @@ class Traffic:
             body = BodyWatch(request.content, *limits) if request.body_exists else None
             watcher = asyncio.create_task(body.run()) if body else None
             self.in_flight[connection] = body
-            self.served.add(connection)
             try:
                 return await handler(request)
             finally:
@@ -153,35 +202,45 @@ class GuardedServer(web.Server):
             self.make_room(live, handler, len(live) - self.crowded_at)
             live = self.live_connections()
         if len(live) > self.max_connections:
+            # someone goes unserved either way: rather one that has not spoken than the newcomer (a
+            # flood of idle connections must not lock /health out until gateway.idle_timeout_s)
+            unused = (h for h in live if h is not handler and h.never_used())
+            self.close_oldest(unused, len(live) - self.max_connections)
+            live = self.live_connections()
+        if len(live) > self.max_connections:
             transport.write(BUSY)
             handler.force_close()
             transport.close()
 
-    def live_connections(self) -> list:
+    def live_connections(self) -> list[JsonErrorsHandler]:
         """Open connections, oldest first, less those already closed or being cut (aiohttp forgets a
         connection only once its handler task has ended)."""
-        return [h for h in self.connections if h.transport is not None and h not in self.closing]
+        return [h for h in self.connections if isinstance(h, JsonErrorsHandler) and h.transport is not None
+                and h not in self.closing]
 
     def connection_lost(self, handler: web.RequestHandler, exc: Optional[BaseException] = None) -> None:
         super().connection_lost(handler, exc)
         self.closing.discard(handler)
-        self.traffic.served.discard(handler)
 
-    def make_room(self, live: list, newcomer, wanted: int) -> None:
-        """Close up to `wanted` idle connections, oldest first (never used before kept alive); if that
-        is not enough, cut bodies arriving below the minimum rate, slowest first."""
-        idle = [h for h in live if h is not newcomer and h not in self.traffic.in_flight]
-        idle.sort(key=lambda h: h in self.traffic.served)  # stable: oldest first within each kind
-        for handler in idle[:wanted]:
-            self.closing.add(handler)
-            handler.force_close()
-        wanted -= len(idle[:wanted])
+    def make_room(self, live: list[JsonErrorsHandler], newcomer: web.RequestHandler, wanted: int) -> None:
+        """Close up to `wanted` connections idle after a response, oldest first; if that is not
+        enough, cut bodies arriving below the minimum rate, slowest first."""
+        wanted -= self.close_oldest((h for h in live if h is not newcomer and h.idle_after_answer()), wanted)
         slow = [(h, w) for h, w in self.traffic.in_flight.items() if w is not None and w.too_slow()
                 and h not in self.closing]
         slow.sort(key=lambda item: item[1].stream.total_bytes / max(1e-3, self.loop.time() - item[1].started))
         for handler, watch in slow[:max(0, wanted)]:
             self.closing.add(handler)
             watch.cut(watch.slow_reason() + "; the server is near its connection limit", "body_too_slow")
+
+    def close_oldest(self, candidates: Iterable[JsonErrorsHandler], wanted: int) -> int:
+        """Close the first `wanted` of the candidates (oldest first). -> how many it closed."""
+        closed = 0
+        for handler in itertools.islice(candidates, max(0, wanted)):
+            self.closing.add(handler)
+            handler.force_close()
+            closed += 1
+        return closed
 
 
 class GuardedRunner(web.AppRunner):

@@ -1,11 +1,35 @@
 """Sort exceptions raised inside the worker into causes, by type and CUDA error code (never by
-looking for the word "CUDA" in a message)."""
+looking for the word "CUDA" in a message).
+
+torch 2.8 and later raise `torch.AcceleratorError` with the CUDA runtime's `error_code`. Earlier
+versions (the project supports torch 2.1 and later) raise a plain RuntimeError whose text is
+"CUDA error: " + cudaGetErrorString(code), and the CUDA libraries' allocation failures arrive on
+every version as a RuntimeError naming the library's status (CUBLAS_STATUS_ALLOC_FAILED, ...). For
+those the exact error string or status name is the code: nothing else identifies them."""
 from __future__ import annotations
+
+import re
 
 from pose_common import exitcodes
 
-# cudaErrorIllegalAddress, cudaErrorAssert, misaligned/invalid address space/invalid PC, launch failure
-STICKY_CUDA_CODES = frozenset({700, 710, 716, 717, 718, 719})
+CUDA_OUT_OF_MEMORY = 2  # cudaErrorMemoryAllocation: a cudaMalloc outside torch's caching allocator
+# Errors after which the context is unusable (every later call fails), with cudaGetErrorString's text
+STICKY_CUDA_ERRORS = {
+    700: "an illegal memory access was encountered",      # cudaErrorIllegalAddress
+    710: "device-side assert triggered",                  # cudaErrorAssert
+    714: "hardware stack error",                          # cudaErrorHardwareStackError
+    715: "an illegal instruction was encountered",        # cudaErrorIllegalInstruction
+    716: "misaligned address",                            # cudaErrorMisalignedAddress
+    717: "operation not supported on global/shared address space",  # cudaErrorInvalidAddressSpace
+    718: "invalid program counter",                       # cudaErrorInvalidPc
+    719: "unspecified launch failure",                    # cudaErrorLaunchFailure
+}
+STICKY_CUDA_CODES = frozenset(STICKY_CUDA_ERRORS)
+# The CUDA libraries' own out-of-memory statuses (cuBLAS handles and workspaces, cuDNN, cuSOLVER, ...)
+LIBRARY_ALLOC_FAILED = ("CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED", "CUSOLVER_STATUS_ALLOC_FAILED",
+                        "CUSPARSE_STATUS_ALLOC_FAILED", "CUFFT_ALLOC_FAILED", "CURAND_STATUS_ALLOCATION_FAILED")
+_LIBRARY_ALLOC = re.compile(r"\b(" + "|".join(LIBRARY_ALLOC_FAILED) + r")\b")
+_CUDA_ERROR = re.compile(r"^CUDA error: (.+?)(?:\n|$)")
 
 
 class WeightsMissing(FileNotFoundError):
@@ -26,17 +50,35 @@ def _class_names(exc: BaseException) -> set[str]:
     return {cls.__name__ for cls in type(exc).__mro__}
 
 
-def is_cuda_oom(exc: BaseException) -> bool:
-    return "OutOfMemoryError" in _class_names(exc) or bool(getattr(exc, "cuda_oom", False))
-
-
-def is_sticky_cuda(exc: BaseException) -> bool:
+def cuda_error_code(exc: BaseException) -> int | None:
+    """The CUDA runtime's code: torch >= 2.8 carries it; before, it is known by its exact text."""
     names = _class_names(exc)
     if "AcceleratorError" in names:
         code = getattr(exc, "error_code", None)
-        return code in STICKY_CUDA_CODES or code is None
-    # torch < 2.8 raises a plain RuntimeError for the same condition
-    return "RuntimeError" in names and "illegal memory access" in str(exc)
+        return code if isinstance(code, int) else None
+    if "RuntimeError" not in names or not exc.args or not isinstance(exc.args[0], str):
+        return None
+    match = _CUDA_ERROR.match(exc.args[0])
+    if match is None:
+        return None
+    text = match.group(1).strip()
+    if text == "out of memory":
+        return CUDA_OUT_OF_MEMORY
+    return next((code for code, known in STICKY_CUDA_ERRORS.items() if text.startswith(known)), None)
+
+
+def is_cuda_oom(exc: BaseException) -> bool:
+    if "OutOfMemoryError" in _class_names(exc) or getattr(exc, "cuda_oom", False):
+        return True
+    if cuda_error_code(exc) == CUDA_OUT_OF_MEMORY:
+        return True
+    return "RuntimeError" in _class_names(exc) and bool(_LIBRARY_ALLOC.search(str(exc)))
+
+
+def is_sticky_cuda(exc: BaseException) -> bool:
+    if "AcceleratorError" in _class_names(exc) and getattr(exc, "error_code", None) is None:
+        return True  # torch said it was the device's error and not which: treat the context as lost
+    return cuda_error_code(exc) in STICKY_CUDA_CODES
 
 
 def is_load_failure(exc: BaseException) -> bool:

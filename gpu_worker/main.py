@@ -14,7 +14,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import msgspec
 import numpy as np
@@ -38,7 +38,9 @@ from pose_common.numbers import finite
 from pose_common.paths import PathRefused, open_inside
 from pose_common.runtime import RuntimeDir
 from pose_common.sampling import sampled_indices
-from pose_common.video import TruncatedVideo, VideoError, frames, user_reason
+from pose_common.video import FrameSource, TruncatedVideo, VideoError, VideoMeta, user_reason
+
+SKIP_REPORT_MAX_S = 5.0  # the longest silence while frames before a resume point are read
 
 
 class Dying(Exception):
@@ -57,6 +59,21 @@ class JobStopped(Exception):
 class JobProgress:
     decoded: int
     began: bool = False
+
+
+class SkipReporter:
+    """Frames before a resume point are read without anything to send, and the supervisor's frame
+    deadline counts from the job's dispatch: the video's meta is sent again now and then while
+    they are read (a VIDEO message is progress to the supervisor, supervisor/jobs.py on_video)."""
+
+    def __init__(self, send_meta: Callable[[VideoMeta], None], every_s: float):
+        self.send_meta, self.every_s = send_meta, every_s
+        self.last = time.monotonic()
+
+    def __call__(self, meta: VideoMeta) -> None:
+        if (now := time.monotonic()) - self.last >= self.every_s:
+            self.last = now
+            self.send_meta(meta)
 
 
 class Breadcrumb:
@@ -216,9 +233,9 @@ class Worker:
         progress = JobProgress(decoded=start)
         try:
             with open_inside(body.path, video_roots(self.cfg)) as readable:  # checked again on every attempt
-                self.process_video(readable, start, poison, body.max_frames, progress)
+                source = self.process_video(readable, start, poison, body.max_frames, progress)
             if not progress.began:
-                raise VideoError(f"no frame at or after {start}")
+                progress.decoded = frames_decoded_with_nothing_left(source, start)
             self.send(P.T.JOB_DONE, job=self.job, frames_decoded=progress.decoded, peak_rss=peak_rss())
         except TruncatedVideo as exc:
             log.warning("video_cut", reason=str(exc))
@@ -239,11 +256,12 @@ class Worker:
         self.mark("ready")
 
     def process_video(self, readable: str, start: int, poison: dict[int, str], max_frames: Optional[int],
-                      progress: "JobProgress") -> None:
+                      progress: "JobProgress") -> FrameSource:
         resume = self.resume
         first = resume.warm_from if resume else start
         started = False
-        for meta, index, pts, rgb in only_sampled(frames(readable, first, self.cfg.jobs.max_video_pixels), max_frames):
+        source = FrameSource(readable, first, self.cfg.jobs.max_video_pixels, on_skip=self.skip_reporter())
+        for meta, index, pts, rgb in only_sampled(source, max_frames):
             if not started:
                 self.send(P.T.VIDEO, job=self.job, meta=meta.as_dict())
                 self.engine.begin_video(meta.width, meta.height, meta.fps)
@@ -262,6 +280,13 @@ class Worker:
             self.serve_pending_images()
         if started:
             self.emit(self.engine.end_video())
+        if source.seek_refused:
+            self.log.info("resume_decoded_from_frame_0", start=first, reason=source.seek_refused)
+        return source
+
+    def skip_reporter(self) -> SkipReporter:
+        every_s = min(SKIP_REPORT_MAX_S, float(self.cfg.deadlines.frame_s) / 4)
+        return SkipReporter(lambda meta: self.send(P.T.VIDEO, job=self.job, meta=meta.as_dict()), every_s)
 
     def infer_frame(self, index: int, pts: float, rgb: np.ndarray) -> list[FrameOut]:
         try:
@@ -343,6 +368,16 @@ class Worker:
         self.sock.setsockopt(zmq.LINGER, 2000)  # let the report leave before we do
         self.sock.close()
         return dying.code
+
+
+def frames_decoded_with_nothing_left(source: FrameSource, start: int) -> int:
+    """No frame at or after `start` was run. A video that decoded (frames before `start`) ends
+    there, or the job's sample ends there: every frame of the job is stored and it is done, with
+    the frames up to where the video ended (fewer than `start` only if the file was cut since).
+    Not one frame decoded: the video cannot be decoded."""
+    if source.end == 0:
+        raise VideoError(f"no frame at or after {start}")
+    return min(start, source.end)
 
 
 def only_sampled(decoded, max_frames: Optional[int]):

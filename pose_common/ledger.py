@@ -20,14 +20,38 @@ from typing import Any, Iterator, Optional, Sequence
 
 import msgpack
 
+from pose_common.job_states import (
+    IN_QUEUE,
+    LEASED,
+    MOVES,
+    SHOWN,
+    TERMINAL,
+    JobState,
+    Move,
+    in_sql,
+    sources_sql,
+    states_shown_as,
+    target_sql,
+)
 from pose_common.ledger_schema import migrations
 from pose_common.sampling import sampled_indices
 
-ACTIVE_STATES = ("queued", "running")
-
 
 class LedgerUnavailable(RuntimeError):
-    """The database cannot be reached right now; what was accepted before is safe in it."""
+    """The database cannot be reached or written right now; what was accepted before is safe in it.
+    `disk_full`: it answers reads but has no room for writes (new jobs are refused with 507)."""
+
+    def __init__(self, reason: str, disk_full: bool = False):
+        super().__init__(reason)
+        self.disk_full = disk_full
+
+    @property
+    def http_status(self) -> int:
+        return 507 if self.disk_full else 503
+
+    @property
+    def code(self) -> str:
+        return "ledger_disk_full" if self.disk_full else "ledger_unavailable"
 
 
 @dataclass
@@ -97,6 +121,8 @@ class SqlLedger:
 
     path: str = ""
     skip_locked = ""  # PostgreSQL: concurrent claimers pass over rows another one is taking
+    # leases expire by the database's clock (PostgreSQL: the server's, whatever each host's clock says)
+    now_sql = "((julianday('now') - 2440587.5) * 86400.0)"
 
     # --- the dialect's part -------------------------------------------------------------------
     def exec(self, sql: str, args: Sequence = ()) -> int:
@@ -133,9 +159,10 @@ class SqlLedger:
         job_id = uuid.uuid4().hex[:16]
         with self.transaction(durable=True):
             self.exec("INSERT INTO jobs (job_id, idempotency_key, video_path, source, state, created_at, max_frames)"
-                      " VALUES (?, ?, ?, ?, 'queued', ?, ?) ON CONFLICT DO NOTHING",
-                      (job_id, idempotency_key, video_path, source, time.time(), max_frames))
-            self.add_event(job_id, "queued", {"status": "queued"})
+                      " VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT DO NOTHING",
+                      (job_id, idempotency_key, video_path, source, MOVES[Move.ACCEPT].target.value, time.time(),
+                       max_frames))
+            self.add_state_event(job_id, JobState.QUEUED)
         job = self.job_by_key(idempotency_key) if idempotency_key else self.job(job_id)
         if job is None:  # committed above: it is there
             raise LookupError(f"job {job_id} was accepted but cannot be read back")
@@ -150,46 +177,50 @@ class SqlLedger:
         return Job(*row) if row else None
 
     def claim(self, owner: str, lease_s: float) -> Optional[Job]:
-        """Take the oldest job nobody holds: queued, or running/rendering under an expired lease.
-        A job this owner held before (an outage) comes back to it first."""
+        """Take the oldest job nobody holds: queued, or running under an expired lease (a job left
+        rendering is taken over by claim_render). A job this owner still holds (it lost the ledger
+        for a while and let the job go) comes back to it first. Counts an attempt."""
         now = time.time()
         with self.transaction():
             row = self.one(
-                "SELECT job_id FROM jobs WHERE (state='queued' OR (state='running' AND (owner=? OR lease_until<?)))"
+                f"SELECT job_id FROM jobs WHERE (state=? OR (state=? AND (owner=? OR lease_until<{self.now_sql})))"
                 f" ORDER BY CASE WHEN owner=? THEN 0 ELSE 1 END, created_at LIMIT 1{self.skip_locked}",
-                (owner, now, owner))
+                (JobState.QUEUED.value, JobState.RUNNING.value, owner, owner))
             if row is None:
                 return None
-            self.exec("UPDATE jobs SET state='running', owner=?, lease_until=?, lease_gen=lease_gen+1,"
-                      " attempts=attempts+1, started_at=COALESCE(started_at, ?) WHERE job_id=?",
-                      (owner, now + lease_s, now, row[0]))
+            self.exec(f"UPDATE jobs SET {target_sql(Move.CLAIM)}, owner=?, lease_until={self.now_sql}+?,"
+                      f" lease_gen=lease_gen+1,"
+                      f" attempts=attempts+1, started_at=COALESCE(started_at, ?) WHERE job_id=?"
+                      f" AND {sources_sql(Move.CLAIM)}",
+                      (owner, lease_s, now, row[0]))
         return self.job(row[0])
 
     def claim_render(self, owner: str, lease_s: float) -> Optional[Job]:
         """A job whose frames are all stored but whose artifacts were left unwritten by a supervisor
         that stopped (its lease expired): taken over to finish them."""
-        now = time.time()
         with self.transaction():
-            row = self.one(f"SELECT job_id FROM jobs WHERE state='rendering' AND COALESCE(lease_until, 0)<?"
-                           f" ORDER BY created_at LIMIT 1{self.skip_locked}", (now,))
+            row = self.one(f"SELECT job_id FROM jobs WHERE {sources_sql(Move.TAKE_OVER_RENDERING)}"
+                           f" AND COALESCE(lease_until, 0)<{self.now_sql}"
+                           f" ORDER BY created_at LIMIT 1{self.skip_locked}")
             if row is None:
                 return None
-            self.exec("UPDATE jobs SET owner=?, lease_until=?, lease_gen=lease_gen+1 WHERE job_id=?",
-                      (owner, now + lease_s, row[0]))
+            self.exec(f"UPDATE jobs SET {target_sql(Move.TAKE_OVER_RENDERING)}, owner=?,"
+                      f" lease_until={self.now_sql}+?, lease_gen=lease_gen+1 WHERE job_id=?"
+                      f" AND {sources_sql(Move.TAKE_OVER_RENDERING)}", (owner, lease_s, row[0]))
         return self.job(row[0])
 
     def renew(self, lease: Lease, lease_s: float) -> bool:
         """-> False when the lease is gone (taken over, cancelled, finished): stop writing for the job."""
-        return self.exec("UPDATE jobs SET lease_until=? WHERE job_id=? AND owner=? AND lease_gen=?"
-                         " AND state IN ('running', 'rendering')",
-                         (time.time() + lease_s, lease.job_id, lease.owner, lease.gen)) == 1
+        return self.exec(f"UPDATE jobs SET lease_until={self.now_sql}+? WHERE job_id=? AND owner=? AND lease_gen=?"
+                         f" AND {in_sql(LEASED)}",
+                         (lease_s, lease.job_id, lease.owner, lease.gen)) == 1
 
     def release(self, lease: Lease, charge_attempt: bool = True) -> bool:
         """Back to the queue (it resumes at the first unstored frame), for anyone to claim. A job we
         stopped on purpose (reload, drill, shutdown) gets its attempt back: only deaths use them up."""
         refund = "" if charge_attempt else ", attempts=CASE WHEN attempts>0 THEN attempts-1 ELSE 0 END"
-        return self.exec(f"UPDATE jobs SET state='queued', owner=NULL, lease_until=NULL{refund} WHERE job_id=?"
-                         " AND owner=? AND lease_gen=? AND state='running'",
+        return self.exec(f"UPDATE jobs SET {target_sql(Move.RELEASE)}, owner=NULL, lease_until=NULL{refund}"
+                         f" WHERE job_id=? AND owner=? AND lease_gen=? AND {sources_sql(Move.RELEASE)}",
                          (lease.job_id, lease.owner, lease.gen)) == 1
 
     def attempt_causes(self, job_id: str) -> list[str]:
@@ -198,8 +229,7 @@ class SqlLedger:
                 if event["type"] == "restart"]
 
     def queue(self) -> list[str]:
-        return [r[0] for r in self.all("SELECT job_id FROM jobs WHERE state IN ('queued','running')"
-                                       " ORDER BY created_at")]
+        return [r[0] for r in self.all(f"SELECT job_id FROM jobs WHERE {in_sql(IN_QUEUE)} ORDER BY created_at")]
 
     def queue_position(self, job_id: str) -> int:
         queue = self.queue()
@@ -209,12 +239,12 @@ class SqlLedger:
         return dict(self.all("SELECT state, COUNT(*) FROM jobs GROUP BY state"))
 
     def list_jobs(self, state: Optional[str] = None, limit: int = 50, before: Optional[float] = None) -> list[Job]:
-        """Newest first; page with `before` = the created_at of the last job of the previous page."""
+        """Newest first; page with `before` = the created_at of the last job of the previous page.
+        `state` is a status as the answers show it (running includes rendering) or a state's name."""
         where: list[str] = []
         args: list[Any] = []
         if state:
-            where.append("state=?")
-            args.append(state)
+            where.append(in_sql(states_shown_as(state)))
         if before is not None:
             where.append("created_at<?")
             args.append(before)
@@ -226,8 +256,9 @@ class SqlLedger:
         """One machine, on boot: what its dead supervisor was running goes back to the queue, and the
         artifacts it was writing are free to be taken over."""
         with self.transaction():
-            self.exec("UPDATE jobs SET lease_until=NULL WHERE state='rendering'")
-            return self.exec("UPDATE jobs SET state='queued', owner=NULL, lease_until=NULL WHERE state='running'")
+            self.exec(f"UPDATE jobs SET lease_until=NULL WHERE {sources_sql(Move.TAKE_OVER_RENDERING)}")
+            return self.exec(f"UPDATE jobs SET {target_sql(Move.REQUEUE_ON_BOOT)}, owner=NULL, lease_until=NULL"
+                             f" WHERE {sources_sql(Move.REQUEUE_ON_BOOT)}")
 
     def set_video_meta(self, lease: Lease, meta: dict) -> bool:
         return self.exec(f"UPDATE jobs SET video_meta=?, frames_total=? WHERE job_id=? AND {FENCE}",
@@ -240,35 +271,36 @@ class SqlLedger:
     def mark_rendering(self, lease: Lease, frames_decoded: int, result_path: Optional[str],
                        warning: Optional[str], run_facts: dict) -> bool:
         with self.transaction():
-            changed = self.exec(f"UPDATE jobs SET state='rendering', frames_decoded=?, result_path=?, warning=?,"
-                                f" run_facts=? WHERE job_id=? AND state='running' AND {FENCE}",
+            changed = self.exec(f"UPDATE jobs SET {target_sql(Move.MARK_RENDERING)}, frames_decoded=?,"
+                                f" result_path=?, warning=?, run_facts=? WHERE job_id=?"
+                                f" AND {sources_sql(Move.MARK_RENDERING)} AND {FENCE}",
                                 (frames_decoded, result_path, warning, json.dumps(run_facts), lease.job_id,
                                  *fence(lease)))
             if changed:
-                self.add_event(lease.job_id, "rendering", {"status": "running", "phase": "rendering"})
+                self.add_state_event(lease.job_id, JobState.RENDERING)
         return changed == 1
 
     def finish(self, lease: Lease, overlay_path: Optional[str] = None, warning: Optional[str] = None) -> bool:
         """Every artifact the job's answer names exists: it is done."""
         with self.transaction():
-            changed = self.exec(f"UPDATE jobs SET state='done', finished_at=?, overlay_path=?,"
+            changed = self.exec(f"UPDATE jobs SET {target_sql(Move.FINISH)}, finished_at=?, overlay_path=?,"
                                 f" warning=COALESCE(?, warning), owner=NULL, lease_until=NULL WHERE job_id=?"
-                                f" AND state IN ('running', 'rendering') AND {FENCE}",
+                                f" AND {sources_sql(Move.FINISH)} AND {FENCE}",
                                 (time.time(), overlay_path, warning, lease.job_id, *fence(lease)))
             if changed:
                 frames = self.one_row("SELECT frames_decoded, warning FROM jobs WHERE job_id=?", (lease.job_id,))
-                self.add_event(lease.job_id, "done", {"status": "done", "frames": frames[0], "warning": frames[1]})
+                self.add_state_event(lease.job_id, JobState.DONE, frames=frames[0], warning=frames[1])
         return changed == 1
 
     def fail(self, job_id: str, reason: str, lease: Optional[Lease] = None) -> bool:
         """A worker's verdict is fenced by its lease; an operator's cancel or a fatal service is not."""
         fenced, args = (f" AND {FENCE}", fence(lease)) if lease else ("", ())
         with self.transaction():
-            changed = self.exec("UPDATE jobs SET state='error', finished_at=?, error=?, owner=NULL, lease_until=NULL"
-                                f" WHERE job_id=? AND state IN ('queued','running','rendering'){fenced}",
+            changed = self.exec(f"UPDATE jobs SET {target_sql(Move.FAIL)}, finished_at=?, error=?, owner=NULL,"
+                                f" lease_until=NULL WHERE job_id=? AND {sources_sql(Move.FAIL)}{fenced}",
                                 (time.time(), reason, job_id, *args))
             if changed:
-                self.add_event(job_id, "error", {"status": "error", "error": reason})
+                self.add_state_event(job_id, JobState.ERROR, error=reason)
         return changed == 1
 
     def fail_all_active(self, reason: str) -> list[str]:
@@ -277,10 +309,22 @@ class SqlLedger:
             self.fail(job_id, reason)
         return ids
 
+    def give_up_host(self, owner: str, reason: str) -> list[str]:
+        """A host no restart can fix (its weights missing) stops serving. On a database that hosts
+        share it hands back the jobs it was running, for others to resume at once, and fails nothing:
+        what it cannot serve waits for hosts that can. (One machine fails its queue: see Ledger.)
+        -> the jobs handed back."""
+        with self.transaction():
+            ids = [r[0] for r in self.all(f"SELECT job_id FROM jobs WHERE owner=? AND {sources_sql(Move.RELEASE)}",
+                                          (owner,))]
+            self.exec(f"UPDATE jobs SET {target_sql(Move.RELEASE)}, owner=NULL, lease_until=NULL"
+                      f" WHERE owner=? AND {sources_sql(Move.RELEASE)}", (owner,))
+        return ids
+
     # --- retention ---------------------------------------------------------------------------------
     def finished_jobs(self, finished_before: Optional[float] = None) -> list[Job]:
         """Finished jobs whose files have not been removed, oldest first."""
-        where = "state IN ('done','error') AND removed_at IS NULL"
+        where = f"{in_sql(TERMINAL)} AND removed_at IS NULL"
         args: tuple[Any, ...] = ()
         if finished_before is not None:
             where, args = where + " AND finished_at<?", (finished_before,)
@@ -355,6 +399,12 @@ class SqlLedger:
             (job_id, first, last))}
 
     # --- job events (server-sent events read these) ---------------------------------------------------
+    def add_state_event(self, job_id: str, state: JobState, **data: Any) -> None:
+        """The event a move writes: typed by the state reached, with the status (and phase) clients see."""
+        how = SHOWN[state]
+        self.add_event(job_id, state.value, {"status": how.status, **({"phase": how.phase} if how.phase else {}),
+                                             **data})
+
     def add_event(self, job_id: str, kind: str, data: dict[str, Any]) -> None:
         self.exec("INSERT INTO job_events (job_id, at, type, data) VALUES (?, ?, ?, ?)",
                   (job_id, time.time(), kind, json.dumps(data)))
@@ -368,6 +418,12 @@ class SqlLedger:
         return [{"id": i, "at": at, "type": kind, "data": json.loads(data)} for i, at, kind, data in self.all(
             "SELECT id, at, type, data FROM job_events WHERE job_id=? AND id>? ORDER BY id LIMIT ?",
             (job_id, event_id, limit))]
+
+    def terminal_event_id(self, job_id: str) -> Optional[int]:
+        """The id of the job's done or error event (a state never left); None while it has none."""
+        kinds = sorted(state.value for state in TERMINAL)
+        marks = ", ".join("?" * len(kinds))
+        return self.one_row(f"SELECT MAX(id) FROM job_events WHERE job_id=? AND type IN ({marks})", (job_id, *kinds))[0]
 
     # --- poison frames ------------------------------------------------------------------------------
     def record_frame_death(self, job_id: str, index: int, cause: str) -> int:
@@ -423,20 +479,25 @@ def fence(lease: Lease) -> tuple[str, str, int]:
 
 
 class Ledger(SqlLedger):
-    """SQLite in WAL mode: the embedded default for one machine."""
+    """SQLite in WAL mode: the embedded default for one machine. An error that is an outage rather
+    than a fault in a statement (a full disk, a lock held past busy_timeout, failing I/O) raises
+    LedgerUnavailable, as PostgreSQL's lost connection does: the supervisor rides it out."""
 
     def __init__(self, path: str, readonly: bool = False):
-        self.path = path
-        if readonly:
-            self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=False)
-        else:
+        self.path, self.readonly = path, readonly
+        if not readonly:
             os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-            self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-            self.db.execute("PRAGMA journal_mode=WAL")
-            # NORMAL in WAL mode survives any process crash; accepting a job commits with FULL
-            self.db.execute("PRAGMA synchronous=NORMAL")
-            self.migrate()
-        self.db.execute("PRAGMA busy_timeout=5000")
+        with outages():
+            if readonly:
+                self.db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None,
+                                          check_same_thread=False)
+            else:
+                self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+                self.db.execute("PRAGMA journal_mode=WAL")
+                # NORMAL in WAL mode survives any process crash; accepting a job commits with FULL
+                self.db.execute("PRAGMA synchronous=NORMAL")
+                self.migrate()
+            self.db.execute("PRAGMA busy_timeout=5000")
 
     def migrate(self) -> int:
         version = self.db.execute("PRAGMA user_version").fetchone()[0]
@@ -451,13 +512,16 @@ class Ledger(SqlLedger):
         return self.db.execute("PRAGMA user_version").fetchone()[0]
 
     def exec(self, sql: str, args: Sequence = ()) -> int:
-        return self.db.execute(sql, tuple(args)).rowcount
+        with outages():
+            return self.db.execute(sql, tuple(args)).rowcount
 
     def one(self, sql: str, args: Sequence = ()) -> Optional[tuple]:
-        return self.db.execute(sql, tuple(args)).fetchone()
+        with outages():
+            return self.db.execute(sql, tuple(args)).fetchone()
 
     def all(self, sql: str, args: Sequence = ()) -> list[tuple]:
-        return self.db.execute(sql, tuple(args)).fetchall()
+        with outages():
+            return self.db.execute(sql, tuple(args)).fetchall()
 
     @contextmanager
     def transaction(self, durable: bool = False) -> Iterator[None]:
@@ -465,20 +529,87 @@ class Ledger(SqlLedger):
             yield
             return
         if durable:
-            self.db.execute("PRAGMA synchronous=FULL")
-        self.db.execute("BEGIN IMMEDIATE")
+            self.exec("PRAGMA synchronous=FULL")
         try:
-            yield
-            self.db.execute("COMMIT")
-        except BaseException:
-            self.db.execute("ROLLBACK")
-            raise
+            self.exec("BEGIN IMMEDIATE")
+            try:
+                yield
+                self.exec("COMMIT")
+            except BaseException:
+                self.roll_back()
+                raise
         finally:
             if durable:
-                self.db.execute("PRAGMA synchronous=NORMAL")
+                self.quietly("PRAGMA synchronous=NORMAL")
+
+    def roll_back(self) -> None:
+        """Never hides why the transaction failed: SQLite has often rolled it back already (a full
+        disk, an I/O error), and a ROLLBACK that fails as well adds nothing."""
+        if self.db.in_transaction:
+            self.quietly("ROLLBACK")
+
+    def quietly(self, sql: str) -> None:
+        try:
+            self.db.execute(sql)
+        except sqlite3.Error:
+            pass
+
+    def ping(self) -> None:
+        """A read answers on a full disk too: only a committed write shows that writes work again.
+        It writes room for a few frames and frees it at once, so the file keeps that room for them."""
+        if self.readonly:
+            return super().ping()
+        with self.transaction():
+            self.exec("INSERT INTO meta (key, value) VALUES ('write_probe', zeroblob(?))"
+                      " ON CONFLICT(key) DO UPDATE SET value=excluded.value", (WRITE_PROBE_BYTES,))
+        with self.transaction():
+            self.exec("DELETE FROM meta WHERE key='write_probe'")
+
+    def give_up_host(self, owner: str, reason: str) -> list[str]:
+        """One machine: no other host will serve its jobs, so they fail with the reason."""
+        return self.fail_all_active(reason)
 
     def close(self) -> None:
         self.db.close()
+
+
+# SQLite's primary result codes that mean the ledger cannot be used now, not that a statement is wrong
+SQLITE_FULL = 13
+OUTAGE_CODES = {5: "SQLITE_BUSY", 6: "SQLITE_LOCKED", 8: "SQLITE_READONLY", 10: "SQLITE_IOERR",
+                SQLITE_FULL: "SQLITE_FULL", 14: "SQLITE_CANTOPEN", 15: "SQLITE_PROTOCOL"}
+# Python before 3.11 gives only the message: its words for those codes
+OUTAGE_WORDS = {"database or disk is full": SQLITE_FULL, "database is locked": 5, "database table is locked": 6,
+                "readonly database": 8, "disk I/O error": 10, "unable to open database": 14, "locking protocol": 15}
+WRITE_PROBE_BYTES = 1 << 20
+
+
+@contextmanager
+def outages() -> Iterator[None]:
+    """SQLite errors that are outages leave as LedgerUnavailable; the rest (a wrong statement) as they are."""
+    try:
+        yield
+    except sqlite3.Error as exc:
+        outage = sqlite_outage(exc)
+        if outage is None:
+            raise
+        raise outage from exc
+
+
+def sqlite_outage(exc: sqlite3.Error) -> Optional[LedgerUnavailable]:
+    code = primary_code(exc)
+    if code is None or code not in OUTAGE_CODES:
+        return None
+    if code == SQLITE_FULL:
+        return LedgerUnavailable(f"the disk under the job ledger is full (SQLITE_FULL: {exc})", disk_full=True)
+    return LedgerUnavailable(f"the job ledger cannot be used ({OUTAGE_CODES[code]}: {exc})")
+
+
+def primary_code(exc: sqlite3.Error) -> Optional[int]:
+    code = getattr(exc, "sqlite_errorcode", None)
+    if code is not None:
+        return code & 0xFF  # an extended code (SQLITE_IOERR_WRITE, ...) holds its primary one in the low byte
+    text = str(exc)
+    return next((number for words, number in OUTAGE_WORDS.items() if words in text), None)
 
 
 def _decode_json_fields(row: dict) -> dict:

@@ -19,6 +19,8 @@ CONNECT_TIMEOUT_S = 5
 
 class PgLedger(SqlLedger):
     skip_locked = " FOR UPDATE SKIP LOCKED"
+    # the server's clock: a host whose own clock runs ahead cannot take over a job whose lease has not expired
+    now_sql = "EXTRACT(EPOCH FROM clock_timestamp())::float8"
 
     def __init__(self, url: str, readonly: bool = False):
         """Connects lazily: a daemon that starts while the database is down still starts (and says
@@ -40,7 +42,7 @@ class PgLedger(SqlLedger):
                     self.migrated = True
             except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
                 self._drop()
-                raise LedgerUnavailable(_first_line(exc)) from None
+                raise unavailable(exc) from None
         return self.conn
 
     def migrate(self, conn: psycopg.Connection) -> int:
@@ -66,7 +68,7 @@ class PgLedger(SqlLedger):
             return self.connect().execute(sql.replace("?", "%s"), tuple(args))
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             self._drop()
-            raise LedgerUnavailable(_first_line(exc)) from None
+            raise unavailable(exc) from None
 
     def exec(self, sql: str, args: Sequence = ()) -> int:
         return self._run(sql, args).rowcount
@@ -86,7 +88,15 @@ class PgLedger(SqlLedger):
                 yield
         except (psycopg.OperationalError, psycopg.InterfaceError) as exc:
             self._drop()
-            raise LedgerUnavailable(_first_line(exc)) from None
+            raise unavailable(exc) from None
+
+    def ping(self) -> None:
+        """A read answers on a full disk too: a write committed shows that writes work again."""
+        if self.readonly:
+            return super().ping()
+        with self.transaction():
+            self.exec("INSERT INTO meta (key, value) VALUES ('write_probe', ?) ON CONFLICT(key) DO UPDATE"
+                      " SET value=excluded.value", (b"probe",))
 
     def _drop(self) -> None:
         if self.conn is not None:
@@ -98,6 +108,11 @@ class PgLedger(SqlLedger):
 
     def close(self) -> None:
         self._drop()
+
+
+def unavailable(exc: psycopg.Error) -> LedgerUnavailable:
+    """The server's disk full (SQLSTATE 53100) is told apart: it answers reads, and new jobs get 507."""
+    return LedgerUnavailable(_first_line(exc), disk_full=isinstance(exc, psycopg.errors.DiskFull))
 
 
 def _first_line(exc: BaseException) -> str:

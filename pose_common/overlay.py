@@ -21,6 +21,7 @@ from typing import Callable, Optional
 import av
 
 from pose_common.drawing import draw_persons
+from pose_common.job_states import IN_QUEUE, INFERRED
 from pose_common.ledger import SqlLedger
 from pose_common.ledger_open import open_ledger_at
 from pose_common.video import TruncatedVideo, frames
@@ -28,7 +29,6 @@ from pose_common.video import TruncatedVideo, frames
 JOB_GONE = 3           # exit status: the job failed, was cancelled or removed while it was drawn
 POLL_S = (0.02, 1.0)   # an unstored frame is looked for again after 20 ms, backing off to 1 s (a requeued job)
 FETCH = 64             # frames read from the ledger at a time
-INFERRED = ("rendering", "done")   # every frame the job will have is stored
 
 
 class JobGone(Exception):
@@ -66,10 +66,10 @@ class StoredFrames:
             self.idle_polls = 0
             return
         state = self.state()
-        if state in INFERRED:
+        if state in INFERRED:  # every frame the job will have is stored
             self.ended = not self.fetch()  # frames stored just before the state changed
             return
-        if state not in ("queued", "running"):
+        if state not in IN_QUEUE:
             raise JobGone(f"the job is {state or 'gone'}")
         self.sleep(min(POLL_S[1], POLL_S[0] * 2 ** min(self.idle_polls, 6)))
         self.idle_polls += 1

@@ -1,6 +1,7 @@
 """The native result, assembled from the ledger one batch of frames at a time: as a JSON document,
-as NDJSON lines (also while the job still runs), or into the results file. Nothing here holds a
-whole video's frames in memory. Mesh vertices are stored as float16 and included only on request."""
+as NDJSON lines (also while the job still runs), or into the results file. Only `document` holds a
+whole video's frames in memory, for the shapes that need them at once (the legacy result, the PHALP
+pickle). Mesh vertices are stored as float16 and included only on request."""
 from __future__ import annotations
 
 import json
@@ -54,7 +55,7 @@ def video_facts(job: Job) -> dict[str, Any]:
 
 # what ran the job: name, version and device always; the others where the engine has them (hmr2_phalp)
 ENGINE_FACTS = ("name", "version", "device")
-ENGINE_EXTRAS = ("detector", "precision", "appearance", "hmr2_runtime")
+ENGINE_EXTRAS = ("detector", "precision", "tf32", "appearance", "hmr2_runtime")
 
 
 def engine_facts(engine: dict[str, Any]) -> dict[str, Any]:

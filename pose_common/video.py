@@ -1,10 +1,11 @@
 """Frame-by-frame decoding with PyAV: any container ffmpeg reads, rotation applied, no frame cap,
-memory flat in video length (one frame alive at a time)."""
+memory flat in video length (one frame alive at a time); a resume deep into a video starts at a
+keyframe, with the exact indices decoding from frame 0 gives (FrameSource)."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from fractions import Fraction
-from typing import Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import av
 import numpy as np
@@ -68,24 +69,215 @@ def probe(path: str, max_pixels: int = DEFAULT_MAX_VIDEO_PIXELS) -> VideoMeta:
 def frames(path: str, start: int = 0, max_pixels: int = DEFAULT_MAX_VIDEO_PIXELS,
            pixel_format: str = "rgb24") -> Iterator[tuple[VideoMeta, int, float, np.ndarray]]:
     """Yield (meta, index, pts_s, rgb) for every decoded frame with index >= start (bgr24 for
-    OpenCV drawing, converted once by FFmpeg instead of flipped by a copy).
+    OpenCV drawing, converted once by FFmpeg instead of flipped by a copy). See FrameSource."""
+    yield from FrameSource(path, start, max_pixels, pixel_format)
 
-    Frames before `start` are decoded and dropped so indices stay exact on resume."""
-    try:
-        container = av.open(path)
-    except (av.FFmpegError, OSError) as exc:
-        raise VideoError(f"{path}: not a readable video ({_reason(exc)})") from None
-    with container:
-        stream = _video_stream(container, path)
-        check_declared_size(stream, max_pixels)
-        stream.thread_type = "AUTO"
-        meta: Optional[VideoMeta] = None
-        for index, frame in enumerate(_decode(container, stream, path)):
-            if meta is None:
-                meta = _meta(stream, frame)
-            if index < start:
+
+# From this far in, a resume starts at a keyframe; nearer, decoding forward costs less than the scan.
+SEEK_FROM = 48
+# The scan reads this many packets past the start frame: B-frame reordering never reaches this far,
+# so every frame presented before the start frame has been counted.
+REORDER_MARGIN = 32
+SKIP_REPORT_EVERY = 32  # packets scanned, or frames decoded and dropped, between two calls of on_skip
+
+
+class SeekNotExact(Exception):
+    """Starting at a keyframe would not give the exact frame indices; decoding from frame 0 does."""
+
+
+class LandedLate(SeekNotExact):
+    """The seek landed after the keyframe (a container without an index seeks by dts, not pts)."""
+
+
+@dataclass
+class KeyframeStart:
+    """Where decoding starts for a resume: a keyframe at or before the start frame, and the index
+    of every frame the scan saw from it on, by its pts (frames are presented in pts order, one per
+    packet)."""
+    pts: int
+    index: int
+    index_of_pts: dict[int, int]
+    seek_timestamps: list[int]    # its pts, then its dts where that differs: what containers seek by
+    frame_count: Optional[int]    # when the scan read every packet
+
+
+def seek_timestamps(keyframes: dict[int, int], chosen: int) -> list[int]:
+    """Where to seek for the keyframe with pts `chosen`, best first: its pts (containers with an
+    index), its dts (a search by timestamp, as in MPEG-TS), then the keyframe before it (a search
+    that lands late)."""
+    tries = [chosen, keyframes[chosen]]
+    earlier = [pts for pts in keyframes if pts < chosen]
+    if earlier:
+        tries.append(keyframes[max(earlier)])
+    return list(dict.fromkeys(tries))
+
+
+class FrameSource:
+    """The frames of a video with index >= start, as (meta, index, pts_s, rgb).
+
+    Indices are the order in which decoding from the first frame presents them. A start deep in
+    the video is reached without decoding everything before it: the packets up to it are read
+    (not decoded) to count the frames and find the keyframe at or before it, the container seeks
+    there and decodes forward; every frame decoded before the first one yielded must have the
+    index its pts gives, else (no pts, shared pts, a discarded packet, an inexact seek) the source
+    decodes forward from frame 0 instead. `on_skip(meta)` is called while frames before `start`
+    are read, so a caller can show it is moving.
+
+    After iterating: `end` is the index after the last frame decoded (the frame count, when the
+    video was decoded to its end; 0 when no frame decoded), `decoded` how many frames were decoded
+    in all, `sought` whether decoding started at a keyframe."""
+
+    def __init__(self, path: str, start: int = 0, max_pixels: int = DEFAULT_MAX_VIDEO_PIXELS,
+                 pixel_format: str = "rgb24", on_skip: Optional[Callable[[VideoMeta], None]] = None):
+        self.path, self.start, self.max_pixels, self.pixel_format = path, start, max_pixels, pixel_format
+        self.on_skip = on_skip
+        self.end = 0
+        self.decoded = 0
+        self.sought = False
+        self.seek_refused: Optional[str] = None
+
+    def __iter__(self) -> Iterator[tuple[VideoMeta, int, float, np.ndarray]]:
+        if self.start >= SEEK_FROM:
+            try:
+                yield from self._from_keyframe()
+                return
+            except SeekNotExact as exc:  # raised only before the first frame is yielded
+                self.seek_refused, self.sought, self.end = str(exc), False, 0
+        yield from self._from_first_frame()
+
+    # --- decoding forward from frame 0 ------------------------------------------------------------
+    def _from_first_frame(self) -> Iterator[tuple[VideoMeta, int, float, np.ndarray]]:
+        with self._open() as container:
+            stream = self._stream(container)
+            meta: Optional[VideoMeta] = None
+            for index, frame in enumerate(_decode(container, stream, self.path)):
+                self.decoded, self.end = self.decoded + 1, index + 1
+                if meta is None:
+                    meta = _meta(stream, frame)
+                if index < self.start:
+                    self._skipped(meta, index)
+                    continue
+                yield self._output(meta, stream, index, frame)
+
+    # --- starting at a keyframe -------------------------------------------------------------------
+    def _from_keyframe(self) -> Iterator[tuple[VideoMeta, int, float, np.ndarray]]:
+        meta = self._first_frame_meta()
+        with self._open() as container:
+            stream = self._stream(container)
+            keyframe = self._scan(container, stream, meta)
+            self.sought = True
+            *first_tries, last_try = keyframe.seek_timestamps
+            for timestamp in first_tries:
+                try:
+                    yield from self._after_seek(container, stream, timestamp, keyframe, meta)
+                    return
+                except LandedLate:  # raised before the first frame is yielded
+                    continue
+            yield from self._after_seek(container, stream, last_try, keyframe, meta)
+
+    def _after_seek(self, container, stream, timestamp: int, keyframe: KeyframeStart,
+                    meta: VideoMeta) -> Iterator[tuple[VideoMeta, int, float, np.ndarray]]:
+        self._seek(container, stream, timestamp)
+        for index, frame in self._indexed_from(_decode(container, stream, self.path), keyframe):
+            if index < self.start:
+                self._skipped(meta, index)
                 continue
-            yield meta, index, _pts_seconds(frame, stream, index, meta.fps), to_rgb(frame, pixel_format)
+            yield self._output(meta, stream, index, frame)
+
+    def _indexed_from(self, decoded: Iterator, keyframe: KeyframeStart) -> Iterator[tuple[int, Any]]:
+        """(index, frame) from the keyframe on. Up to the start frame each index is checked against
+        the one its pts gives; from there on frames are counted, as decoding from frame 0 counts."""
+        index = keyframe.index
+        for frame in decoded:
+            self.decoded += 1
+            if index <= self.start:
+                if frame.pts is not None and frame.pts < keyframe.pts:
+                    continue  # presented before the keyframe (an open GOP's leading frame): not needed
+                at = keyframe.index_of_pts.get(frame.pts) if frame.pts is not None else None
+                if index == keyframe.index and frame.pts is not None and frame.pts > keyframe.pts:
+                    raise LandedLate(f"the seek landed at pts {frame.pts}, after the keyframe's {keyframe.pts}")
+                if at != index:
+                    raise SeekNotExact(f"after the seek, frame {index} came with pts {frame.pts}")
+            self.end = index + 1
+            yield index, frame
+            index += 1
+        if index == keyframe.index:
+            raise LandedLate("the seek landed past the last frame")
+        if index <= self.start and index != keyframe.frame_count:
+            raise SeekNotExact(f"after the seek, decoding ended at frame {index}")
+
+    def _first_frame_meta(self) -> VideoMeta:
+        """The meta decoding from frame 0 gives (its size and rotation come from the first frame)."""
+        with self._open() as container:
+            stream = self._stream(container)
+            first = next(_decode(container, stream, self.path), None)
+            if first is None:
+                raise SeekNotExact("no first frame")
+            self.decoded += 1
+            return _meta(stream, first)
+
+    def _scan(self, container, stream, meta: VideoMeta) -> KeyframeStart:
+        """Read (not decode) the packets up to a little past the start frame: the pts of every frame
+        before it, and the last keyframe at or before it."""
+        seen: list[int] = []
+        keyframes: dict[int, int] = {}  # pts -> dts (pts where the container stores no dts)
+        frame_count: Optional[int] = None
+        try:
+            for packet in container.demux(stream):
+                if not packet.size:
+                    frame_count = len(seen)  # the demuxer's end-of-stream marker
+                    continue
+                if packet.pts is None or packet.is_corrupt or packet.is_discard:
+                    raise SeekNotExact("a packet without a usable pts")
+                seen.append(packet.pts)
+                if packet.is_keyframe:
+                    keyframes[packet.pts] = packet.pts if packet.dts is None else packet.dts
+                if len(seen) % SKIP_REPORT_EVERY == 0:
+                    self._report(meta)
+                if len(seen) > self.start + REORDER_MARGIN:
+                    break
+        except (av.FFmpegError, OSError) as exc:  # damage: decoding from frame 0 says where, and keeps what is before
+            raise SeekNotExact(f"reading packets failed ({_reason(exc)})") from None
+        in_order = sorted(seen)
+        if not in_order or len(set(in_order)) != len(in_order):
+            raise SeekNotExact("no packets, or two packets with the same pts")
+        target = in_order[min(self.start, len(in_order) - 1)]  # past the end: the last frame
+        keyframe = max((pts for pts in keyframes if pts <= target), default=None)
+        if keyframe is None:
+            raise SeekNotExact("no keyframe before the start frame")
+        first = in_order.index(keyframe)
+        index_of_pts = {pts: first + i for i, pts in enumerate(in_order[first:])}
+        return KeyframeStart(keyframe, first, index_of_pts, seek_timestamps(keyframes, keyframe), frame_count)
+
+    def _seek(self, container, stream, pts: int) -> None:
+        try:
+            container.seek(pts, backward=True, any_frame=False, stream=stream)
+        except (av.FFmpegError, OSError) as exc:
+            raise SeekNotExact(f"seek failed ({_reason(exc)})") from None
+
+    # --- shared ------------------------------------------------------------------------------------
+    def _open(self):
+        try:
+            return av.open(self.path)
+        except (av.FFmpegError, OSError) as exc:
+            raise VideoError(f"{self.path}: not a readable video ({_reason(exc)})") from None
+
+    def _stream(self, container):
+        stream = _video_stream(container, self.path)
+        check_declared_size(stream, self.max_pixels)
+        stream.thread_type = "AUTO"
+        return stream
+
+    def _output(self, meta: VideoMeta, stream, index: int, frame) -> tuple[VideoMeta, int, float, np.ndarray]:
+        return meta, index, _pts_seconds(frame, stream, index, meta.fps), to_rgb(frame, self.pixel_format)
+
+    def _skipped(self, meta: VideoMeta, index: int) -> None:
+        if index % SKIP_REPORT_EVERY == 0:
+            self._report(meta)
+
+    def _report(self, meta: VideoMeta) -> None:
+        if self.on_skip is not None:
+            self.on_skip(meta)
 
 
 def _decode(container, stream, path):

@@ -1,6 +1,6 @@
 """`pose-service VERB [options] [hydra overrides...]`.
 
-Verbs: serve, run, drill, diagnose, selftest, models verify|plan|import-smpl, install-service (and
+Verbs: serve, run, drill, diagnose, selftest, models verify|fetch|plan|import-smpl, install-service (and
 supervisor / gateway, which serve starts).
 Every verb takes Hydra overrides such as `gateway.port=5123 state_dir=/tmp/x engine.name=mediapipe`."""
 from __future__ import annotations
@@ -71,6 +71,19 @@ def build_parser() -> argparse.ArgumentParser:
     import_smpl = models_verbs.add_parser("import-smpl", help="convert SMPLify's neutral pickle (chumpy) to plain "
                                                                 "numpy in the HMR2 and PHALP caches")
     import_smpl.add_argument("path", help="basicModel_neutral_lbs_10_207_0_v1.0.0.pkl as downloaded")
+    fetch = models_verbs.add_parser("fetch", help="download every file the configured hmr2_phalp rungs need "
+                                                  "into the caches the engine reads (resumable)")
+    fetch.add_argument("--detector", default=None, help="default: the configured hmr2_phalp rungs' detectors")
+    fetch.add_argument("--dry-run", action="store_true", help="list what would be fetched and where; no network")
+    fetch.add_argument("--mirror", default=None, metavar="URL",
+                       help="fetch every file from URL + its original path (default $POSE_SERVICE_MODELS_MIRROR)")
+    # NAME VALUE, not NAME=VALUE: a word with "=" is taken for a Hydra override
+    fetch.add_argument("--source", nargs=2, action="append", metavar=("NAME", "URL"),
+                       help="one file's URL (repeatable)")
+    fetch.add_argument("--sha256", nargs=2, action="append", metavar=("NAME", "HEX"),
+                       help="pin one file's sha256 (repeatable)")
+    fetch.add_argument("--retries", type=int, default=2, help="resume a cut download this many times in one run")
+    fetch.add_argument("--quiet", action="store_true", help="no progress bar")
     plan = models_verbs.add_parser("plan", help="each rung's GPU memory need and the rung a card would start on")
     plan.add_argument("--gpu-mb", type=int, default=None, help="the card's memory (default: NVML's total)")
     plan.add_argument("--json", action="store_true")
@@ -126,6 +139,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.verb == "models" and args.models_verb == "import-smpl":
         from pose_service.verbs.models_import_smpl import import_smpl_command
         return import_smpl_command(args)
+    if args.verb == "models" and args.models_verb == "fetch":
+        from pose_service.verbs.models_fetch import models_fetch
+        return models_fetch(cfg, args)
     if args.verb == "models" and args.models_verb == "plan":
         from pose_service.verbs.models_plan import plan_command
         return plan_command(cfg, args)

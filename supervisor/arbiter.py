@@ -19,16 +19,17 @@ from typing import Any, Callable, Optional
 import structlog
 import zmq
 
-from configs import Config, dump_config, ledger_path, rungs
+from configs import Config, dump_config, ledger_path, rungs, with_fault
 from pose_common import exitcodes, statelock
 from pose_common import protocol as P
-from pose_common.ledger import LedgerUnavailable
+from pose_common.ledger import LedgerUnavailable, SqlLedger
 from pose_common.ledger_open import open_ledger
 from pose_common.logs import setup_logging
 from pose_common.runtime import RuntimeDir
 from supervisor import views
 from supervisor.causes import Ending
 from supervisor.jobs import JobRunner, PendingImages
+from supervisor.liveness import SchedReader, read_schedstat
 from supervisor.metrics import Metrics
 from supervisor.outage import LedgerKeeper
 from supervisor.process import Spawner, kill_stale_worker
@@ -37,12 +38,54 @@ from supervisor.requests import RequestHandlers
 from supervisor.retention import Retention
 from supervisor.slot import WorkerSlot
 
+FRONT, BACK = "front", "back"  # the requests' socket and the worker's
+
+
+class ZmqWire:
+    """The supervisor's two ROUTER sockets. Nothing here ever blocks the loop but `poll`: a send
+    the peer cannot take now (gone, or its queue full) raises zmq.ZMQError at once."""
+
+    BURST = 100  # messages read per socket per tick
+
+    def __init__(self, runtime_dir: str):
+        self.ctx = zmq.Context()
+        ends = P.endpoints(runtime_dir)
+        self.sockets = {FRONT: P.bind_router(self.ctx, ends.gateway), BACK: P.bind_router(self.ctx, ends.worker)}
+        self.poller = zmq.Poller()
+        for sock in self.sockets.values():
+            self.poller.register(sock, zmq.POLLIN)
+
+    def poll(self, timeout_ms: int) -> list[tuple[str, list]]:
+        ready = dict(self.poller.poll(timeout_ms))
+        received = []
+        for channel, sock in self.sockets.items():
+            for _ in range(self.BURST if sock in ready else 0):
+                try:
+                    received.append((channel, sock.recv_multipart(zmq.NOBLOCK, copy=False)))
+                except zmq.Again:
+                    break
+        return received
+
+    def send(self, channel: str, parts: list) -> None:
+        self.sockets[channel].send_multipart(parts, flags=zmq.NOBLOCK, copy=False)
+
+    def close(self) -> None:
+        for sock in self.sockets.values():
+            sock.close()
+        self.ctx.term()
+
 
 class Supervisor:
     SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
-    def __init__(self, cfg: Config, signal_queue: Optional[queue.SimpleQueue] = None):
+    def __init__(self, cfg: Config, signal_queue: Optional[queue.SimpleQueue] = None, *,
+                 wire: Optional[ZmqWire] = None, clock: Callable[[], float] = time.monotonic,
+                 spawner: Optional[Spawner] = None, ledger: Optional[SqlLedger] = None,
+                 sched_reader: SchedReader = read_schedstat):
+        """The keyword arguments are seams for the model check (tests/test_supervisor_model.py): fake
+        sockets, clock, processes and a ledger that fails on demand; production passes none."""
         self.cfg = cfg
+        self.clock = clock
         self.log = setup_logging("supervisor", cfg.log_level)
         self.signals = signal_queue or queue.SimpleQueue()
         make_private(cfg.state_dir, cfg.storage_dir)
@@ -50,20 +93,16 @@ class Supervisor:
         self.runtime = RuntimeDir(cfg.runtime_dir)
         self.runtime.prepare()
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:6]}"
-        self.ledger = open_ledger(cfg.ledger.url, ledger_path(cfg))
-        self.keeper = LedgerKeeper(self.ledger, self.log, self.ledger_lost)
-        self.ctx = zmq.Context()
-        ends = P.endpoints(cfg.runtime_dir)
-        self.front = P.bind_router(self.ctx, ends.gateway)
-        self.back = P.bind_router(self.ctx, ends.worker)
-        self.poller = zmq.Poller()
-        self.poller.register(self.front, zmq.POLLIN)
-        self.poller.register(self.back, zmq.POLLIN)
-        spawner = Spawner(self.runtime, lambda path: dump_config(self.cfg, path), cfg.supervisor.keep_generations)
+        self.ledger = ledger or open_ledger(cfg.ledger.url, ledger_path(cfg))
+        self.keeper = LedgerKeeper(self.ledger, self.log, self.ledger_lost, clock)
+        self.wire = wire or ZmqWire(cfg.runtime_dir)
+        spawner = spawner or Spawner(self.runtime, lambda path: dump_config(self.child_config(), path),
+                                     cfg.supervisor.keep_generations)
         self.metrics = Metrics()
-        self.slot = WorkerSlot(cfg, rungs(cfg), spawner, self, self.next_generation, self.log, metrics=self.metrics)
+        self.slot = WorkerSlot(cfg, rungs(cfg), spawner, self, self.next_generation, self.log, clock=clock,
+                               metrics=self.metrics, sched_reader=sched_reader)
         self.jobs = JobRunner(cfg, self.ledger, self.slot, self.send_worker, self.log, self.owner)
-        self.images = PendingImages(self.reply)
+        self.images = PendingImages(self.reply, self.slot)
         self.requests = RequestHandlers(self)
         self.job_messages: dict[str, Callable[[str, Any, float], None]] = {
             P.T.VIDEO: self.jobs.on_video, P.T.FRAME: self.jobs.on_frame, P.T.WARMED: self.jobs.on_warmed,
@@ -99,22 +138,23 @@ class Supervisor:
         if self.crash_next_tick:
             self.crash_next_tick = False
             raise RuntimeError("injected: drill raise at supervisor")
-        started = time.monotonic()
+        started = self.clock()
         waited = self.route_messages(timeout_ms=int(self.cfg.supervisor.tick_s * 1000))
-        now = time.monotonic()
+        now = self.clock()
         self.slot.transition(now)
         if self.keeper.outage:
             self.keeper.try_again(now)
         else:
             with self.keeper.guard():
+                self.jobs.return_leases()
                 self.jobs.dispatch(now)
                 self.jobs.keep_leases(now)
-                self.jobs.reap_renders()
+                self.jobs.renders.reap()
                 self.retention.maybe_sweep()
         self.jobs.enforce_stops(now)
         self.images.expire(now)
         self.prove_alive()
-        self.metrics.ticked(time.monotonic() - started - waited)
+        self.metrics.ticked(self.clock() - started - waited)
 
     def install_signal_handlers(self) -> None:
         for sig in self.SIGNALS:
@@ -148,66 +188,69 @@ class Supervisor:
     def shutdown(self) -> None:
         self.log.info("supervisor_shutdown", running_job=self.jobs.current)
         self.slot.stop(5)
-        self.jobs.stop_renders()  # a job left `rendering` gets its artifacts at the next boot
+        self.jobs.renders.stop_all()
         with self.keeper.guard():
             self.jobs.requeue_current(died=False)  # resumed at its first unstored frame by the next claim
-        self.front.close()
-        self.back.close()
-        self.ctx.term()
+        with self.keeper.guard():
+            self.jobs.return_leases()  # what an outage left under our name goes back as charged as it was
+        self.wire.close()
         self.ledger.close()
         self.lock.close()
+
+    def child_config(self) -> Config:
+        """What the worker and the probe read: the service's config, with a drilled fault armed once."""
+        if self.slot.drilled is None:
+            return self.cfg
+        kind, at = self.slot.drilled
+        return with_fault(self.cfg, kind, at, times=1)
 
     def next_generation(self) -> int:
         """From the ledger (generations never repeat across restarts), or counted here while it is away."""
         try:
             return self.ledger.next_generation()
         except LedgerUnavailable as exc:
-            self.keeper.lost(str(exc))
+            self.keeper.lost(exc)
             self.local_generation = max(self.local_generation, self.slot.generation) + 1
             return self.local_generation
 
     # --- messages ---------------------------------------------------------------------------------
     def route_messages(self, timeout_ms: int) -> float:
         """-> seconds spent waiting for messages (the rest of a tick is work)."""
-        polled = time.monotonic()
-        ready = self.poller.poll(timeout_ms)
-        waited = time.monotonic() - polled
-        for sock, _ in ready:
-            for _ in range(100):  # bounded burst per socket per tick
-                try:
-                    parts = sock.recv_multipart(zmq.NOBLOCK, copy=False)
-                except zmq.Again:
-                    break
-                self.route(sock, parts)
+        polled = self.clock()
+        received = self.wire.poll(timeout_ms)
+        waited = self.clock() - polled
+        for channel, parts in received:
+            self.route(channel, parts)
         return waited
 
-    def route(self, sock: zmq.Socket, parts: list) -> None:
-        identity = parts[0].bytes
+    def route(self, channel: str, parts: list) -> None:
+        identity = P.blob_bytes(parts[0])
+        from_worker = channel == BACK
         try:
             env = P.unpack(parts[1:])
         except P.ProtocolError as exc:
             return self.drop("undecodable", str(exc))
-        allowed = P.WORKER_MESSAGES if sock is self.back else P.REQUESTS
+        allowed = P.WORKER_MESSAGES if from_worker else P.REQUESTS
         if env.type not in allowed:
-            self.drop("wrong_socket", f"{env.type[:40]!r} on the {'worker' if sock is self.back else 'request'} socket")
-            if sock is self.front:
+            self.drop("wrong_socket", f"{env.type[:40]!r} on the {'worker' if from_worker else 'request'} socket")
+            if not from_worker:
                 self.reply(identity, env, 400, error=f"unknown request type {env.type[:40]!r}")
             return
         try:
             body = P.parse(env)
         except P.ProtocolError as exc:
             self.drop("invalid", str(exc))
-            if sock is self.front:
+            if not from_worker:
                 self.reply(identity, env, 400, error=f"malformed {env.type} request: {exc}")
             return
         try:
-            if sock is self.back:
+            if from_worker:
                 self.on_worker_message(identity, env, body)
             else:
                 self.requests.handle(identity, env, body)
         except LedgerUnavailable as exc:
-            self.keeper.lost(str(exc))
-            if sock is self.front:
+            self.keeper.lost(exc)
+            if not from_worker:
                 self.reply(identity, env, 503, error=f"the job ledger is unavailable: {exc}")
 
     def drop(self, kind: str, reason: str) -> None:
@@ -216,18 +259,18 @@ class Supervisor:
 
     def reply(self, identity: bytes, request: P.Envelope, status: int = 200, /, **body: Any) -> None:
         try:
-            self.front.send_multipart([identity, *P.pack(P.reply(request, status, **body))])
+            self.wire.send(FRONT, [identity, *P.pack(P.reply(request, status, **body))])
         except zmq.ZMQError:
-            self.dropped["reply_undeliverable"] += 1  # the requester went away
+            self.dropped["reply_undeliverable"] += 1  # the requester went away, or is not reading
 
     def send_worker(self, kind: str, job: Optional[str] = None, blobs: Optional[list] = None,
                     req: Optional[str] = None, **body: Any) -> bool:
         env = P.Envelope(kind, body, gen=self.slot.generation, job=job, req=req, blobs=blobs or [])
         P.parse(env)  # what the worker will check; a body that does not fit is a bug here, not there
         try:
-            self.back.send_multipart([P.worker_identity(self.slot.generation), *P.pack(env)], copy=False)
+            self.wire.send(BACK, [P.worker_identity(self.slot.generation), *P.pack(env)])
             return True
-        except zmq.ZMQError as exc:
+        except zmq.ZMQError as exc:  # gone, or its queue is full (zmq.Again): never wait for it
             self.log.warning("send_failed", type=kind, generation=self.slot.generation, error=str(exc))
             return False
 
@@ -238,7 +281,7 @@ class Supervisor:
         if not self.slot.accepts_from(identity):
             self.dropped["stale_generation"] += 1
             return
-        now = time.monotonic()
+        now = self.clock()
         self.slot.on_message(env.type, body, now)
         if env.type in self.job_messages:
             if self.jobs.owns(env.job):
@@ -251,6 +294,7 @@ class Supervisor:
                                            self.slot.rss, self.slot.pids()))
 
     def answer_image(self, env: P.Envelope, body: P.ImageDone, now: float) -> None:
+        self.slot.image_answered(env.req)  # late or not, the worker answered: it is not stuck on it
         identity = self.images.take(env.req)
         if identity is None:
             return
@@ -277,10 +321,10 @@ class Supervisor:
             if job_id and ending.frame is not None:
                 self.ledger.record_frame_death(job_id, int(ending.frame), ending.cause.kind)
         with self.keeper.guard():
-            self.jobs.requeue_current()
+            self.jobs.requeue_current(died=ending.blames_job)
 
     def ledger_lost(self, reason: str) -> None:
-        self.jobs.stop_current(f"the job ledger is unavailable: {reason}", time.monotonic())
+        self.jobs.stop_current(f"the job ledger is unavailable: {reason}", self.clock(), give_back=True)
 
     def probe_died(self, ending: Ending) -> None:
         self.keeper.record(death_report(ending, None, None, self.slot.pids()))
@@ -293,7 +337,7 @@ class Supervisor:
                 self.log.error("jobs_wait_for_revival", queued=self.ledger.queue(),
                                retry_in_s=self.cfg.supervisor.fatal_retry_s)
                 return
-            failed = self.ledger.fail_all_active(f"service fatal: {reason}")
+            failed = self.ledger.give_up_host(self.owner, f"service fatal: {reason}")
             self.log.error("jobs_failed_by_fatal", failed_jobs=failed)
 
 

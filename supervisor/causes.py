@@ -34,6 +34,10 @@ REMEDIES = {
     "killed_by_us": "Stopped by the supervisor (shutdown or reload).",
     "unreachable": "The worker's socket stopped taking messages, so it could not be given work; it was "
                    "replaced. Repeats point at a wedged worker main thread (see the stderr tail).",
+    "unkillable": "The worker outlived SIGKILL (uninterruptible sleep, usually inside a GPU driver call): it was "
+                  "abandoned, its job given back to the queue and a new worker started. Check `dmesg` for driver "
+                  "errors; under WSL a wedged dxg driver needs `wsl --shutdown`. The abandoned process is reaped "
+                  "if it ever ends.",
     "clean_exit": "The worker exited on its own without reporting why.",
     "orphaned": "The worker saw its supervisor disappear and exited.",
     "signal": "Killed by a signal.",
@@ -41,19 +45,20 @@ REMEDIES = {
 }
 
 GPU_CLASS = frozenset({"segfault", "abort", "bus_error", "oom_killed", "wsl_vm_exit", "cuda_oom", "cuda_sticky", "hang",
-                       "python_exception", "signal", "exit", "clean_exit", "unreachable"})
+                       "python_exception", "signal", "exit", "clean_exit", "unreachable", "unkillable"})
 
 
 @dataclass
 class Death:
-    """Everything known about an ended process."""
-    returncode: int
+    """Everything known about an ended process (or one abandoned: it outlived our SIGKILL)."""
+    returncode: Optional[int]                # None: it never ended (abandoned)
     killed_by_us: Optional[str] = None       # "hang: ...", "shutdown", "reload" when we sent the signal
     reported: Optional[dict[str, Any]] = None  # the DYING message, if it arrived
     stage: Optional[str] = None
     stderr_tail: str = ""
     rss: Optional[int] = None
     system_memory: dict[str, Any] = field(default_factory=dict)
+    unkillable_s: Optional[float] = None     # alive this long after our SIGKILL when it was abandoned
 
 
 @dataclass
@@ -66,6 +71,7 @@ class Ending:
     rung: str
     frame: Optional[int] = None
     detail: dict[str, Any] = field(default_factory=dict)
+    blames_job: bool = True      # False: the job on the worker did not cause it (a hung image did)
 
 
 @dataclass
@@ -85,6 +91,9 @@ def decode_exit(death: Death) -> Cause:
 
 
 def _classify(death: Death) -> tuple[str, str, Optional[str]]:
+    if death.returncode is None or death.unkillable_s is not None:
+        why = f" (it was being killed for: {death.killed_by_us})" if death.killed_by_us else ""
+        return "unkillable", f"still alive {death.unkillable_s or 0:g}s after SIGKILL: abandoned{why}", "SIGKILL"
     code = death.returncode
     sig = _signal_name(-code) if code < 0 and code != -1 else None
     if death.killed_by_us:

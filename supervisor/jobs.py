@@ -1,33 +1,24 @@
 """Jobs on the worker: dispatch from the ledger, frames into the ledger, completion, cancel, and the
 single-image requests that interleave with them. The worker's life is the slot's; this module only
-asks it whether a job may start and tells it about progress.
-
-A job is `done` only when every artifact its answer names exists and is whole. The overlay video is
-drawn beside the inference by a side process at a lower priority (never on the worker) that follows
-the ledger from the job's first dispatch; when the worker has sent its last frame the job enters
-`rendering`, the result file is written (on the supervisor's loop), and once the overlay process
-has encoded the last frames and exited the job is finished."""
+asks it whether a job may start and tells it about progress. A job is `done` only when every
+artifact its answer names exists and is whole: those are written in supervisor/renders.py."""
 from __future__ import annotations
 
 import math
 import os
-import subprocess
-import sys
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import structlog
 
-from configs import Config, results_dir, video_roots
+from configs import Config, results_dir
 from pose_common import protocol as P
-from pose_common.children import parent_death_signal
-from pose_common.ledger import Job, Lease, SqlLedger
-from pose_common.overlay import overlay_path, partial_path, remove
-from pose_common.paths import PathRefused, open_inside
-from pose_common.results import mesh_faces_key, split_meshes, write_result
-from pose_common.runtime import RuntimeDir
+from pose_common.job_states import JobState
+from pose_common.ledger import Job, Lease, LedgerUnavailable, SqlLedger
+from pose_common.results import mesh_faces_key, split_meshes
 from pose_common.views import job_view
+from supervisor.renders import Renders
 from supervisor.resume import resume_context
 from supervisor.slot import WorkerSlot
 
@@ -35,7 +26,6 @@ SendWorker = Callable[..., bool]
 Reply = Callable[..., None]
 PROGRESS_EVERY_S = 0.5   # at most this often a progress event per job (SSE reads them)
 DEFAULT_FPS, DEFAULT_JOB_FRAMES = 10.0, 300  # a guess until the running job has shown its pace
-OVERLAY_NICENESS = 10    # the overlay drawn beside the inference takes only the CPU the worker leaves
 
 
 class JobRunner:
@@ -46,8 +36,13 @@ class JobRunner:
         os.makedirs(self.results_dir, mode=0o700, exist_ok=True)
         self.lease: Optional[Lease] = None        # the job on the worker
         self.job_stop_reason: Optional[str] = None  # why the job on the worker is being stopped, if it is
+        self.stop_gives_back = False  # stopped for a ledger outage: its lease is given back once it is over
         self.stop_asked_at = 0.0
-        self.renders: dict[str, Render] = {}
+        # leases of jobs that left us while the ledger was away, still `running` under our name there:
+        # given back (job id -> lease, charged?) as soon as it answers, before anything is claimed
+        self.unreturned: dict[str, tuple[Lease, bool]] = {}
+        self.unfinished: dict[str, Unfinished] = {}  # every frame stored, artifacts not written yet
+        self.renders = Renders(cfg, ledger, owner, self.results_dir, log)
         self.last_renewal = 0.0
         self.progress = Progress()
         self.stale = 0
@@ -70,29 +65,37 @@ class JobRunner:
 
     # --- dispatch -------------------------------------------------------------------------------
     def dispatch(self, now: float) -> None:
-        if self.lease or not self.slot.ready or self.slot.shutting_down:
+        if self.lease or self.unreturned or not self.slot.ready or self.slot.shutting_down:
             return
-        job = self.ledger.claim(self.owner, self.lease_s)
+        job = self.ledger.claim(self.owner, self.lease_s)  # counts an attempt: refunded unless a death ends it
         if job is None:
             return
-        start = self.ledger.next_frame(job.job_id, job.selected_frames())
-        poison = self.ledger.poison_frames(job.job_id, self.cfg.jobs.poison_frame_deaths)
+        try:
+            start = self.ledger.next_frame(job.job_id, job.selected_frames())
+            if every_frame_stored(job, start):
+                return self.finish_stored(job)
+            poison = self.ledger.poison_frames(job.job_id, self.cfg.jobs.poison_frame_deaths)
+            resume = resume_context(self.ledger, job.job_id, start)
+        except LedgerUnavailable:
+            if job.job_id not in self.unfinished:
+                self.unreturned[job.job_id] = (job.lease, False)  # claimed, never sent: given back uncharged
+            raise
         sent = self.send_worker(P.T.RUN_JOB, job=job.job_id, path=job.video_path, start_frame=start,
                                 max_frames=job.max_frames,
-                                poison={str(k): v for k, v in poison.items() if k >= start},
-                                **resume_context(self.ledger, job.job_id, start))
+                                poison={str(k): v for k, v in poison.items() if k >= start}, **resume)
         if not sent:
             self.log.error("dispatch_failed", job_id=job.job_id, generation=self.slot.generation)
-            self.ledger.release(job.lease)
+            self.unreturned[job.job_id] = (job.lease, False)  # it never reached the worker: no attempt used
             self.slot.worker_unreachable("the worker's socket refused the job")
+            self.return_leases()
             return  # back in the queue
-        self.lease = job.lease
-        self.ledger.set_engine_meta(job.lease, {**self.slot.engine_info, "joint_names": self.slot.joint_names})
-        self.ledger.add_event(job.job_id, "running", {"status": "running", "attempt": job.attempts,
-                                                      "worker_generation": self.slot.generation})
+        self.lease = job.lease  # on the worker now: held, and timed by the slot, before any other write
         self.slot.job_started(now)
+        self.ledger.set_engine_meta(job.lease, {**self.slot.engine_info, "joint_names": self.slot.joint_names})
+        self.ledger.add_state_event(job.job_id, JobState.RUNNING, attempt=job.attempts,
+                                    worker_generation=self.slot.generation)
         self.progress.start(job, now, self.ledger.frames_done(job.job_id))
-        self.follow_with_overlay(job)
+        self.renders.follow(job)
         structlog.contextvars.bind_contextvars(job_id=job.job_id)
         self.log.info("job_dispatched", job_id=job.job_id, generation=self.slot.generation, start_frame=start,
                       attempt=job.attempts, poison=sorted(poison))
@@ -112,25 +115,41 @@ class JobRunner:
         self.last_renewal = now
         if self.lease and not self.job_stop_reason and not self.ledger.renew(self.lease, self.lease_s):
             self.stop_current("the job's lease was lost (taken over by another host, or cancelled)", now)
-        for job_id, render in list(self.renders.items()):
-            if render.lease is None:
-                self.check_follower(job_id, render)
-            elif not self.ledger.renew(render.lease, self.lease_s):
-                self.log.warning("render_lease_lost", job_id=job_id)
-                self.drop_render(job_id)
-        for _ in range(4):  # a few per round; the rest next time
-            job = self.ledger.claim_render(self.owner, self.lease_s)
-            if job is None or job.job_id in self.renders:
-                break
-            self.start_render(job, job.lease)
+        self.renders.keep()
 
-    def stop_current(self, reason: str, now: float) -> None:
-        """Stop the job on the worker between two frames without writing for it any more."""
+    def stop_current(self, reason: str, now: float, give_back: bool = False) -> None:
+        """Stop the job on the worker between two frames without writing for it any more. `give_back`:
+        its lease is still ours (the ledger went away), so it is returned to the queue once it is back."""
         if not self.lease or self.job_stop_reason:
             return
         self.log.warning("job_stopping", job_id=self.current, reason=reason)
-        self.job_stop_reason, self.stop_asked_at = reason, now
-        self.send_worker(P.T.STOP_JOB, job=self.current)
+        self.job_stop_reason, self.stop_asked_at, self.stop_gives_back = reason, now, give_back
+        if not self.send_worker(P.T.STOP_JOB, job=self.current):
+            self.slot.worker_unreachable("the worker's socket refused a stop")
+
+    def finish_stored(self, job: Job) -> None:
+        """Claimed with every frame already stored (the worker's `done`, or the supervisor, died after
+        the last frame): a worker has nothing to do, the artifacts are written here and now."""
+        declared = int(job.meta().get("frame_count") or 0)
+        self.log.info("job_frames_already_stored", job_id=job.job_id, frames=declared)
+        unfinished = Unfinished(job.lease, declared, None, {"worker_generation": None})
+        self.unfinished[job.job_id] = unfinished
+        self.finalize(unfinished)
+        del self.unfinished[job.job_id]
+
+    def return_leases(self) -> None:
+        """Give back the jobs that left us during a ledger outage (or before they reached the worker),
+        each charged only if a worker death ended it; finish those whose artifacts could not be written."""
+        for job_id, (lease, died) in list(self.unreturned.items()):
+            self.give_back(lease, died)
+            del self.unreturned[job_id]
+        for job_id, left in list(self.unfinished.items()):
+            job = self.ledger.job(job_id)
+            if job is not None and job.lease == left.lease and job.state == JobState.RUNNING:
+                self.finalize(left)
+            elif job is not None and job.lease == left.lease and job.state == JobState.RENDERING:
+                self.renders.start(job, left.lease)
+            del self.unfinished[job_id]
 
     def enforce_stops(self, now: float) -> None:
         if self.job_stop_reason and now - self.stop_asked_at > self.cfg.supervisor.stop_grace_s:
@@ -168,25 +187,48 @@ class JobRunner:
             self.ledger.add_event(job_id, "progress", event)
 
     def on_done(self, job_id: str, body: P.JobDone, now: float) -> None:
-        if not self.job_stop_reason:
-            self.finalize(body.frames_decoded, body.warning,
-                          {"worker_peak_rss": body.peak_rss, "worker_generation": self.slot.generation})
-        self.release()
+        """The worker is free whatever the ledger says; what could not be written is finished later."""
+        unfinished = Unfinished(self.held(), body.frames_decoded, body.warning,
+                                {"worker_peak_rss": body.peak_rss, "worker_generation": self.slot.generation})
+        try:
+            if not self.job_stop_reason:
+                self.finalize(unfinished)
+        except LedgerUnavailable:
+            self.unfinished[job_id] = unfinished
+            raise
+        finally:
+            self.release()
 
     def on_failed(self, job_id: str, body: P.JobFailed, now: float) -> None:
-        if not self.job_stop_reason:
-            self.ledger.fail(job_id, body.reason, self.lease)
-            self.log.warning("job_failed", job_id=job_id, reason=body.reason)
-        self.release()
+        lease = self.held()
+        try:
+            if not self.job_stop_reason:
+                self.ledger.fail(job_id, body.reason, lease)
+                self.log.warning("job_failed", job_id=job_id, reason=body.reason)
+        except LedgerUnavailable:
+            self.unreturned[job_id] = (lease, False)  # run again (and judged again) once the ledger is back
+            raise
+        finally:
+            self.release()
 
     def release(self) -> None:
         """The worker is done with the job (whatever became of it): it is free for the next."""
-        self.lease, self.job_stop_reason = None, None
-        structlog.contextvars.unbind_contextvars("job_id")
+        self.let_go(died=False)
         self.slot.job_finished()
 
-    def finalize(self, frames_decoded: int, warning: Optional[str], run_facts: dict) -> None:
-        lease = self.held()
+    def let_go(self, died: bool) -> Optional[Lease]:
+        """The job leaves the worker. -> its lease when it is ours to give back now (not stopped)."""
+        lease, stopping, gives_back = self.lease, self.job_stop_reason, self.stop_gives_back
+        self.lease, self.job_stop_reason, self.stop_gives_back = None, None, False
+        structlog.contextvars.unbind_contextvars("job_id")
+        if lease is not None and stopping and gives_back:
+            self.unreturned[lease.job_id] = (lease, died)
+        return None if stopping else lease
+
+    def finalize(self, done: "Unfinished") -> None:
+        """Every frame is in: the job's artifacts are written and it is done (or, for a count that does
+        not add up, failed saying so)."""
+        lease, frames_decoded, warning, run_facts = done.lease, done.frames_decoded, done.warning, done.run_facts
         job = self.job_row(lease.job_id)
         expected = [i for i in (job.selected_frames() or range(frames_decoded)) if i < frames_decoded]
         stored = self.ledger.stored_indices(lease.job_id)
@@ -202,7 +244,7 @@ class JobRunner:
             self.log.warning("finalize_refused", job_id=lease.job_id, reason="lease lost")
             return
         self.log.info("job_frames_complete", job_id=lease.job_id, frames=len(stored), warning=warning)
-        self.start_render(self.job_row(lease.job_id), lease)
+        self.renders.start(self.job_row(lease.job_id), lease)
 
     def note_truncation(self, job: Job, lease: Lease, decoded: int, warning: Optional[str]) -> Optional[str]:
         """Compare what was decoded with what the container declares: a cut or damaged file says so."""
@@ -218,94 +260,31 @@ class JobRunner:
         self.ledger.set_video_meta(lease, meta)
         return warning
 
-    # --- artifacts ----------------------------------------------------------------------------------
-    def result_path(self, job: Job) -> str:
-        return job.result_path or os.path.join(self.results_dir, f"{job.job_id}.json")
-
-    def follow_with_overlay(self, job: Job) -> None:
-        """Start drawing the overlay as the frames are stored (once per job: a resumed job's
-        follower simply waits for the frames the new worker stores)."""
-        if self.cfg.jobs.render_overlay and job.job_id not in self.renders:
-            self.spawn_render(job, None)
-
-    def start_render(self, job: Job, lease: Lease) -> None:
-        """The job's frames are all stored: the result file here, on the loop; the overlay's
-        follower (or, for a job taken over from a stopped host, a fresh one) ends on its own.
-        The job is done when both exist."""
-        write_result(self.result_path(job), job, self.ledger)
-        if not self.cfg.jobs.render_overlay:
-            self.ledger.finish(lease)
-        elif job.job_id in self.renders:
-            self.renders[job.job_id].lease = lease
-        else:
-            self.spawn_render(job, lease)
-
-    def spawn_render(self, job: Job, lease: Optional[Lease]) -> None:
-        result_path = self.result_path(job)
-        try:
-            with open_inside(job.video_path, video_roots(self.cfg)) as readable, \
-                    open(RuntimeDir(self.cfg.runtime_dir).overlay_stderr, "ab") as log:
-                # the renderer reads the very file checked here, through the descriptor it inherits
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "pose_common.overlay", self.ledger.path, job.job_id, readable,
-                     overlay_path(result_path)],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                    pass_fds=(int(readable.rsplit("/", 1)[1]),), preexec_fn=behind_the_worker(os.getpid()))
-        except PathRefused as exc:
-            if lease is not None:
-                self.ledger.finish(lease, warning=f"the overlay video could not be rendered: {exc}")
-            return
-        self.renders[job.job_id] = Render(proc, lease, result_path)
-
-    def check_follower(self, job_id: str, render: "Render") -> None:
-        """A follower is only for a job that may still finish here."""
-        job = self.ledger.job(job_id)
-        if job is None or job.state not in ("queued", "running") or (job.owner not in (None, self.owner)):
-            self.drop_render(job_id)
-
-    def drop_render(self, job_id: str) -> None:
-        render = self.renders.pop(job_id)
-        render.proc.kill()
-        render.proc.wait()
-        remove(partial_path(render.result_path))
-
-    def reap_renders(self) -> None:
-        for job_id, render in list(self.renders.items()):
-            code = render.proc.poll()
-            if code is None:
-                continue
-            if render.lease is None:  # ended before the frames were all stored (the job failed, or it
-                del self.renders[job_id]  # crashed: the overlay is then drawn whole once they are)
-                self.log.info("overlay_follower_exited", job_id=job_id, code=code)
-                continue
-            if code == 0:
-                self.ledger.finish(render.lease, overlay_path=overlay_path(render.result_path))
-            else:
-                self.ledger.finish(render.lease, warning=f"the overlay video could not be rendered (exit {code})")
-            del self.renders[job_id]  # only now: an outage above leaves it to be finished later
-            self.log.info("job_done", job_id=job_id, overlay=code == 0)
-
-    def stop_renders(self) -> None:
-        for render in self.renders.values():
-            render.proc.kill()
-
     # --- when the worker goes ---------------------------------------------------------------------------
     def requeue_current(self, died: bool = True) -> Optional[str]:
         """The worker stopped or died under the current job: back to the queue (it resumes at the first
         unstored frame), unless deaths have used up its attempts. -> the job id, if there was one."""
-        lease, stopping = self.lease, self.job_stop_reason
-        self.lease, self.job_stop_reason = None, None
+        job_id = self.current
+        lease = self.let_go(died)
         if lease is None:
-            return None
-        structlog.contextvars.unbind_contextvars("job_id")
-        if stopping:
-            return lease.job_id  # not ours to write for any more (cancelled, lost lease, or no ledger)
+            return job_id  # none, or not ours to write for any more (cancelled, lost lease, or no ledger)
+        try:
+            self.give_back(lease, died)
+        except LedgerUnavailable:
+            self.unreturned[lease.job_id] = (lease, died)  # given back when the ledger answers again
+            raise
+        return lease.job_id
+
+    def give_back(self, lease: Lease, died: bool) -> None:
+        """Back to the queue, charged only for a death; failed once deaths have used up its attempts
+        (unless its frames are all stored: then nothing is left for a worker to die of)."""
         job = self.ledger.job(lease.job_id)
-        if died and job and job.attempts >= self.cfg.jobs.max_attempts:
+        complete = job is not None and every_frame_stored(job, self.ledger.next_frame(lease.job_id,
+                                                                                     job.selected_frames()))
+        if died and job and job.attempts >= self.cfg.jobs.max_attempts and not complete:
             self.ledger.fail(lease.job_id, gave_up(job.attempts, self.ledger.attempt_causes(lease.job_id)), lease)
         else:
             self.ledger.release(lease, charge_attempt=died)
-        return lease.job_id
 
     def cancel(self, job_id: str, now: float) -> None:
         """An operator's cancel: recorded at once; the worker stops the job between two frames and
@@ -313,8 +292,7 @@ class JobRunner:
         self.ledger.fail(job_id, "cancelled")
         if job_id == self.current:
             self.stop_current("cancelled", now)
-        if job_id in self.renders:
-            self.drop_render(job_id)  # a cancelled job leaves no partial overlay
+        self.renders.drop(job_id)  # a cancelled job leaves no partial overlay
 
     def seconds_until_free(self, now: float) -> int:
         """When a place in a full queue is likely to open: the running job's frames left at its
@@ -329,6 +307,24 @@ class JobRunner:
         return None if job is None else job_view(job, self.ledger)
 
 
+@dataclass
+class Unfinished:
+    """A job whose frames are all stored, with what its artifacts need."""
+    lease: Lease
+    frames_decoded: int
+    warning: Optional[str]
+    run_facts: dict
+
+
+def every_frame_stored(job: Job, next_frame: int) -> bool:
+    """The first unstored frame is past the last one the job needs (as its container declares them)."""
+    selected = job.selected_frames()
+    if selected:
+        return next_frame > selected[-1]
+    declared = int(job.meta().get("frame_count") or 0)
+    return declared > 0 and next_frame >= declared
+
+
 def resuming_phase(body: P.Warmed) -> dict[str, Any]:
     return {"status": "running", "phase": "resuming", "resume_at": body.start,
             "warm_frames": body.start - body.warm_from, "warm_frames_done": body.index + 1 - body.warm_from}
@@ -338,23 +334,6 @@ def gave_up(attempts: int, causes: list[str]) -> str:
     counted = Counter(causes)
     listed = ", ".join(f"{cause} x{count}" for cause, count in counted.most_common())
     return f"gave up after {attempts} attempts" + (f" (the worker died of: {listed})" if listed else "")
-
-
-def behind_the_worker(parent_pid: int):
-    """A Popen preexec_fn for the overlay: dies with the supervisor, and yields the CPU to the worker."""
-    arm = parent_death_signal(parent_pid)
-
-    def prepare() -> None:
-        arm()
-        os.nice(OVERLAY_NICENESS)
-    return prepare
-
-
-@dataclass
-class Render:
-    proc: subprocess.Popen
-    lease: Optional[Lease]  # None while the frames are still being inferred (the job's own lease covers it)
-    result_path: str
 
 
 class Progress:
@@ -388,12 +367,16 @@ class PendingImages:
     """Single-image requests handed to the worker, each answered once: by the worker, by a timeout,
     or by the worker's end."""
 
-    def __init__(self, reply: Reply):
-        self.reply = reply
+    def __init__(self, reply: Reply, slot: Optional[WorkerSlot] = None):
+        self.reply, self.slot = reply, slot
         self.waiting: dict[str, tuple[bytes, float]] = {}
 
     def add(self, req: str, identity: bytes, deadline: float) -> None:
+        """Sent to the worker: the caller waits until `deadline`; the slot times the worker's answer
+        (deadlines.image_s of run time) and replaces a worker that never gives it."""
         self.waiting[req] = (identity, deadline)
+        if self.slot is not None:
+            self.slot.image_sent(req, self.slot.clock())
 
     def take(self, req: Optional[str]) -> Optional[bytes]:
         entry = self.waiting.pop(req or "", None)

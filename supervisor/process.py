@@ -20,16 +20,25 @@ from pose_common.runtime import RuntimeDir
 
 
 class ChildProcess:
-    def __init__(self, argv: list[str], stderr_path: str, label: str):
-        self.label, self.stderr_path = label, stderr_path
+    """A started child and what we did to it. The Popen (or anything with its poll/send_signal/wait)
+    and the clock are given, so the same logic runs under a fake clock and fake processes in tests."""
+
+    def __init__(self, popen: subprocess.Popen, stderr_path: str, label: str,
+                 clock: Callable[[], float] = time.monotonic):
+        self.popen, self.stderr_path, self.label, self.clock = popen, stderr_path, label, clock
         self.kill_reason: Optional[str] = None
         self.signalled_at: Optional[float] = None
         self.abort_sent_at: Optional[float] = None
-        self.started = time.monotonic()
+        self.kill_sent_at: Optional[float] = None  # the first SIGKILL: a process alive long after it is unkillable
+        self.started = clock()
+        self.pid = popen.pid
+
+    @classmethod
+    def start(cls, argv: list[str], stderr_path: str, label: str) -> "ChildProcess":
         with open(stderr_path, "wb") as err:
-            self.popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                          stderr=err, close_fds=True, env=_child_env())
-        self.pid = self.popen.pid
+            popen = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=err, close_fds=True, env=_child_env())
+        return cls(popen, stderr_path, label)
 
     def poll(self) -> Optional[int]:
         return self.popen.poll()
@@ -39,19 +48,18 @@ class ChildProcess:
 
     def send(self, sig: int, reason: str) -> None:
         if self.kill_reason is None:
-            self.kill_reason, self.signalled_at = reason, time.monotonic()
-        try:
-            os.kill(self.pid, sig)
-        except ProcessLookupError:
-            pass
+            self.kill_reason, self.signalled_at = reason, self.clock()
+        if sig == signal.SIGKILL and self.kill_sent_at is None:
+            self.kill_sent_at = self.clock()
+        self.popen.send_signal(sig)  # nothing once it has been reaped; a pid already gone is no error
 
     def escalate(self, reason: str, grace_s: float) -> None:
         """A hang: SIGABRT first (faulthandler writes every thread's stack into stderr), SIGKILL
         once `grace_s` has passed. Call on every tick while the process lives."""
         if self.abort_sent_at is None:
             self.send(signal.SIGABRT, reason)
-            self.abort_sent_at = time.monotonic()
-        elif time.monotonic() - self.abort_sent_at > grace_s and self.alive():
+            self.abort_sent_at = self.clock()
+        elif self.clock() - self.abort_sent_at > grace_s and self.alive():
             self.send(signal.SIGKILL, self.kill_reason or reason)
 
     @property
@@ -60,12 +68,16 @@ class ChildProcess:
 
     def kill_if_stuck(self, grace_s: float) -> None:
         """Asked to stop and still alive after `grace_s` (stuck in native code): SIGKILL."""
-        if self.signalled_at is not None and time.monotonic() - self.signalled_at > grace_s and self.alive():
+        if self.signalled_at is not None and self.clock() - self.signalled_at > grace_s and self.alive():
             self.send(signal.SIGKILL, self.kill_reason or "stop")
+
+    def unkillable_for(self, now: float) -> float:
+        """Seconds this process has outlived our SIGKILL (uninterruptible sleep in a driver); 0 before one."""
+        return 0.0 if self.kill_sent_at is None or not self.alive() else max(0.0, now - self.kill_sent_at)
 
     def stop(self, reason: str, timeout_s: float) -> Optional[int]:
         if self.kill_reason is None:
-            self.kill_reason, self.signalled_at = reason, time.monotonic()
+            self.kill_reason, self.signalled_at = reason, self.clock()
         return stop_process(self.popen, timeout_s)
 
     def stderr_tail(self, lines: int) -> str:
@@ -91,7 +103,7 @@ def _child_env() -> dict[str, str]:
 def spawn_worker(runtime: RuntimeDir, generation: int, rung: dict) -> ChildProcess:
     argv = [sys.executable, "-m", "gpu_worker", "--config", runtime.config, "--generation", str(generation),
             "--rung", json.dumps(rung), "--parent-pid", str(os.getpid())]
-    return ChildProcess(argv, runtime.worker_stderr(generation), f"worker-{generation}")
+    return ChildProcess.start(argv, runtime.worker_stderr(generation), f"worker-{generation}")
 
 
 def spawn_probe(runtime: RuntimeDir, rung: dict, tag: str) -> tuple[ChildProcess, str]:
@@ -100,7 +112,7 @@ def spawn_probe(runtime: RuntimeDir, rung: dict, tag: str) -> tuple[ChildProcess
         os.unlink(out)
     argv = [sys.executable, "-m", "gpu_worker.probe", "--config", runtime.config, "--rung", json.dumps(rung),
             "--out", out]
-    return ChildProcess(argv, runtime.probe_stderr(tag), f"probe-{tag}"), out
+    return ChildProcess.start(argv, runtime.probe_stderr(tag), f"probe-{tag}"), out
 
 
 def read_json(path: str) -> dict:

@@ -10,14 +10,18 @@ from typing import Any, Callable, Optional
 from configs import video_roots
 from pose_common import faults
 from pose_common import protocol as P
+from pose_common.ledger import LedgerUnavailable
 from pose_common.paths import PathRefused, resolve_inside
+from pose_common.views import job_view
 from supervisor import views
+from supervisor.outage import Outage
+from supervisor.parts import SupervisorParts
 
 Handler = Callable[[bytes, P.Envelope, Any], None]
 
 
 class RequestHandlers:
-    def __init__(self, sup: Any):
+    def __init__(self, sup: SupervisorParts):
         self.sup = sup
         self.table: dict[str, Handler] = {
             P.T.SUBMIT: self.submit, P.T.STATUS: self.status, P.T.CANCEL: self.cancel, P.T.HEALTH: self.health,
@@ -44,16 +48,25 @@ class RequestHandlers:
         if sup.slot.is_fatal:
             return self.answer(identity, env, 503, error=f"service is fatal: {sup.slot.fatal_reason()}",
                                status_word="fatal")
+        if sup.keeper.outage:
+            return self.refuse_for_ledger(identity, env, sup.keeper.outage)
         if len(sup.ledger.queue()) >= sup.cfg.jobs.queue_max:
             return self.answer(identity, env, 429, error=f"Queue full (max {sup.cfg.jobs.queue_max})",
-                               retry_after_s=sup.jobs.seconds_until_free(time.monotonic()))
+                               retry_after_s=sup.jobs.seconds_until_free(sup.clock()))
         refusal = self.refuse_path(body.video_path)
         if refusal:
             sup.log.warning("submit_refused", reason=refusal)
             return self.answer(identity, env, 403, error=refusal)
-        job, created = sup.ledger.accept(body.video_path, body.source, body.idempotency_key, body.max_frames)
+        try:
+            job, created = sup.ledger.accept(body.video_path, body.source, body.idempotency_key, body.max_frames)
+        except LedgerUnavailable as exc:
+            return self.refuse_for_ledger(identity, env, sup.keeper.lost(exc))
         sup.log.info("job_accepted", job_id=job.job_id, created=created)
-        self.answer(identity, env, 202 if created else 200, job={**sup.jobs.view(job.job_id), "created": created})
+        self.answer(identity, env, 202 if created else 200, job={**job_view(job, sup.ledger), "created": created})
+
+    def refuse_for_ledger(self, identity: bytes, env: P.Envelope, outage: Outage) -> None:
+        """A full disk under the ledger is a 507, any other outage a 503: nothing new is accepted meanwhile."""
+        self.answer(identity, env, outage.cause.http_status, error=outage.refusal(), code=outage.cause.code)
 
     def refuse_path(self, path: str) -> Optional[str]:
         """Defence in depth: the gateway checked the roots, and so does the ledger's only writer."""
@@ -75,7 +88,7 @@ class RequestHandlers:
         jobs = self.sup.jobs
         if jobs.view(body.job_id) is None:
             return self.answer(identity, env, 404, error="Job not found")
-        jobs.cancel(body.job_id, time.monotonic())
+        jobs.cancel(body.job_id, self.sup.clock())
         self.sup.retention.delete(body.job_id, "deleted by its owner (DELETE /v1/jobs/{job_id})")
         self.answer(identity, env, 200, job=jobs.view(body.job_id))
 
@@ -83,6 +96,8 @@ class RequestHandlers:
         sup = self.sup
         if not env.blobs:
             return self.answer(identity, env, 400, error="no image")
+        if not env.req:
+            return self.answer(identity, env, 400, error="an image request needs its request id (req) for the answer")
         if not sup.slot.serving:
             return self.answer(identity, env, 503, error=f"worker not ready ({sup.slot.life.label()})",
                                health=views.health(sup))
@@ -90,7 +105,7 @@ class RequestHandlers:
             sup.slot.worker_unreachable("the worker's socket refused an image")
             return self.answer(identity, env, 503, error="worker unreachable; it is being replaced")
         timeout = body.timeout_s or sup.cfg.deadlines.image_s
-        sup.images.add(env.req, identity, time.monotonic() + timeout)
+        sup.images.add(env.req, identity, self.sup.clock() + timeout)
 
     # --- what the service shows ------------------------------------------------------------------------
     def health(self, identity: bytes, env: P.Envelope, body: P.Request) -> None:

@@ -19,7 +19,7 @@ from pose_common.hostinfo import system_memory
 from pose_common.memplan import read_gpu_facts
 from supervisor.causes import Cause, Death, Ending, decode_exit
 from supervisor.gpu_plan import FactsReader, MemoryPlanner
-from supervisor.liveness import FramePace, RunClock, SchedReader, read_schedstat, silent_but_computing
+from supervisor.liveness import FramePace, Mark, RunClock, SchedReader, read_schedstat, silent_but_computing
 from supervisor.metrics import Metrics
 from supervisor.policy import Fatal, RestartPolicy
 from supervisor.process import ChildProcess, Spawner, read_json
@@ -64,6 +64,9 @@ class WorkerSlot:
         self.probed_ok: set[int] = set()
         self.proc: Optional[ChildProcess] = None
         self.probe: Optional[ProbeRun] = None
+        self.abandoned: list[ChildProcess] = []   # outlived SIGKILL: replaced, reaped if they ever end
+        self.images_in_flight: dict[str, Mark] = {}  # image requests the worker has not answered, since when
+        self.hang_stage: Optional[str] = None      # where our own deadline judged the worker hung, if it did
         self.backoff_until = 0.0
         self.fatal: Optional[Fatal] = None
         self.degraded_reason: Optional[str] = None
@@ -84,6 +87,7 @@ class WorkerSlot:
             P.T.HELLO: self.on_hello, P.T.HEARTBEAT: self.on_hb, P.T.STAGE: self.on_stage, P.T.READY: self.on_ready,
             P.T.DYING: self.on_dying}
         self.shutting_down = False
+        self.drilled: Optional[tuple[str, str]] = None  # a load-time fault an operator armed (kind, at)
 
     # --- what others ask ---------------------------------------------------------------------
     @property
@@ -145,6 +149,7 @@ class WorkerSlot:
         rung = self.ladder[self.rung_index]
         self.proc = self.spawner.worker(self.life.generation, rung)
         self.reported, self.rss, self.stage_names = None, None, []
+        self.images_in_flight, self.hang_stage = {}, None
         self.run_clock.attach(self.proc.pid, self.clock())
         self.last_seen = self.last_progress = self.run_clock.mark(self.clock())
         self.life.device = rung.get("device", "cpu")
@@ -182,19 +187,39 @@ class WorkerSlot:
 
     # --- deadlines ------------------------------------------------------------------------------
     def watch(self, now: float) -> None:
-        grace = self.cfg.supervisor.abort_grace_s
-        if self.probe is not None and self.probe.proc.alive():
+        grace, unkillable_after = self.cfg.supervisor.abort_grace_s, self.cfg.supervisor.unkillable_after_s
+        if self.probe is not None and self.probe.proc.unkillable_for(now) > unkillable_after:
+            self.abandon_probe(self.probe, now)
+        elif self.probe is not None and self.probe.proc.alive():
             self.watch_probe(self.probe, now, grace)
         proc = self.proc
         if proc is None or not proc.alive():
             return
-        if proc.escalating:
+        if proc.unkillable_for(now) > unkillable_after:
+            self.abandon_worker(proc, now)
+        elif proc.escalating:
             proc.escalate(proc.kill_reason or "hang", grace)
         elif proc.kill_reason:
             proc.kill_if_stuck(self.cfg.supervisor.stop_grace_s)
+        elif late := self.image_overdue(now):
+            self.hung("image", late, grace)
         elif overdue := self.overdue(now):
-            self.log.error("worker_hang", generation=self.life.generation, reason=overdue)
-            proc.escalate(f"hang: {overdue}", grace)
+            self.hung(self.life.stage, overdue, grace)
+
+    def hung(self, stage: Optional[str], reason: str, grace: float) -> None:
+        self.log.error("worker_hang", generation=self.life.generation, stage=stage, reason=reason)
+        self.hang_stage = stage
+        if self.proc is not None:
+            self.proc.escalate(f"hang: {reason}", grace)
+
+    def image_overdue(self, now: float) -> Optional[str]:
+        """An image the worker has not answered in deadlines.image_s of its run time: whatever it is
+        stuck in, it is stuck (while ready there is no other deadline to catch it)."""
+        if not self.images_in_flight or self.life.state not in (S.READY, S.BUSY):
+            return None
+        waited = self.run_clock.mark(now).run_s - min(m.run_s for m in self.images_in_flight.values())
+        limit = self.cfg.deadlines.image_s
+        return f"no answer to an image for {waited:.1f}s of run time (limit {limit:g}s)" if waited > limit else None
 
     def overdue(self, now: float) -> Optional[str]:
         """Every deadline counts the worker's run time (wall time less its waits for a CPU, see
@@ -290,6 +315,12 @@ class WorkerSlot:
     def on_dying(self, body: P.DyingReport, now: float) -> None:
         self.reported = {k: v for k, v in msgspec.structs.asdict(body).items() if v is not None}
 
+    def image_sent(self, req: str, now: float) -> None:
+        self.images_in_flight[req] = self.run_clock.mark(now)
+
+    def image_answered(self, req: Optional[str]) -> None:
+        self.images_in_flight.pop(req or "", None)
+
     def job_started(self, now: float) -> bool:
         if self.life.state is not S.READY:
             return False
@@ -340,8 +371,8 @@ class WorkerSlot:
         self.restart("reload")
 
     def drill(self, kind: str, at: str) -> None:
-        """Arm a load-time fault: the next worker (and its probe) are built with it."""
-        self.cfg.fault.kind, self.cfg.fault.at, self.cfg.fault.times = kind, at, 1
+        """Arm a load-time fault: the next worker (and its probe) are built with it (child_config)."""
+        self.drilled = (kind, at)
         self.probed_ok.clear()
         self.restart("drill")
 
@@ -354,6 +385,9 @@ class WorkerSlot:
 
     # --- how processes end ------------------------------------------------------------------------------
     def reap(self) -> None:
+        for gone in [p for p in self.abandoned if p.poll() is not None]:
+            self.abandoned.remove(gone)
+            self.log.warning("abandoned_process_ended", pid=gone.pid, label=gone.label, code=gone.poll())
         if self.probe is not None and self.probe.proc.poll() is not None:
             run, self.probe = self.probe, None
             self.finish_probe(run)
@@ -366,13 +400,28 @@ class WorkerSlot:
             self.events.worker_stopped(proc.kill_reason or "exit 0")
             self.life.move(S.EXITED, proc.kill_reason or "exit 0")
             return
+        self.worker_ended(proc, None)
+
+    def abandon_worker(self, proc: ChildProcess, now: float) -> None:
+        """It outlived SIGKILL for supervisor.unkillable_after_s (uninterruptible sleep in a driver):
+        it can no longer be waited for. Its job goes back, a new worker starts, and it is reaped if
+        it ever ends; its messages are an old generation's, dropped."""
+        self.log.error("worker_unkillable", generation=self.life.generation, pid=proc.pid,
+                       killed_for=proc.kill_reason, after_s=round(proc.unkillable_for(now), 1))
+        self.proc = None
+        self.abandoned.append(proc)
+        self.worker_ended(proc, proc.unkillable_for(now))
+
+    def worker_ended(self, proc: ChildProcess, unkillable_s: Optional[float]) -> None:
+        """A worker death, decoded, told and judged: exit -> cause -> policy."""
         crumb = self.spawner.crumb(self.life.generation)
         reported = self.reported or {}
         ending = self.ending_of("worker", proc, self.rung_index, self.reported,
-                                reported.get("stage") or crumb.get("stage") or self.life.stage,
-                                ("exc_type", "message", "traceback", "error_code"))
+                                reported.get("stage") or self.hang_stage or crumb.get("stage") or self.life.stage,
+                                ("exc_type", "message", "traceback", "error_code"), unkillable_s)
         if ending.death.stage == "frame":
             ending.frame = reported.get("frame", crumb.get("frame"))
+        ending.blames_job = self.hang_stage != "image"  # a job waiting behind a hung image did not kill it
         if self.boots and self.boots[-1]["generation"] == self.life.generation:
             self.boots[-1]["result"] = ending.cause.kind
         self.events.worker_died(ending)
@@ -380,12 +429,14 @@ class WorkerSlot:
         self.apply_policy(ending.cause)
 
     def ending_of(self, process: str, proc: ChildProcess, rung_index: int, reported: Optional[dict],
-                  stage: Optional[str], detail_keys: tuple[str, ...]) -> Ending:
+                  stage: Optional[str], detail_keys: tuple[str, ...], unkillable_s: Optional[float] = None) -> Ending:
         """The one place a death is recorded: exit status, our own signal, what the process said
         before it went, where it was, its stderr tail and memory, decoded into a cause."""
-        death = Death(returncode=proc.poll() or 0, killed_by_us=proc.kill_reason, reported=reported, stage=stage,
+        code = None if unkillable_s is not None else proc.poll() or 0
+        death = Death(returncode=code, killed_by_us=proc.kill_reason, reported=reported, stage=stage,
                       stderr_tail=proc.stderr_tail(self.cfg.supervisor.stderr_tail_lines),
-                      rss=self.rss if process == "worker" else None, system_memory=system_memory())
+                      rss=self.rss if process == "worker" else None, system_memory=system_memory(),
+                      unkillable_s=unkillable_s)
         said = reported or {}
         return Ending(process, decode_exit(death), death, self.life.generation, self.rung_label(rung_index),
                       detail={k: said[k] for k in detail_keys if said.get(k) not in (None, "", [])})
@@ -419,6 +470,17 @@ class WorkerSlot:
             self.step_down(f"detector probe {cause.kind} at stage {ending.death.stage}")
         else:
             self.apply_policy(cause)
+
+    def abandon_probe(self, run: ProbeRun, now: float) -> None:
+        """A probe that outlived SIGKILL: judged unkillable, like a worker (see abandon_worker)."""
+        self.probe = None
+        self.abandoned.append(run.proc)
+        ending = self.ending_of("probe", run.proc, run.rung_index, None, read_json(run.out).get("stage"),
+                                (), run.proc.unkillable_for(now))
+        self.events.probe_died(ending)
+        if not run.superseded and run.purpose == "boot" and self.life.state is S.PROBING:
+            self.life.move(S.EXITED, "probe unkillable")
+            self.apply_policy(ending.cause)
 
     def after_probe_ok(self, run: ProbeRun) -> None:
         if run.purpose == "boot" and self.life.state is S.PROBING:

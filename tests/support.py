@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -470,3 +471,19 @@ def assert_token_guards(url: str, token: str) -> None:
     wait_for(lambda: http("GET", url + "/health")[0] == 200, 30, what="the gateway")
     assert http("GET", url + "/v1/jobs")[0] == 401
     assert http("GET", url + "/v1/jobs", headers={"Authorization": f"Bearer {token}"})[0] != 401
+
+
+def closed_by_server(socks: list[socket.socket]) -> list[socket.socket]:
+    """The sockets the server has closed (readable, and nothing to read), seen in one look, in the
+    order given."""
+    readable, _, _ = select.select(socks, [], [], 0.5)
+    closed = []
+    for sock in readable:
+        try:
+            if sock.recv(1, socket.MSG_DONTWAIT) == b"":
+                closed.append(sock)
+        except BlockingIOError:
+            pass
+        except OSError:
+            closed.append(sock)
+    return sorted(closed, key=socks.index)

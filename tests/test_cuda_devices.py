@@ -83,6 +83,24 @@ def test_a_device_that_is_not_there_is_named_at_runtime(device, visible, words, 
     assert not [call for call in shim.calls if call[0] == "set_device"]
 
 
+@pytest.mark.parametrize("option,expected", [(None, True), ("false", False), ("on", True)])
+def test_tf32_is_on_for_a_cuda_rung_unless_turned_off(option, expected, monkeypatch):
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    options = {} if option is None else {"tf32": option}
+    before = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        with cuda_shim(physical=1):
+            engine = hp.HMR2PhalpEngine("cuda", options)
+            next(stage for stage in engine.stages() if stage.name == "runtime").run()
+        assert torch.backends.cuda.matmul.allow_tf32 is expected and torch.backends.cudnn.allow_tf32 is expected
+        assert engine.describe()["tf32"] is expected
+        cpu = hp.HMR2PhalpEngine("cpu", options)
+        next(stage for stage in cpu.stages() if stage.name == "runtime").run()
+        assert cpu.describe()["tf32"] is False
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = before
+
+
 def test_a_malformed_device_name_is_refused():
     with pytest.raises(ValueError, match="cuda, cuda:N or cpu"):
         hp.resolve_cuda_device(torch, "cuda:first")

@@ -899,3 +899,74 @@ def test_precision_auto_is_fp16_only_on_a_card_too_small_for_fp32(precision, dev
     assert hp.resolve_precision(settings, device, read_facts=lambda d: facts) == expected
     with pytest.raises(ValueError, match="precision"):
         hp.Settings.from_options({"precision": "int8"})
+
+
+# --- the texture sampler proves itself at load ---------------------------------------------------------
+class RenderedNothing:
+    """neural_renderer whose CUDA kernels never ran (built for another architecture): NMR prints and
+    returns the depth map it started with, the far plane everywhere."""
+    FAR = 100.0
+
+    class Renderer:
+        def __init__(self, **kwargs):
+            self.size = kwargs["image_size"]
+
+        def __call__(self, vertices, faces, mode, K, R, t):
+            import torch
+            return torch.full((vertices.shape[0], self.size, self.size), RenderedNothing.FAR)
+
+
+class Rasterizes(RenderedNothing):
+    """A renderer that does its job: projects with K and fills each covered pixel with its depth."""
+
+    class Renderer(RenderedNothing.Renderer):
+        def __call__(self, vertices, faces, mode, K, R, t):
+            import torch
+            depth = torch.full((1, self.size, self.size), RenderedNothing.FAR)
+            corners = vertices[0, faces[0, 0].long()]
+            pixels = (K[0] @ corners.T).T
+            pixels = pixels[:, :2] / pixels[:, 2:3]
+            ys, xs = torch.meshgrid(torch.arange(self.size) + 0.5, torch.arange(self.size) + 0.5, indexing="ij")
+            inside = torch.ones_like(xs, dtype=torch.bool)
+            for i in range(3):
+                a, b = pixels[i], pixels[(i + 1) % 3]
+                side = (b[0] - a[0]) * (ys - a[1]) - (b[1] - a[1]) * (xs - a[0])
+                inside &= side >= 0
+            if not inside.any():  # the other winding
+                inside = torch.ones_like(inside)
+                for i in range(3):
+                    a, b = pixels[i], pixels[(i + 1) % 3]
+                    inside &= (b[0] - a[0]) * (ys - a[1]) - (b[1] - a[1]) * (xs - a[0]) <= 0
+            depth[0][inside] = corners[:, 2].mean()
+            return depth
+
+
+def importing(module):
+    return lambda name: module if name == "neural_renderer" else __import__(name)
+
+
+def test_the_render_test_passes_a_renderer_that_draws_and_fails_one_whose_kernels_never_ran():
+    torch = pytest.importorskip("torch")
+    assert hp.texture_sampler_problem(torch.device("cpu"), importing(Rasterizes)) == ""
+    why = hp.texture_sampler_problem(torch.device("cpu"), importing(RenderedNothing))
+    assert "render test" in why and "depth 100" in why
+    assert hp.texture_sampler_problem(None, importing(RenderedNothing)) == "", "no device yet: the import only"
+    assert "in front of the triangle" in hp.depth_verdict(10.0, 10.0)
+
+
+def test_a_cuda_rung_whose_renderer_draws_nothing_runs_hmar_and_says_so(monkeypatch):
+    pytest.importorskip("torch")
+    from cuda_shim import cuda_shim
+    monkeypatch.setitem(sys.modules, "neural_renderer", RenderedNothing)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    with cuda_shim(physical=1):
+        engine = hp.HMR2PhalpEngine("cuda", {})
+        next(stage for stage in engine.stages() if stage.name == "runtime").run()
+        assert engine.appearance == "hmar"
+        note = engine.describe()["appearance_note"]
+    assert "render test" in note and "appearance=hmar" in note
+    monkeypatch.setitem(sys.modules, "neural_renderer", Rasterizes)
+    with cuda_shim(physical=1):
+        engine = hp.HMR2PhalpEngine("cuda", {})
+        next(stage for stage in engine.stages() if stage.name == "runtime").run()
+        assert engine.appearance == "texture" and "appearance_note" not in engine.describe()

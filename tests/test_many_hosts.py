@@ -91,3 +91,52 @@ def test_a_supervisor_whose_lease_was_taken_over_cannot_store_frames(pg):
         two.close()
 
 
+
+
+class SkewedClock:
+    """What `time` is to the ledger module on a host whose clock is `offset_s` off."""
+
+    def __init__(self, offset_s: float):
+        self.offset_s = offset_s
+
+    def time(self) -> float:
+        return time.time() + self.offset_s
+
+
+def test_leases_expire_by_the_database_clock_not_a_skewed_hosts(pg, monkeypatch):
+    """Before: claim, claim_render and renew read each host's time.time(): a host a minute ahead
+    took over a job whose lease had most of its 30 s to run, and one a minute behind renewed its
+    lease into the past."""
+    import pose_common.ledger as ledger_module
+
+    one, two = PgLedger(pg.url), PgLedger(pg.url)
+    try:
+        running, _ = one.accept("/v.mp4")
+        held = one.claim("host-a", lease_s=30).lease
+        monkeypatch.setattr(ledger_module, "time", SkewedClock(+60))  # host-b runs a minute ahead
+        assert two.claim("host-b", lease_s=30) is None
+        assert one.mark_rendering(held, 0, "/r.json", None, {})
+        assert two.claim_render("host-b", lease_s=30) is None
+        monkeypatch.setattr(ledger_module, "time", SkewedClock(-60))  # host-a, renewing, a minute behind
+        assert one.renew(held, 30)
+        monkeypatch.undo()
+        assert two.claim_render("host-b", lease_s=30) is None
+        assert one.job(running.job_id).owner == "host-a"
+    finally:
+        one.close()
+        two.close()
+
+
+def test_a_host_giving_up_on_a_shared_database_hands_back_its_jobs_and_fails_nobodys(pg):
+    one, two = PgLedger(pg.url), PgLedger(pg.url)
+    try:
+        first, second, third = (one.accept(f"/{name}.mp4")[0] for name in "abc")
+        assert one.claim("host-a", 60).job_id == first.job_id
+        assert two.claim("host-b", 60).job_id == second.job_id
+        assert two.give_up_host("host-b", "service fatal: weights missing") == [second.job_id]
+        assert [(j.state, j.owner) for j in map(one.job, (first.job_id, second.job_id, third.job_id))] == \
+            [("running", "host-a"), ("queued", None), ("queued", None)]
+        assert one.claim("host-c", 60).job_id == second.job_id  # taken over at once, no lease to wait out
+    finally:
+        one.close()
+        two.close()

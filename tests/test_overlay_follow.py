@@ -13,7 +13,7 @@ import pytest
 
 from pose_common.ledger import Ledger
 from pose_common.overlay import JobGone, StoredFrames, draw_video, partial_path
-from supervisor.jobs import OVERLAY_NICENESS
+from supervisor.renders import OVERLAY_NICENESS
 
 from support import Stack, make_clip, wait_for
 

@@ -6,7 +6,8 @@ import signal
 
 import pytest
 
-from gpu_worker.errors import classify
+from gpu_worker.engines.fault import sticky_cuda_error
+from gpu_worker.errors import STICKY_CUDA_ERRORS, classify
 from pose_common import exitcodes
 from supervisor.causes import Death, decode_exit
 from supervisor.policy import RestartPolicy
@@ -99,6 +100,38 @@ def test_worker_classifies_torch_errors_by_type_and_code():
     assert classify(RuntimeError("CUDA something"), during_load=False)[0] == "python_exception"
     assert classify(ImportError("no hmr2"), during_load=True)[0] == "load_failure"
     assert classify(ImportError("late"), during_load=False)[0] == "python_exception"
+
+
+@pytest.mark.parametrize("status", ["CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+                                    "CUDNN_STATUS_ALLOC_FAILED", "CUSOLVER_STATUS_ALLOC_FAILED"])
+def test_the_cuda_libraries_allocation_failures_are_out_of_memory(status):
+    """cuBLAS and cuDNN run out of memory as a RuntimeError naming their status, on every torch."""
+    assert classify(RuntimeError(f"CUDA error: {status}"), during_load=False)[0] == "cuda_oom"
+    assert classify(RuntimeError("CUDA error: out of memory"), during_load=False)[0] == "cuda_oom"
+    assert classify(RuntimeError(f"a log line that quotes CUDA error: {status[:8]}"), False)[0] == "python_exception"
+
+
+@pytest.mark.parametrize("code,text", sorted(STICKY_CUDA_ERRORS.items()))
+def test_sticky_errors_are_named_on_every_supported_torch(code, text):
+    """torch before 2.8 raises a RuntimeError with CUDA's text; from 2.8 an AcceleratorError with the code."""
+    before_2_8 = RuntimeError(f"CUDA error: {text}\nCUDA kernel errors might be asynchronously reported")
+    assert classify(before_2_8, during_load=False)[0] == "cuda_sticky"
+    torch = pytest.importorskip("torch")
+    since_2_8 = torch.AcceleratorError(f"CUDA error: {text}")
+    since_2_8.error_code = code
+    assert classify(since_2_8, during_load=False)[0] == "cuda_sticky"
+    recoverable = torch.AcceleratorError("CUDA error: invalid argument")
+    recoverable.error_code = 1
+    assert classify(recoverable, during_load=False)[0] == "python_exception"
+
+
+def test_the_sticky_drill_raises_what_the_installed_torch_would(monkeypatch):
+    torch = pytest.importorskip("torch")
+    assert type(sticky_cuda_error("frame:3")).__name__ == "AcceleratorError"
+    monkeypatch.delattr(torch, "AcceleratorError")  # torch 2.1 to 2.7
+    older = sticky_cuda_error("frame:3")
+    assert type(older) is RuntimeError
+    assert classify(older, during_load=False) == ("cuda_sticky", exitcodes.EX_CUDA_STICKY)
 
 
 # --- state machine --------------------------------------------------------------------------------

@@ -79,6 +79,9 @@ class FakeProc:
     def kill_if_stuck(self, grace_s):
         pass
 
+    def unkillable_for(self, now: float) -> float:
+        return 0.0  # every process here ends when it is killed (tests/test_supervisor_regressions.py: one that does not)
+
     def stop(self, reason, timeout_s):
         if self.kill_reason is None:
             self.kill_reason = reason

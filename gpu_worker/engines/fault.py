@@ -37,16 +37,26 @@ def fire(kind: str, where: str, hang_s: float) -> None:
         import torch
         raise torch.cuda.OutOfMemoryError(f"CUDA out of memory. Tried to allocate 2.00 GiB (injected at {where})")
     elif kind == "cuda_sticky":
-        import torch
-        exc = torch.AcceleratorError(f"CUDA error: an illegal memory access was encountered (injected at {where})")
-        exc.error_code = 700  # type: ignore[attr-defined]  # torch's stub omits the error_code its C++ side sets
-        raise exc
+        raise sticky_cuda_error(where)
     elif kind == "load_failure":
         from gpu_worker.errors import WeightsMissing
         raise WeightsMissing(f"injected: model file missing at {where}")
     else:
         raise ValueError(f"unknown fault kind {kind!r}; one of {', '.join(KINDS)}")
 
+
+
+def sticky_cuda_error(where: str) -> Exception:
+    """An illegal memory access as the installed torch raises it: AcceleratorError with its code from
+    torch 2.8 on, the plain RuntimeError with CUDA's text before (torch 2.1 to 2.7)."""
+    import torch
+    message = f"CUDA error: an illegal memory access was encountered (injected at {where})"
+    accelerator_error = getattr(torch, "AcceleratorError", None)
+    if accelerator_error is None:
+        return RuntimeError(message)
+    exc = accelerator_error(message)
+    exc.error_code = 700  # torch's stub omits the error_code its C++ side sets
+    return exc
 
 
 class FaultPlan:

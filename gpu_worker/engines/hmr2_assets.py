@@ -15,7 +15,8 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-HMR2_ARCHIVE = ("hmr2_data.tar.gz from https://www.cs.utexas.edu/~pavlakos/4dhumans/hmr2_data.tar.gz "
+HMR2_ARCHIVE_URL = "https://www.cs.utexas.edu/~pavlakos/4dhumans/hmr2_data.tar.gz"
+HMR2_ARCHIVE = (f"hmr2_data.tar.gz from {HMR2_ARCHIVE_URL} "
                 "(formerly people.eecs.berkeley.edu/~jathushan/projects/4dhumans/; a Hugging Face copy "
                 "is camenduru/4D-Humans), extracted into {dir}")
 PHALP_HOST = "https://www.cs.utexas.edu/~pavlakos/phalp/"

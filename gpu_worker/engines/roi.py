@@ -1,18 +1,25 @@
-"""The second pass: when an engine's detector finds nobody in a frame, look again where the rider was
-(the last box, enlarged) and then in the whole frame and overlapping tiles of it, upscaled.
+"""The second pass: when an engine's detector finds nobody in a frame, look again where the rider is
+likely to be (where his track says he is now, enlarged) and, once per lost stretch, in overlapping tiles
+of the frame at three sizes, enlarged.
 
-A small rider (about 100 px in a 640x360 clip) is a few dozen pixels at a detector's input size; cut
-out and enlarged, the same pixels are big enough. Every person returned was found by the engine's own
-model in this frame's pixels (never copied from a neighbour); only the coordinates are mapped back.
-Frames the first pass finds never reach this module, so they cost nothing extra.
+A small rider (a few dozen pixels in a 640x360 clip) is too small for a pose detector that sees the
+frame at 224 px; cut out and enlarged, the same pixels are big enough. Every person returned was found
+by the engine's own model in this frame's pixels (never copied from a neighbour); only the coordinates
+are mapped back. Frames the first pass finds never reach the search, so they cost nothing extra.
 
-A single image (no video around it) gets more: after the whole frame and the tiles, enlarged centre
-crops and smaller tiles (a distant rider in a wide shot), within a time budget.
+What keeps it cheap (issue 30): the track's regions are few and come first; the wide search runs when
+the track is unknown (a new video, a cut, a stretch lost for long), not on every lost frame, and less
+often the longer the frame stays empty. What keeps it honest: a person found in a large region who is
+small in it must be found again in a region cut around him (the model, closer, agrees), and a person
+whose landmarks the model itself barely believes (mean visibility below MIN_PERSON_SCORE) is dropped.
+
+A single image (no video around it) gets every region, centre crops too, within a time budget.
 
 Any engine can use it: give RiderSearch a function that finds persons in an RGB image, with no video
 state (MediaPipe's static-image graph, a detector + pose model), and call `fill()` on each result."""
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass
 from typing import Any, Callable, Optional
@@ -23,21 +30,47 @@ from gpu_worker.engines.base import Person
 
 Detect = Callable[[np.ndarray], list[Person]]
 
-# Measured on the shared clip (its first-pass misses, by grow and upscale): no single enlargement
-# finds the rider in every missed frame, a few in turn do. Each entry is (grow factor of the last box, upscale).
-AROUND_LAST_BOX = ((2.0, 1), (1.5, 1), (3.0, 1), (2.0, 2), (1.5, 2), (2.5, 2))
-# Half-overlapping tiles: a rider up to half a tile in each direction is whole in one of them.
+# Around the rider's last box: a square this many times the box's longer side, enlarged by the given
+# factor (None: enough for the landmark model), in this order; which list by his size in the frame.
+# A rider of a fifth of the frame's height or more: on the shared clip's 100-px rider no one of these
+# finds him in all of its first-pass misses, all of them in turn do (dropping the ones that found
+# fewest on the clip 5x re-encoded lost 3 of the clip's 122 frames); 4x his size goes beyond the frame.
+# A smaller rider: measured on the generated set (bench/recall_set.py, a seed the tests do not use) with
+# the true box, 4x his size finds him most often (the pose detector wants context around a small
+# person), then 3x and 2x; 1.5x and 6x add nothing.
+LARGE_RIDER_REGIONS: tuple[tuple[float, Optional[int]], ...] = (
+    (2.0, 1), (1.5, 1), (3.0, 1), (2.0, 2), (1.5, 2), (2.5, 2), (3.0, None))
+SMALL_RIDER_REGIONS: tuple[tuple[float, Optional[int]], ...] = ((4.0, None), (3.0, None), (2.0, None))
+SMALL_RIDER_SHARE = 0.2
+# A cut-out is enlarged (whole factors, up to this) until its shorter side reaches the pose landmark
+# model's input (256 px): the model gets the rider's own pixels, not the graph's coarser resampling.
+LANDMARK_INPUT_PX, MAX_SCALE = 256, 4
+# Half-overlapping tiles at three sizes: a rider up to half a tile in each direction is whole in one.
 TILE_ROWS, TILE_COLS, TILE_OVERLAP, TILE_SCALE = 2, 3, 0.5, 2
+CLOSE_TILE_ROWS, CLOSE_TILE_COLS, CLOSE_TILE_SCALE = 4, 6, 3
 MIN_REGION_PX = 32
 EDGE_PX = 2
-# The second pass looks where a rider is likely (where one just was, or a tile enlarged), so it accepts
-# a weaker detection: with MediaPipe, 0.3 finds all 7 first-pass misses of the shared clip, 0.5 finds 3.
+# The second pass looks where a rider is likely, so it accepts a weaker detection than the first pass.
 DEFAULT_MIN_DETECTION_CONFIDENCE = 0.3
+# A person whose landmarks' mean visibility is below this is the model guessing a body into texture (a
+# hedge, a tree line): such persons on the generated set's backgrounds scored 0.25-0.37, riders the
+# model barely sees (mid-jump, legs hidden) from 0.45.
+MIN_PERSON_SCORE = 0.4
+# A person whose box is smaller than this share of the region he was found in is checked again closer,
+# in squares of these sizes around him (as the track's regions).
+CONFIRM_BELOW, CONFIRM_GROWS = 1 / 3, (3.0, 2.0)
 # A single image: centre crops of 1/2 and 1/3 of the frame's shorter side (square, as the pose
-# detector's input is), enlarged; then 4 x 6 half-overlapping tiles (2/5 of the frame's height), 3x.
+# detector's input is), enlarged.
 CENTRE_FRACTIONS = ((2, 2), (3, 3))  # (1/fraction of the shorter side, upscale)
-CLOSE_TILE_ROWS, CLOSE_TILE_COLS, CLOSE_TILE_SCALE = 4, 6, 3
 DEFAULT_IMAGE_BUDGET_S = 4.0
+# A cut: the mean change of a 32x18 grey thumbnail between two frames, in grey levels (a pan of a few
+# pixels a frame moves it by a few levels, a new shot by tens).
+THUMB_SIZE, CUT_LEVELS = (32, 18), 40.0
+TRACK_LENGTH = 3
+# Around where the track's motion puts the rider when that is a quarter of his size or more from his
+# last box (a small rider: the first two of SMALL_RIDER_REGIONS).
+MOTION_REGIONS: tuple[tuple[float, Optional[int]], ...] = ((2.0, None), (3.0, None))
+MOVED_SHARE = 0.25
 
 
 def min_detection_confidence(options: dict[str, Any]) -> float:
@@ -52,7 +85,7 @@ class Region:
     x1: int
     y1: int
     scale: int
-    kind: str  # "last_box", "frame", "tile" or "centre"
+    kind: str  # "track", "tile" or "centre"
 
     def cut(self, rgb: np.ndarray) -> np.ndarray:
         import cv2
@@ -61,12 +94,19 @@ class Region:
             return crop
         return cv2.resize(crop, None, fx=self.scale, fy=self.scale, interpolation=cv2.INTER_CUBIC)
 
+    @property
+    def side(self) -> int:
+        return min(self.x1 - self.x0, self.y1 - self.y0)
+
     def holds_whole(self, box: list[float], width: int, height: int) -> bool:
         """False when the box (frame coordinates) touches an edge of this region that is not the frame's:
         the person probably goes on beyond it, and a neighbouring region may hold all of them."""
         x0, y0, x1, y1 = box
         return ((self.x0 == 0 or x0 > self.x0 + EDGE_PX) and (self.y0 == 0 or y0 > self.y0 + EDGE_PX)
                 and (self.x1 == width or x1 < self.x1 - EDGE_PX) and (self.y1 == height or y1 < self.y1 - EDGE_PX))
+
+    def is_small_in(self, box: list[float]) -> bool:
+        return max(box[2] - box[0], box[3] - box[1]) < CONFIRM_BELOW * self.side
 
     def to_frame(self, person: Person) -> Person:
         """A person found in the cut-out, in the frame's pixel coordinates (3D stays as the model gave it)."""
@@ -84,14 +124,22 @@ class Region:
         return mapped
 
 
-def around(box: list[float], grow: float, scale: int, width: int, height: int) -> Optional[Region]:
-    """A square `grow` times the box's longer side, centred on it, clipped to the frame."""
+def enlargement(side: int) -> int:
+    return max(1, min(MAX_SCALE, math.ceil(LANDMARK_INPUT_PX / max(1, side))))
+
+
+def around(box: list[float], grow: float, scale: Optional[int], width: int, height: int,
+           kind: str = "track") -> Optional[Region]:
+    """A square `grow` times the box's longer side, centred on it, clipped to the frame; enlarged by
+    `scale`, or (None) enough for the landmark model."""
     x0, y0, x1, y1 = box
     half = max(x1 - x0, y1 - y0) * grow / 2
     cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
-    region = Region(int(max(0, cx - half)), int(max(0, cy - half)), int(min(width, cx + half)),
-                    int(min(height, cy + half)), scale, "last_box")
-    return region if min(region.x1 - region.x0, region.y1 - region.y0) >= MIN_REGION_PX else None
+    left, top = int(max(0, cx - half)), int(max(0, cy - half))
+    right, bottom = int(min(width, cx + half)), int(min(height, cy + half))
+    if min(right - left, bottom - top) < MIN_REGION_PX:
+        return None
+    return Region(left, top, right, bottom, scale or enlargement(min(right - left, bottom - top)), kind)
 
 
 def tiles(width: int, height: int, rows: int = TILE_ROWS, cols: int = TILE_COLS,
@@ -109,90 +157,26 @@ def tiles(width: int, height: int, rows: int = TILE_ROWS, cols: int = TILE_COLS,
     return out
 
 
-class RiderSearch:
-    """Remembers where the rider was; on an empty frame, tries the regions in order and stops at the
-    first that holds a whole person. Options (engine.options): second_pass (default true),
-    second_pass_memory_frames (how long a last box is trusted, default 30), second_pass_retry_frames
-    (after a whole-frame search found nobody, the empty frames before the next one, default 5: a clip
-    with nobody in it for a while costs a few detections per frame, not twenty); for single images,
-    second_pass_image_closer (centre crops and smaller tiles too, default true) and
-    second_pass_image_budget_s (the most a single image's search may take, default 4 s)."""
-
-    def __init__(self, detect: Detect, options: dict[str, Any]):
-        self.detect = detect
-        self.enabled = bool(options.get("second_pass", True))
-        self.memory_frames = int(options.get("second_pass_memory_frames", 30))
-        self.retry_frames = int(options.get("second_pass_retry_frames", 5))
-        self.image_closer = bool(options.get("second_pass_image_closer", True))
-        self.image_budget_s = float(options.get("second_pass_image_budget_s", DEFAULT_IMAGE_BUDGET_S))
-        self.tried = 0  # regions run through the detector (the second pass's whole cost)
-        self.forget()
-
-    def forget(self) -> None:
-        """A new video: nothing is known about where the rider is."""
-        self.last_box: Optional[list[float]] = None
-        self.frames_since_seen = 0
-        self.wide_search_in = 0
-
-    def fill(self, persons: list[Person], rgb: np.ndarray, follow: bool = True) -> list[Person]:
-        """`persons` as the first pass found them, or what the second pass finds when they are none.
-        follow=False (single images): no memory of a previous frame, every region tried."""
-        if not persons and self.enabled:
-            deadline = None if follow else time.monotonic() + self.image_budget_s
-            persons = self.search(rgb, self.regions_for(rgb.shape[1], rgb.shape[0], follow), deadline)
-        if follow:
-            self.remember(persons)
-        return persons
-
-    def regions_for(self, width: int, height: int, follow: bool) -> list[Region]:
-        if not follow:
-            return wide(width, height) + (closer(width, height) if self.image_closer else [])
-        chosen = [] if self.last_box is None else near(self.last_box, width, height)
-        if self.wide_search_in > 0:
-            self.wide_search_in -= 1
-            return chosen
-        self.wide_search_in = self.retry_frames
-        return chosen + wide(width, height)
-
-    def remember(self, persons: list[Person]) -> None:
-        if persons:
-            self.last_box, self.frames_since_seen, self.wide_search_in = list(persons[0]["bbox_xyxy"]), 0, 0
-            return
-        self.frames_since_seen += 1
-        if self.frames_since_seen > self.memory_frames:
-            self.last_box = None
-
-    def search(self, rgb: np.ndarray, regions: list[Region], deadline: Optional[float] = None) -> list[Person]:
-        """The first region whose person is whole, tried until `deadline` (time.monotonic()) if given. One
-        cut by the region's edge inside the frame is not taken: measured on the shared clip, such
-        cut-offs were mostly a false, flattened pose at a tile's corner."""
-        height, width = rgb.shape[:2]
-        for region in regions:
-            if deadline is not None and time.monotonic() > deadline:
-                break
-            self.tried += 1
-            found = [region.to_frame(person) for person in self.detect(region.cut(rgb))]
-            if found and region.holds_whole(found[0]["bbox_xyxy"], width, height):
-                return found
-        return []
+def nearest_first(regions: list[Region], x: float, y: float) -> list[Region]:
+    """Regions by the distance of their centre to (x, y): where the rider last was, or the frame's centre
+    (a camera follows its rider)."""
+    return sorted(regions, key=lambda r: ((r.x0 + r.x1) / 2 - x) ** 2 + ((r.y0 + r.y1) / 2 - y) ** 2)
 
 
-def near(last_box: list[float], width: int, height: int) -> list[Region]:
-    """Where the rider was, enlarged by each of AROUND_LAST_BOX in turn."""
-    regions = [around(last_box, grow, scale, width, height) for grow, scale in AROUND_LAST_BOX]
-    return [region for region in regions if region is not None]
-
-
-def wide(width: int, height: int) -> list[Region]:
-    """The whole frame enlarged, then tiles, then smaller tiles (a smaller rider needs more enlarging)."""
-    return [Region(0, 0, width, height, TILE_SCALE, "frame"), *tiles(width, height),
-            *tiles(width, height, rows=TILE_ROWS + 1, cols=TILE_COLS + 1)]
+def wide(width: int, height: int, near: Optional[tuple[float, float]] = None) -> list[Region]:
+    """Tiles at three sizes (a smaller rider needs a smaller tile, more enlarged), each size nearest
+    `near` (default the frame's centre) first. Not the whole frame: the first pass saw it, and enlarged
+    whole at a lower threshold it gave mostly a tiny rider stretched into a lying body."""
+    x, y = near or (width / 2, height / 2)
+    return [*nearest_first(tiles(width, height), x, y),
+            *nearest_first(tiles(width, height, rows=TILE_ROWS + 1, cols=TILE_COLS + 1), x, y),
+            *nearest_first(tiles(width, height, rows=CLOSE_TILE_ROWS, cols=CLOSE_TILE_COLS,
+                                 scale=CLOSE_TILE_SCALE), x, y)]
 
 
 def closer(width: int, height: int) -> list[Region]:
-    """For a single image, after `wide`: enlarged centre crops, then smaller tiles."""
-    return [*centre_crops(width, height),
-            *tiles(width, height, rows=CLOSE_TILE_ROWS, cols=CLOSE_TILE_COLS, scale=CLOSE_TILE_SCALE)]
+    """For a single image, after `wide`: enlarged centre crops."""
+    return centre_crops(width, height)
 
 
 def centre_crops(width: int, height: int) -> list[Region]:
@@ -205,3 +189,176 @@ def centre_crops(width: int, height: int) -> list[Region]:
         if min(region.x1 - region.x0, region.y1 - region.y0) >= MIN_REGION_PX:
             regions.append(region)
     return regions
+
+
+class CutDetector:
+    """Tells a new shot from the next frame of the same one, by how much a tiny grey thumbnail changed."""
+
+    def __init__(self) -> None:
+        self.previous: Optional[np.ndarray] = None
+
+    def is_cut(self, rgb: np.ndarray) -> bool:
+        import cv2
+        thumb = cv2.resize(cv2.cvtColor(rgb, cv2.COLOR_RGB2GRAY), THUMB_SIZE, interpolation=cv2.INTER_AREA)
+        thumb = thumb.astype(np.float32)
+        previous, self.previous = self.previous, thumb
+        return previous is not None and float(np.abs(thumb - previous).mean()) > CUT_LEVELS
+
+
+class Track:
+    """The rider's last few boxes (frame number, box): where he should be now, moving as he moved."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[int, list[float]]] = []
+
+    def add(self, frame: int, box: list[float]) -> None:
+        self.seen = [*self.seen[-(TRACK_LENGTH - 1):], (frame, list(box))]
+
+    def predicted(self, frame: int) -> Optional[list[float]]:
+        """The last box moved to `frame` by the velocity of its centre over the last sightings (its size
+        kept: a box that grows or shrinks mostly shows the pose changing)."""
+        if not self.seen:
+            return None
+        last_frame, last = self.seen[-1]
+        if len(self.seen) < 2:
+            return last
+        first_frame, first = self.seen[0]
+        ahead = (frame - last_frame) / max(1, last_frame - first_frame)
+        dx = ((last[0] + last[2]) - (first[0] + first[2])) / 2 * ahead
+        dy = ((last[1] + last[3]) - (first[1] + first[3])) / 2 * ahead
+        return [last[0] + dx, last[1] + dy, last[2] + dx, last[3] + dy]
+
+    def last_centre(self) -> Optional[tuple[float, float]]:
+        if not self.seen:
+            return None
+        box = self.seen[-1][1]
+        return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+
+
+def moved(last: list[float], predicted: list[float]) -> bool:
+    size = max(last[2] - last[0], last[3] - last[1])
+    shift = max(abs(a - b) for a, b in zip(last, predicted))
+    return shift >= MOVED_SHARE * size
+
+
+class RiderSearch:
+    """Follows the rider; on an empty frame, tries the regions in order and stops at the first that
+    holds a whole, believable person. Options (engine.options): second_pass (default true),
+    second_pass_memory_frames (how long a track is trusted, default 30), second_pass_retry_frames
+    (the empty frames between two wide searches in a lost stretch, default 5, doubled after each that
+    finds nobody, up to second_pass_memory_frames: a long empty stretch costs almost nothing); for
+    single images, second_pass_image_closer (centre crops too, default true) and
+    second_pass_image_budget_s (the most a single image's search may take, default 4 s)."""
+
+    def __init__(self, detect: Detect, options: dict[str, Any]):
+        self.detect = detect
+        self.enabled = bool(options.get("second_pass", True))
+        self.memory_frames = int(options.get("second_pass_memory_frames", 30))
+        self.retry_frames = int(options.get("second_pass_retry_frames", 5))
+        self.image_closer = bool(options.get("second_pass_image_closer", True))
+        self.image_budget_s = float(options.get("second_pass_image_budget_s", DEFAULT_IMAGE_BUDGET_S))
+        self.tried = 0  # regions run through the detector (the second pass's whole cost)
+        self.wide_searches = 0
+        self.forget()
+
+    def forget(self) -> None:
+        """A new video: nothing is known about where the rider is."""
+        self.track = Track()
+        self.cuts = CutDetector()
+        self.frame = -1
+        self.lost_run = 0  # consecutive frames with nobody found, by either pass
+        self.wide_in = 0  # empty frames before the next wide search may run
+        self.wide_gap = self.retry_frames
+
+    def fill(self, persons: list[Person], rgb: np.ndarray, follow: bool = True) -> list[Person]:
+        """`persons` as the first pass found them, or what the second pass finds when they are none.
+        follow=False (single images): no memory of a previous frame, every region tried."""
+        if not follow:
+            if persons or not self.enabled:
+                return persons
+            deadline = time.monotonic() + self.image_budget_s
+            regions = wide(rgb.shape[1], rgb.shape[0]) + (closer(rgb.shape[1], rgb.shape[0])
+                                                          if self.image_closer else [])
+            return self.search(rgb, regions, deadline)
+        self.frame += 1
+        if self.cuts.is_cut(rgb):
+            self.new_shot()
+        if not persons and self.enabled:
+            persons = self.search(rgb, self.regions_for(rgb.shape[1], rgb.shape[0]))
+        self.remember(persons)
+        return persons
+
+    def new_shot(self) -> None:
+        """After a cut the rider may be anywhere: the old track is no guide, a wide search is due."""
+        self.track = Track()
+        self.wide_in, self.wide_gap = 0, self.retry_frames
+
+    def regions_for(self, width: int, height: int) -> list[Region]:
+        """The track's regions; then, if due, the wide search: when there is no track (a new video, a
+        cut) or it is older than second_pass_retry_frames (a rider seen a moment ago is near his track:
+        searching the whole frame for him again and again was most of the cost)."""
+        predicted = self.track.predicted(self.frame)
+        chosen = [] if predicted is None else self.track_regions(predicted, width, height)
+        if (predicted is not None and self.frame - self.track.seen[-1][0] <= self.retry_frames) or self.wide_in > 0:
+            self.wide_in = max(0, self.wide_in - 1)
+            return chosen
+        self.wide_searches += 1
+        self.wide_in, self.wide_gap = self.wide_gap, min(self.memory_frames, self.wide_gap * 2)
+        return chosen + wide(width, height, self.track.last_centre())
+
+    def track_regions(self, predicted: list[float], width: int, height: int) -> list[Region]:
+        """Around the last box, then around where the track's motion puts him now (a fast rider has
+        left the last box; a rider slowed in the air has not)."""
+        last = self.track.seen[-1][1]
+        small = max(last[2] - last[0], last[3] - last[1]) < SMALL_RIDER_SHARE * height
+        regions = [around(last, grow, scale, width, height)
+                   for grow, scale in (SMALL_RIDER_REGIONS if small else LARGE_RIDER_REGIONS)]
+        if moved(last, predicted):
+            regions += [around(predicted, grow, scale, width, height)
+                        for grow, scale in (SMALL_RIDER_REGIONS[:2] if small else MOTION_REGIONS)]
+        return [region for region in regions if region is not None]
+
+    def remember(self, persons: list[Person]) -> None:
+        if persons:
+            self.track.add(self.frame, persons[0]["bbox_xyxy"])
+            self.lost_run, self.wide_in, self.wide_gap = 0, 0, self.retry_frames
+            return
+        self.lost_run += 1
+        if self.track.seen and self.frame - self.track.seen[-1][0] > self.memory_frames:
+            self.track = Track()
+
+    def search(self, rgb: np.ndarray, regions: list[Region], deadline: Optional[float] = None) -> list[Person]:
+        """The first region that holds a whole, believable person, tried until `deadline`
+        (time.monotonic()) if given."""
+        height, width = rgb.shape[:2]
+        for region in regions:
+            if deadline is not None and time.monotonic() > deadline:
+                break
+            found = self.whole_person_in(region, rgb, width, height)
+            if found and region.is_small_in(found[0]["bbox_xyxy"]):
+                found = self.confirmed_closer(found, rgb, width, height)
+            if found:
+                return found
+        return []
+
+    def whole_person_in(self, region: Region, rgb: np.ndarray, width: int, height: int) -> list[Person]:
+        """The persons the model finds in the region, if the first is whole in it and believable. One cut
+        by the region's edge inside the frame is not taken: measured on the shared clip, such cut-offs
+        were mostly a false, flattened pose at a tile's corner."""
+        self.tried += 1
+        found = [region.to_frame(person) for person in self.detect(region.cut(rgb))]
+        if not found or not region.holds_whole(found[0]["bbox_xyxy"], width, height):
+            return []
+        return found if float(found[0].get("score", 1.0)) >= MIN_PERSON_SCORE else []
+
+    def confirmed_closer(self, found: list[Person], rgb: np.ndarray, width: int, height: int) -> list[Person]:
+        """A person small in a large region, found again in a region cut around him: that answer (the
+        model sees him larger), keeping the first region's name; nobody if the model does not agree."""
+        for grow in CONFIRM_GROWS:
+            region = around(found[0]["bbox_xyxy"], grow, None, width, height)
+            if region is None:
+                return found
+            closer_look = self.whole_person_in(region, rgb, width, height)
+            if closer_look:
+                return [{**person, "found_by": found[0]["found_by"]} for person in closer_look]
+        return []

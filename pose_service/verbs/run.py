@@ -13,6 +13,7 @@ from typing import Any
 
 from configs import Config, ledger_location
 from pose_common.client import SupervisorClient, Unavailable
+from pose_common.job_states import is_terminal
 
 
 def run_clip(cfg: Config, args, overrides: list[str]) -> int:
@@ -79,7 +80,7 @@ async def follow_job(cfg: Config, video: str, args, frame_hint: int, sup: subpro
             bar.set_postfix_str("writing the overlay" if job.get("phase") == "rendering" else "", refresh=False)
             for line in events.restarts():
                 bar.write(line)
-            if job["state"] in ("done", "error"):
+            if is_terminal(job["state"]):
                 break
             await asyncio.sleep(0.2)
         bar.close()

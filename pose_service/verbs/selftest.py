@@ -62,6 +62,8 @@ def run_rung(rung: dict, clip: str, frames: int) -> dict[str, Any]:
         row.pop("stage")
         row["load_s"] = round(time.monotonic() - started, 3)
         row["precision"] = getattr(getattr(engine, "inner", engine), "precision", None)
+        described = engine.describe()
+        row.update({k: described[k] for k in ("appearance", "appearance_note", "tf32") if k in described})
         spent = 0.0
         for meta, index, pts, rgb in decode(clip):
             if index >= frames:
@@ -141,6 +143,8 @@ def print_report(report: dict[str, Any]) -> None:
         print(f"  {name:<32} load {row['load_s']:.1f} s, {row['fps'] or 0:.2f} fps, person in "
               f"{row['persons_frames']}/{row.get('frames', report['frames'])} frames, precision {row['precision']}, "
               f"GPU peak torch {peak['torch']} MB / NVML {peak['nvml']} MB")
+        if row.get("appearance_note"):
+            print(f"  {'':<32} appearance {row['appearance']}: {row['appearance_note']}")
 
 
 def selftest_command(cfg: Config, args: Any) -> int:

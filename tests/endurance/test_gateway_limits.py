@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import select
 import shutil
 import socket
 import subprocess
@@ -25,7 +24,7 @@ import pytest
 from configs import load_config
 from gateway.security import startup_refusal
 
-from support import REPO, Stack, free_port, http, make_clip, wait_for
+from support import REPO, Stack, closed_by_server, free_port, http, make_clip, wait_for
 
 NOOP = ["engine.name=noop", "probe.enabled=false"]
 TOKEN = "limits-" + os.urandom(6).hex()
@@ -426,18 +425,3 @@ def test_a_flood_of_slow_bodies_leaves_health_answering_within_5_s(stack):
         for exchange in slow:
             exchange.answered.set()
             exchange.sock.close()
-
-
-def closed_by_server(socks: list[socket.socket]) -> list[socket.socket]:
-    """The sockets the server has closed (readable, and nothing to read), seen in one look."""
-    readable, _, _ = select.select(socks, [], [], 0.5)
-    closed = []
-    for sock in readable:
-        try:
-            if sock.recv(1, socket.MSG_DONTWAIT) == b"":
-                closed.append(sock)
-        except BlockingIOError:
-            pass
-        except OSError:
-            closed.append(sock)
-    return closed

@@ -10,6 +10,8 @@ import random
 import time
 from contextlib import contextmanager
 
+from pose_common.ledger import Ledger
+
 from support import CLIP, PHOTO, Served, Stack, http, make_clip, needs_shared_data, wait_for
 
 STATES_HIT = {"probing", "spawning", "loading"}  # the shots must land in each of these
@@ -39,14 +41,17 @@ def test_200_reloads_and_drills_at_random_moments_lose_no_job_and_no_frame(tmp_p
             time.sleep(rng.uniform(0.0, 0.8))
         assert shot == 199, f"only {shot + 1} shots in the time allowed"
         assert STATES_HIT <= seen_states, seen_states
-        health = wait_for(lambda: (h := stack.conn.health()).get("status") == "ready" and h, 90,
-                          what="ready after the attack")
-        assert health["rung_index"] == 0 or health["status"] == "ready", health
+        wait_for(lambda: stack.conn.health().get("status") == "ready", 90, what="ready after the attack")
+        assert stack.procs["supervisor"].poll() is None, "the supervisor itself fell under the attack"
+        ledger = Ledger(str(stack.state_dir / "ledger.sqlite3"), readonly=True)
         for job_id in jobs:
             job = stack.wait_job(job_id, timeout=120)
             assert job["state"] == "done", job
             frames = stack.result(job)["frames"]
             assert [f["frame_index"] for f in frames] == list(range(60)), job_id
+            # reloads give the attempt back: only the deaths the job lived through are charged
+            deaths = [e for e in ledger.events_since(job_id, limit=10_000) if e["type"] == "restart"]
+            assert job["attempts"] == 1 + len(deaths), (job_id, job["attempts"], deaths)
     finally:
         stack.stop()
 

@@ -57,3 +57,30 @@ def test_postgresql_restarted_mid_job_loses_nothing(tmp_path, pg):  # noqa: F811
         assert http("GET", host.url + "/v1/health")[1]["ledger"] == "ok"
     finally:
         host.stop()
+
+
+def test_one_host_going_fatal_fails_nothing_of_the_others(tmp_path, pg):  # noqa: F811  (fixtures imported above)
+    """Issue 28: a host whose weights are missing (a load failure no restart fixes) went fatal and
+    failed every job in the shared queue, the other host's running one included. Now it hands back
+    only what it held, and the healthy host finishes every job."""
+    clip = make_clip(tmp_path / "clip.mp4", frames=60)
+    healthy = daemon(tmp_path, "a", pg, "+engine.options.frame_delay_s=0.03")
+    broken = None
+    try:
+        healthy.wait_ready()
+        jobs = [http("POST", healthy.url + "/v1/jobs", {"video_path": str(clip)})[1]["job_id"] for _ in range(4)]
+        wait_for(lambda: healthy.job(jobs[0]).get("frames_done", 0) >= 10, 30, interval=0.05, what="10 frames")
+        broken = daemon(tmp_path, "b", pg, "fault.kind=load_failure", "fault.at=stage:weights",
+                        "supervisor.fatal_retry_s=0")
+        wait_for(lambda: http("GET", broken.url + "/v1/health", timeout=5)[1].get("status") == "fatal", 60,
+                 what="the host without weights to go fatal")
+        assert "jobs_failed_by_fatal" in broken.log_text()  # it went through giving up, not around it
+        for job_id in jobs:
+            job = healthy.wait_job(job_id, timeout=120)
+            assert job["status"] == "done", job
+            assert frames_of(healthy.url, job_id) == list(range(60))
+        assert dispatched_by(broken) == set()
+    finally:
+        healthy.stop()
+        if broken is not None:
+            broken.stop()

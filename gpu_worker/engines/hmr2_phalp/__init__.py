@@ -20,8 +20,11 @@ from gpu_worker.engines.base import FrameOut, LoadStage, Person
 from gpu_worker.engines.hmr2_phalp.appearance import (
     AppearanceChoice,
     choose_appearance,
+    depth_verdict,
+    known_triangle_depth,
     neural_renderer_problem,
     neural_renderer_row,
+    texture_sampler_problem,
 )
 from gpu_worker.engines.hmr2_phalp.detectors import (
     LazyConfigPredictor,
@@ -86,7 +89,8 @@ __all__ = [
     "frame_measurements", "frame_name_for", "FrameOut", "full_frame_focal", "HMR2_BBOX_SHAPE", "HMR2_CROP_PX",
     "HMR2_FOCAL_PX", "hmr2_hmar_adapter_class", "HMR2PhalpEngine", "JOINT_NAMES", "joints_2d_to_pixels",
     "LazyConfigPredictor", "LoadStage", "make_current", "make_person", "MediaPipePersonDetector",
-    "neural_renderer_problem", "neural_renderer_row", "OPENPOSE_BODY25", "padded_square", "PendingFrames",
+    "neural_renderer_problem", "neural_renderer_row", "texture_sampler_problem", "known_triangle_depth",
+    "depth_verdict", "OPENPOSE_BODY25", "padded_square", "PendingFrames",
     "Person", "person_boxes", "person_from_detection", "person_from_landmarks", "pixels_to_joints_2d",
     "project_to_image", "prune_tracker_history", "record_tracks", "resolve_cuda_device", "resolve_precision",
     "rgb_to_bgr", "Settings", "SMPL_FACES", "smpl_to_lists", "SPIN_EXTRA_19", "track_step", "TrackView",

@@ -13,7 +13,7 @@ import numpy as np
 import gpu_worker.engines.hmr2_phalp.cpu_runtime as cpu_runtime
 from gpu_worker.engines import hmr2_assets
 from gpu_worker.engines.base import Engine, FrameOut, LoadStage, Person
-from gpu_worker.engines.hmr2_phalp.appearance import AppearanceChoice, choose_appearance, neural_renderer_problem
+from gpu_worker.engines.hmr2_phalp.appearance import AppearanceChoice, choose_appearance, texture_sampler_problem
 from gpu_worker.engines.hmr2_phalp.detectors import MediaPipePersonDetector, build_detector
 from gpu_worker.engines.hmr2_phalp.devices import make_current, resolve_cuda_device
 from gpu_worker.engines.hmr2_phalp.geometry import (
@@ -74,9 +74,11 @@ class HMR2PhalpEngine(Engine):
         self._appearance: Optional[AppearanceChoice] = None
         self._tracker_lost = ""  # why the tracker can no longer be trusted in this video ("" = it can)
         self.precision = "fp32"  # the runtime stage resolves engine.options.precision
+        self.tf32 = False         # and engine.options.tf32
         # what runs HMR2's networks; the main_model stage resolves engine.options.hmr2_cpu_runtime
         self.hmr2_runtime = cpu_runtime.RuntimeChoice("torch")
-        self.neural_renderer_problem: Callable[[], str] = neural_renderer_problem
+        # neural_renderer imports and, once the runtime stage has picked the device, renders right
+        self.neural_renderer_problem: Callable[[], str] = lambda: texture_sampler_problem(self._torch_device)
 
     @property
     def device_type(self) -> str:
@@ -88,10 +90,13 @@ class HMR2PhalpEngine(Engine):
         return self.appearance_choice().appearance
 
     def appearance_choice(self) -> AppearanceChoice:
-        if self._appearance is None:
-            self._appearance = choose_appearance(self.settings.appearance_on(self.device_type),
-                                                 self.neural_renderer_problem)
-        return self._appearance
+        """Settled once the device is (the render test runs on it); asked earlier, an import check."""
+        if self._appearance is not None:
+            return self._appearance
+        choice = choose_appearance(self.settings.appearance_on(self.device_type), self.neural_renderer_problem)
+        if self._torch_device is not None:
+            self._appearance = choice
+        return choice
 
     @property
     def version(self) -> str:
@@ -129,6 +134,10 @@ class HMR2PhalpEngine(Engine):
         else:
             self._torch_device = torch.device("cpu")
         self.precision = resolve_precision(self.settings, self.device)
+        self.tf32 = self.settings.tf32_on(self.device_type)
+        if wants_cuda:  # process-wide flags: this process runs one engine
+            torch.backends.cuda.matmul.allow_tf32 = self.tf32
+            torch.backends.cudnn.allow_tf32 = self.tf32
 
     def _check_weights(self, probe_only: bool = False) -> None:
         appearance = None if probe_only else self.appearance
@@ -332,11 +341,11 @@ class HMR2PhalpEngine(Engine):
 
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "detector": self.settings.detector, "n_init": self.settings.n_init,
-                "appearance": self.appearance, "precision": self.precision,
+                "appearance": self.appearance, "precision": self.precision, "tf32": self.tf32,
                 "hmr2_runtime": self.hmr2_runtime.runtime, **self.appearance_note(), **self.runtime_note()}
 
     def appearance_note(self) -> dict[str, str]:
-        note = self._appearance.note if self._appearance is not None else ""
+        note = self.appearance_choice().note
         return {"appearance_note": note} if note else {}
 
     def runtime_note(self) -> dict[str, str]:

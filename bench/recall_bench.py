@@ -1,0 +1,209 @@
+"""Recall of the rider on the generated set (bench/recall_set.py), and what the second pass costs on the
+shared clip repeated 5 times (issue 30, items 1-5).
+
+Recall: of the frames (and stills) where the rider is visible, those where the engine returns a person
+on him (IoU >= 0.25 with the truth). False persons: persons returned on frames with nobody in them, and
+persons returned away from the rider. Cost: the time spent in the second pass (`RiderSearch.fill`)
+over the engine's whole time (`push`), one run, same process: a ratio, so a loaded machine moves both.
+
+Usage: python -m bench.recall_bench [--size core|full] [--no-cost] [--repeat 5]
+Prints a table and writes bench/results/recall.json."""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))
+
+from bench.recall_set import CORE, FULL, Box, Clip, Sample, Source, generated, is_the_rider  # noqa: E402
+
+from support import CLIP, PHOTO  # noqa: E402
+
+
+def loaded_engine(options: Optional[dict] = None) -> Any:
+    from gpu_worker.engines.mediapipe_engine import MediaPipeEngine
+
+    engine = MediaPipeEngine("cpu", options or {})
+    for stage in engine.stages():
+        stage.run()
+    return engine
+
+
+def decoded(path: Path) -> list[np.ndarray]:
+    from pose_common.video import frames
+    return [rgb for _, _, _, rgb in frames(str(path))]
+
+
+def shared_source(clip: Path = CLIP, photo: Path = PHOTO) -> Source:
+    """The shared clip and photo, with the rider's box where the engine's first pass finds him on the
+    unmodified pixels (the video pass for the clip, a still for the photo). The second pass, what is
+    measured, has no say in the truth: a frame the first pass misses is left out of the score."""
+    import cv2
+
+    engine = loaded_engine({"second_pass": False})
+    frames = decoded(clip)
+    boxes = [person_box(persons) for persons in video_persons(engine, frames)]
+    picture = cv2.cvtColor(cv2.imread(str(photo)), cv2.COLOR_BGR2RGB)
+    photo_box = person_box(engine.infer_image(picture))
+    engine.close()
+    if photo_box is None:
+        raise RuntimeError(f"the engine finds nobody in {photo}: no truth for the photo")
+    return Source(frames, boxes, picture, photo_box)
+
+
+def person_box(persons: list[dict]) -> Optional[Box]:
+    if not persons:
+        return None
+    x0, y0, x1, y1 = persons[0]["bbox_xyxy"]
+    return (float(x0), float(y0), float(x1), float(y1))
+
+
+def video_persons(engine: Any, frames: list[np.ndarray]) -> list[list[dict]]:
+    height, width = frames[0].shape[:2]
+    engine.begin_video(width, height, 30.0)
+    out = []
+    for index, rgb in enumerate(frames):
+        out += [frame.persons for frame in engine.push(index, index / 30.0, rgb)]
+    engine.end_video()
+    return out
+
+
+class Tally:
+    """Per group (a clip's name, or 'stills'): visible frames, found on the rider, empty frames, persons
+    on empty frames (false persons), persons returned away from a visible rider (elsewhere, counted as
+    missed too), and the names of the missed and false ones."""
+
+    def __init__(self) -> None:
+        self.groups: dict[str, dict[str, Any]] = defaultdict(
+            lambda: {"visible": 0, "found": 0, "empty": 0, "false_persons": 0, "elsewhere": 0,
+                     "missed": [], "false": []})
+
+    def add(self, group: str, sample: Sample, persons: list[dict]) -> None:
+        if not sample.scored:
+            return
+        row = self.groups[group]
+        if sample.truth is None:
+            row["empty"] += 1
+            if persons:
+                row["false_persons"] += 1
+                row["false"].append(sample.name)
+            return
+        row["visible"] += 1
+        if persons and is_the_rider(persons[0]["bbox_xyxy"], sample.truth):
+            row["found"] += 1
+        else:
+            row["missed"].append(sample.name)
+            row["elsewhere"] += bool(persons)
+
+    def total(self, key: str, groups: Optional[list[str]] = None) -> int:
+        return sum(row[key] for name, row in self.groups.items() if groups is None or name in groups)
+
+    def recall(self, groups: Optional[list[str]] = None) -> float:
+        visible = self.total("visible", groups)
+        return self.total("found", groups) / visible if visible else 1.0
+
+    def summary(self) -> dict[str, Any]:
+        return {"recall": round(self.recall(), 4), "visible": self.total("visible"), "found": self.total("found"),
+                "empty": self.total("empty"), "false_persons": self.total("false_persons"),
+                "elsewhere": self.total("elsewhere"),
+                "groups": {name: dict(row) for name, row in sorted(self.groups.items())}}
+
+
+def score(engine: Any, clips: list[Clip], stills: list[Sample]) -> Tally:
+    """Each clip as one video (a new video each, as jobs are), each still alone."""
+    tally = Tally()
+    for clip in clips:
+        for sample, persons in zip(clip.frames, video_persons(engine, [s.rgb for s in clip.frames])):
+            tally.add(clip.name, sample, persons)
+    for sample in stills:
+        tally.add("stills", sample, engine.infer_image(sample.rgb))
+    return tally
+
+
+def second_pass_share(engine: Any, frames: list[np.ndarray]) -> dict[str, Any]:
+    """The engine over `frames` as one video: its time in push, the part of it spent in the second
+    pass, and the frames with a person."""
+    search = engine.second_pass
+    inner_fill, spent = search.fill, [0.0]
+
+    def timed_fill(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return inner_fill(*args, **kwargs)
+        finally:
+            spent[0] += time.perf_counter() - started
+
+    search.fill = timed_fill
+    try:
+        height, width = frames[0].shape[:2]
+        engine.begin_video(width, height, 30.0)
+        total, found, found_by = 0.0, 0, defaultdict(int)
+        for index, rgb in enumerate(frames):
+            started = time.perf_counter()
+            persons = engine.push(index, index / 30.0, rgb)[0].persons
+            total += time.perf_counter() - started
+            found += bool(persons)
+            found_by[persons[0].get("found_by", "first_pass") if persons else "nobody"] += 1
+        engine.end_video()
+    finally:
+        search.fill = inner_fill
+    return {"frames": len(frames), "found": found, "engine_s": round(total, 2), "second_pass_s": round(spent[0], 2),
+            "second_pass_share": round(spent[0] / total, 4), "found_by": dict(found_by)}
+
+
+def repeated_clip_frames(times: int) -> list[np.ndarray]:
+    """The shared clip repeated, encoded once as `make bench` does (x264), and decoded."""
+    from bench.__main__ import repeat_clip
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return decoded(Path(repeat_clip(str(CLIP), times, str(Path(tmp) / f"clip{times}x.mp4"))))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--size", choices=("core", "full"), default="full")
+    parser.add_argument("--repeat", type=int, default=5)
+    parser.add_argument("--no-cost", action="store_true")
+    args = parser.parse_args()
+    if not CLIP.exists() or not PHOTO.exists():
+        print(f"no shared data at {CLIP.parent}: this benchmark needs the shared clip and photo")
+        return 2
+    engine = loaded_engine()
+    started = time.perf_counter()
+    clips, stills = generated(shared_source(), CORE if args.size == "core" else FULL)
+    tally = score(engine, clips, stills)
+    out: dict[str, Any] = {"size": args.size, "frames": sum(len(c.frames) for c in clips), "stills": len(stills),
+                           **tally.summary(), "seconds": round(time.perf_counter() - started, 1)}
+    if not args.no_cost:
+        out["cost"] = {f"shared_clip_{args.repeat}x": second_pass_share(engine, repeated_clip_frames(args.repeat)),
+                       "shared_clip": second_pass_share(engine, decoded(CLIP))}
+    engine.close()
+    results = REPO / "bench" / "results"
+    results.mkdir(exist_ok=True)
+    (results / "recall.json").write_text(json.dumps(out, indent=2))
+    print_table(out)
+    return 0
+
+
+def print_table(out: dict[str, Any]) -> None:
+    for name, row in out["groups"].items():
+        print(f"{name:24s} found {row['found']:4d} of {row['visible']:4d} visible ({row['elsewhere']} elsewhere)  "
+              f"false persons {row['false_persons']:3d} of {row['empty']} empty   missed {row['missed'][:6]}")
+    print(f"{'all':24s} recall {out['recall']:.4f} ({out['found']} of {out['visible']}; {out['elsewhere']} "
+          f"elsewhere), false persons {out['false_persons']} of {out['empty']} empty frames, {out['seconds']} s")
+    for name, cost in out.get("cost", {}).items():
+        print(f"{name:24s} second pass {cost['second_pass_share']:.1%} of {cost['engine_s']} s; "
+              f"found {cost['found']} of {cost['frames']}; {cost['found_by']}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,146 @@
+"""A job's artifacts, in a room of their own: the result file, and the overlay process that draws
+beside the inference.
+
+From a job's first dispatch a side process at a lower CPU priority (never the worker) follows the
+ledger and draws each frame as it is stored (pose_common/overlay.py). When the last frame is stored
+the job is `rendering`: the result file is written here, on the supervisor's loop, and once the
+overlay process has encoded the last frames and exited the job is `done`. A job left `rendering` by
+a supervisor that stopped is taken over (ledger.claim_render) and its overlay drawn whole."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import dataclass
+from typing import Optional
+
+from configs import Config, video_roots
+from pose_common.children import parent_death_signal
+from pose_common.job_states import IN_QUEUE
+from pose_common.ledger import Job, Lease, SqlLedger
+from pose_common.overlay import overlay_path, partial_path, remove
+from pose_common.paths import PathRefused, open_inside
+from pose_common.results import write_result
+from pose_common.runtime import RuntimeDir
+
+OVERLAY_NICENESS = 10    # the overlay drawn beside the inference takes only the CPU the worker leaves
+TAKEN_OVER_PER_ROUND = 4  # jobs left rendering by a stopped host, taken over a few at a time
+
+
+@dataclass
+class Render:
+    proc: subprocess.Popen
+    lease: Optional[Lease]  # None while the frames are still being inferred (the job's own lease covers it)
+    result_path: str
+
+
+class Renders:
+    def __init__(self, cfg: Config, ledger: SqlLedger, owner: str, results_dir: str, log):
+        self.cfg, self.ledger, self.owner, self.results_dir, self.log = cfg, ledger, owner, results_dir, log
+        self.lease_s = cfg.ledger.lease_s
+        self.running: dict[str, Render] = {}
+
+    def __contains__(self, job_id: object) -> bool:
+        return job_id in self.running
+
+    def result_path(self, job: Job) -> str:
+        return job.result_path or os.path.join(self.results_dir, f"{job.job_id}.json")
+
+    # --- from the job runner ---------------------------------------------------------------------------
+    def follow(self, job: Job) -> None:
+        """Start drawing the overlay as the frames are stored (once per job: a resumed job's
+        follower simply waits for the frames the new worker stores)."""
+        if self.cfg.jobs.render_overlay and job.job_id not in self.running:
+            self.spawn(job, None)
+
+    def start(self, job: Job, lease: Lease) -> None:
+        """The job's frames are all stored: the result file now; the overlay's follower (or, for a job
+        taken over from a stopped host, a fresh one) ends on its own. The job is done when both exist."""
+        write_result(self.result_path(job), job, self.ledger)
+        if not self.cfg.jobs.render_overlay:
+            self.ledger.finish(lease)
+        elif job.job_id in self.running:
+            self.running[job.job_id].lease = lease
+        else:
+            self.spawn(job, lease)
+
+    def drop(self, job_id: str) -> None:
+        """The job will not finish here (cancelled, failed, taken over): no partial overlay is left."""
+        render = self.running.pop(job_id, None)
+        if render is None:
+            return
+        render.proc.kill()
+        render.proc.wait()
+        remove(partial_path(render.result_path))
+
+    # --- from the loop ---------------------------------------------------------------------------------
+    def keep(self) -> None:
+        """Renew the leases of the artifacts we write, let go of followers whose job will not finish
+        here, and take over a few jobs a stopped host left half-written."""
+        for job_id, render in list(self.running.items()):
+            if render.lease is None:
+                self.check_follower(job_id)
+            elif not self.ledger.renew(render.lease, self.lease_s):
+                self.log.warning("render_lease_lost", job_id=job_id)
+                self.drop(job_id)
+        for _ in range(TAKEN_OVER_PER_ROUND):
+            job = self.ledger.claim_render(self.owner, self.lease_s)
+            if job is None or job.job_id in self.running:
+                break
+            self.start(job, job.lease)
+
+    def reap(self) -> None:
+        """How each overlay process ended decides how its job finishes."""
+        for job_id, render in list(self.running.items()):
+            code = render.proc.poll()
+            if code is None:
+                continue
+            if render.lease is None:  # ended before the frames were all stored (the job failed, or it
+                del self.running[job_id]  # crashed: the overlay is then drawn whole once they are)
+                self.log.info("overlay_follower_exited", job_id=job_id, code=code)
+                continue
+            if code == 0:
+                self.ledger.finish(render.lease, overlay_path=overlay_path(render.result_path))
+            else:
+                self.ledger.finish(render.lease, warning=f"the overlay video could not be rendered (exit {code})")
+            del self.running[job_id]  # only now: an outage above leaves it to be finished later
+            self.log.info("job_done", job_id=job_id, overlay=code == 0)
+
+    def stop_all(self) -> None:
+        """Shutdown: a job left `rendering` gets its artifacts at the next boot."""
+        for render in self.running.values():
+            render.proc.kill()
+
+    # --- the overlay process ---------------------------------------------------------------------------
+    def spawn(self, job: Job, lease: Optional[Lease]) -> None:
+        result_path = self.result_path(job)
+        try:
+            with open_inside(job.video_path, video_roots(self.cfg)) as readable, \
+                    open(RuntimeDir(self.cfg.runtime_dir).overlay_stderr, "ab") as log:
+                # the renderer reads the very file checked here, through the descriptor it inherits
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "pose_common.overlay", self.ledger.path, job.job_id, readable,
+                     overlay_path(result_path)],
+                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                    pass_fds=(int(readable.rsplit("/", 1)[1]),), preexec_fn=behind_the_worker(os.getpid()))
+        except PathRefused as exc:
+            if lease is not None:
+                self.ledger.finish(lease, warning=f"the overlay video could not be rendered: {exc}")
+            return
+        self.running[job.job_id] = Render(proc, lease, result_path)
+
+    def check_follower(self, job_id: str) -> None:
+        """A follower is only for a job that may still finish here."""
+        job = self.ledger.job(job_id)
+        if job is None or job.state not in IN_QUEUE or job.owner not in (None, self.owner):
+            self.drop(job_id)
+
+
+def behind_the_worker(parent_pid: int):
+    """A Popen preexec_fn for the overlay: dies with the supervisor, and yields the CPU to the worker."""
+    arm = parent_death_signal(parent_pid)
+
+    def prepare() -> None:
+        arm()
+        os.nice(OVERLAY_NICENESS)
+    return prepare

@@ -1,0 +1,88 @@
+"""Issue 30: the rider found where a person sees him, on a set generated from the shared clip and photo
+(bench/recall_set.py): small (1/2, 1/3 of the frame), behind a white mound, backlit, among trees, cut
+between shots of background only, moving fast with motion blur; and nobody found on backgrounds.
+The truth comes from the generation; the engine reads none of the generator's numbers."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from bench.recall_set import CORE, Source, generated, is_the_rider, plate
+
+from support import PHOTO, needs_shared_data
+
+# What the engine reaches on the set now (0.82, bench/RESULTS.md; 0.73 before issue 30) less a little
+# for the still search's time budget on a loaded machine. The issue's goal is 0.98: not reached.
+MIN_RECALL = 0.80
+
+
+@pytest.fixture(scope="module")
+def core_set():
+    from bench.recall_bench import loaded_engine, shared_source
+
+    if not PHOTO.exists():
+        pytest.skip(f"{PHOTO.name} not found in the shared data: the set is made from it and the clip")
+    engine = loaded_engine()
+    clips, stills = generated(shared_source(), CORE)
+    yield engine, clips, stills
+    engine.close()
+
+
+def synthetic_source() -> Source:
+    rng = np.random.default_rng(1)
+    frames = [rng.integers(0, 255, (360, 640, 3), dtype=np.uint8) for _ in range(6)]
+    boxes = [(300.0, 120.0, 340.0, 220.0) if i != 2 else None for i in range(6)]
+    return Source(frames, boxes, rng.integers(0, 255, (1600, 1068, 3), dtype=np.uint8), (400.0, 800.0, 900.0, 1500.0))
+
+
+def test_the_generator_is_deterministic_and_its_truth_follows_the_pixels():
+    source = synthetic_source()
+    size = {"length": 6, "stills_per_clip": 1, "seed": 5}
+    first, again = generated(source, size), generated(source, size)
+    for a, b in zip(first[0], again[0]):
+        assert [s.truth for s in a.frames] == [s.truth for s in b.frames]
+        assert all(np.array_equal(x.rgb, y.rgb) for x, y in zip(a.frames, b.frames))
+    clips = {clip.name: clip for clip in first[0]}
+    third = clips["small_third"].frames[0]
+    x0, y0, x1, y1 = third.truth
+    assert x1 - x0 == pytest.approx(40 / 3) and y1 - y0 == pytest.approx(100 / 3)  # the box scaled with the frame
+    assert all(s.truth is None for s in clips["empty"].frames)
+    unknown = [s for clip in first[0] for s in clip.frames if s.name.endswith("/002")]
+    assert unknown and not any(s.scored for s in unknown)  # a frame whose source box is unknown is not scored
+    assert any(s.truth is None for s in clips["cuts"].frames) and any(s.truth for s in clips["cuts"].frames)
+
+
+def test_a_plate_has_no_rider_in_it_and_the_match_rule_needs_the_rider():
+    frame = np.zeros((360, 640, 3), dtype=np.uint8)
+    frame[100:200, 300:340] = 255  # the 'rider'
+    background = plate(frame, (300.0, 100.0, 340.0, 200.0), np.random.default_rng(0))
+    assert background.shape == (360, 640, 3) and background.max() == 0
+    truth = (100.0, 100.0, 140.0, 200.0)
+    assert is_the_rider([102, 98, 141, 205], truth)
+    assert is_the_rider([105, 100, 135, 150], truth)  # his upper body, above a mound
+    assert not is_the_rider([20, 80, 160, 160], truth)  # a body stretched over the landscape, on his arm
+    assert not is_the_rider([300, 100, 340, 200], truth)
+
+
+@needs_shared_data()
+def test_the_rider_is_found_on_the_generated_set_and_nobody_on_its_backgrounds(core_set):
+    from bench.recall_bench import score
+
+    engine, clips, stills = core_set
+    tally = score(engine, clips, stills)
+    summary = tally.summary()
+    assert summary["visible"] >= 120 and summary["empty"] >= 20
+    assert summary["false_persons"] == 0, [row["false"] for row in summary["groups"].values()]
+    assert tally.recall() >= MIN_RECALL, {name: row["missed"] for name, row in summary["groups"].items()}
+
+
+@needs_shared_data()
+def test_each_frame_says_which_pass_found_the_rider(core_set):
+    from bench.recall_bench import video_persons
+
+    engine, clips, _ = core_set
+    small = next(clip for clip in clips if clip.name == "small_third")
+    persons = video_persons(engine, [s.rgb for s in small.frames])
+    kinds = {p[0].get("found_by", "first_pass") for p in persons if p}
+    assert kinds and all(kind == "first_pass" or kind.startswith("second_pass:") for kind in kinds)
+    assert any(kind.startswith("second_pass:") for kind in kinds)  # a rider of 1/3 needs the second pass
