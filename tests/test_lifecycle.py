@@ -5,11 +5,13 @@ injected into the supervisor's own loop; a wedged loop that must starve systemd'
 frame on a warm CPU worker; SIGKILL of the whole service; a second service on a held state dir."""
 from __future__ import annotations
 
+import base64
 import os
 import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -233,5 +235,42 @@ def test_sigterm_mid_job_exits_cleanly_and_the_next_start_resumes_the_job(tmp_pa
         stack.start("supervisor")
         job = stack.wait_job(job_id, timeout=60)
         assert job["state"] == "done" and [f["frame_index"] for f in stack.result(job)["frames"]] == list(range(100))
+    finally:
+        stack.stop()
+
+
+def test_a_hang_in_image_inference_replaces_the_worker_and_the_next_job_is_not_charged(tmp_path):
+    """From outside, as the app's still-image screen meets it: a drilled hang in image inference is
+    answered 504 at the image deadline, the worker is replaced (a `hang` in stage `image`) within the
+    same deadline, the supervisor answers health all the while, and the next video job runs once."""
+    import cv2
+    import numpy as np
+    clip = make_clip(tmp_path / "c.mp4", frames=24)
+    stack = Stack(tmp_path, ["engine.name=noop", "probe.enabled=false", "deadlines.image_s=3"], gateway=True)
+    try:
+        stack.wait_ready(60)
+        hung_pid = stack.worker_pid()
+        assert stack.conn.request("drill", fault="hang", at="image")[0] == 200
+        still = cv2.imencode(".jpg", np.full((64, 64, 3), 128, np.uint8))[1].tobytes()
+        answers: list = []
+        asking = threading.Thread(target=lambda: answers.append(http(
+            "POST", stack.url + "/pose/hybrid", {"image_base64": base64.b64encode(still).decode()}, timeout=60)))
+        asking.start()
+        healths = []
+        for _ in range(200):  # the supervisor keeps answering while the worker hangs
+            if not asking.is_alive():
+                break
+            healths.append(stack.conn.health().get("status"))
+            time.sleep(0.1)
+        asking.join(30)
+        assert answers and answers[0][0] == 504, answers
+        assert healths and all(healths), f"health went unanswered while the image hung: {healths}"
+        crash = wait_for(lambda: next((c for c in stack.crashes() if c["cause"] == "hang"), None), 20,
+                         what="the hung worker replaced")
+        assert crash["stage"] == "image" and crash["job_id"] is None, crash
+        wait_for(lambda: stack.conn.health().get("status") == "ready" and stack.worker_pid() != hung_pid, 30,
+                 what="a fresh worker")
+        job = stack.wait_job(stack.submit(clip), timeout=60)
+        assert job["state"] == "done" and job["attempts"] == 1, job
     finally:
         stack.stop()
