@@ -30,6 +30,18 @@ class MemoryPlanner:
                       "gpu": vars(facts) if facts else None}
         return choice.rung
 
+    def as_planned(self, index: int, rung: Mapping[str, Any]) -> dict[str, Any]:
+        """The rung as the worker gets it: where the plan chose this rung's precision from NVML (its
+        option is auto), the worker is told it, rather than reading NVML again after its own CUDA
+        context has taken memory (which would count the context twice)."""
+        planned = dict(rung)
+        choice = self.start
+        if (choice is None or choice["rung"] != index or choice["gpu"] is None or not memplan.on_gpu(rung)
+                or memplan.rung_precision_option(rung) != "auto"):
+            return planned
+        planned["options"] = {**(rung.get("options") or {}), "precision": choice["precision"]}
+        return planned
+
     def may_step_up(self, target: Mapping[str, Any]) -> bool:
         facts = self.read_facts(str(target.get("device"))) if memplan.on_gpu(target) else None
         ok, reason = memplan.step_up_gate(target, facts)

@@ -146,7 +146,7 @@ class WorkerSlot:
 
     def spawn(self) -> None:
         self.life.generation = self.next_generation()
-        rung = self.ladder[self.rung_index]
+        rung = self.planner.as_planned(self.rung_index, self.ladder[self.rung_index])
         self.proc = self.spawner.worker(self.life.generation, rung)
         self.reported, self.rss, self.stage_names = None, None, []
         self.images_in_flight, self.hang_stage = {}, None

@@ -104,3 +104,21 @@ def test_tf32_is_on_for_a_cuda_rung_unless_turned_off(option, expected, monkeypa
 def test_a_malformed_device_name_is_refused():
     with pytest.raises(ValueError, match="cuda, cuda:N or cpu"):
         hp.resolve_cuda_device(torch, "cuda:first")
+
+
+def test_free_memory_is_read_before_the_worker_has_a_cuda_context(monkeypatch):
+    """set_device creates the context (0.3-0.5 GB): NVML read after it would count that memory twice,
+    against a plan whose need already includes it."""
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    seen_at_read: list = []
+    real = hp.engine.resolve_precision
+
+    def resolve(settings, device):
+        seen_at_read.append([call for call in shim.calls if call[0] == "set_device"])
+        return real(settings, device, read_facts=lambda device: None)
+    monkeypatch.setattr(hp.engine, "resolve_precision", resolve)
+    with cuda_shim(physical=1) as shim:
+        engine = hp.HMR2PhalpEngine("cuda", {})
+        next(stage for stage in engine.stages() if stage.name == "runtime").run()
+        assert ("set_device", 0) in shim.calls
+    assert seen_at_read == [[]], "NVML was read after the context existed"

@@ -112,8 +112,10 @@ class FakeSpawner:
     def __init__(self, clock, directory: str):
         self.clock, self.directory = clock, directory
         self.procs: list[FakeProc] = []
+        self.rungs: list[dict] = []  # what each worker was told to run
 
     def worker(self, generation, rung):
+        self.rungs.append(rung)
         self.procs.append(FakeProc("worker", 10_000 + len(self.procs), self.clock))
         return self.procs[-1]
 
@@ -529,6 +531,16 @@ def test_an_8_gb_card_starts_on_the_rung_that_fits_and_says_it_is_ready_not_degr
 def test_a_24_gb_card_starts_on_vitdet():
     slot, *_ = gpu_world(24576, 24000)
     assert slot.rung_index == 0 and "vitdet" in slot.rung_label()
+
+
+@pytest.mark.parametrize("free_mb", [24000, 7900])
+def test_the_worker_is_told_the_precision_the_plan_chose_not_left_to_read_nvml_again(free_mb):
+    slot, spawner, clock, _ = gpu_world(24576, free_mb)
+    slot.transition(clock())
+    planned = slot.describe()["memory_plan"]["start"]
+    told = spawner.rungs[-1]
+    assert told["options"]["precision"] == planned["precision"] and planned["precision"] != "auto", (told, planned)
+    assert slot.ladder[slot.rung_index].get("options", {}).get("precision", "auto") == "auto", "the ladder is unchanged"
 
 
 def test_a_step_up_probe_waits_until_it_fits_beside_the_worker_and_says_why():

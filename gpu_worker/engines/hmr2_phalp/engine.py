@@ -128,12 +128,14 @@ class HMR2PhalpEngine(Engine):
         if wants_cuda and not torch.cuda.is_available():
             raise RuntimeError(f"engine.device={self.device} but torch {torch.__version__} sees no CUDA device")
         self._torch = torch
+        # NVML's free memory before this process has a CUDA context (set_device creates it): the
+        # plan's need counts the context itself. The supervisor usually decided already (rung options).
+        self.precision = resolve_precision(self.settings, self.device)
         if wants_cuda:
             self._torch_device = resolve_cuda_device(torch, self.device)
             make_current(torch, self._torch_device)
         else:
             self._torch_device = torch.device("cpu")
-        self.precision = resolve_precision(self.settings, self.device)
         self.tf32 = self.settings.tf32_on(self.device_type)
         if wants_cuda:  # process-wide flags: this process runs one engine
             torch.backends.cuda.matmul.allow_tf32 = self.tf32
