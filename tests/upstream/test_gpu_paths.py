@@ -84,4 +84,12 @@ def test_bf16_hmr2_and_appearance_give_the_same_tracks_and_close_bodies(cache, f
                                                       - np.asarray(person["bbox_xyxy"])).max()))
     print(f"bf16 vs fp32, largest differences: {worst}")
     assert worst["smpl"] <= BF16_SMPL_ATOL and worst["joints"] <= BF16_JOINTS_ATOL and worst["box"] <= BF16_BOX_ATOL
+    if not cpu_runs_bf16():
+        pytest.skip("this CPU has no bf16 kernels (OpenVINO's CPU OPTIMIZATION_CAPABILITIES lists no BF16): the "
+                    "bf16 hint runs HMR2 in fp32, so bf16 cannot change its outputs here; tracks and bounds held")
     assert worst["smpl"] > 0, "bf16 changed nothing: autocast did not reach the models"
+
+
+def cpu_runs_bf16() -> bool:
+    import openvino as ov
+    return "BF16" in ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES")
