@@ -5,11 +5,14 @@ For the shared clip and the same clip N times over, in interleaved rounds (media
   raw          the engine in-process: decode + push every frame (no daemon, no ledger, no overlay)
   native       POST /v1/jobs, poll until done, overlay on (what the app waits for)
   native, off  the same with jobs.render_overlay=false (the daemon's own overhead)
+  no standby   with --without-standby: overlay on, but no warm standby (jobs.overlay_standby=false: the
+               overlay process starts when the job reaches the worker)
   legacy sync  POST /process_video with the file uploaded, until its 200 (the backend's route)
 the overlay's tail (from the last frame stored to `done`, in seconds and in the engine's frame
 times), and the second pass's share of the raw engine's time (second_pass on vs off, short clip).
 
 Usage: python -m bench.user_wait [--clip PATH] [--repeat 20] [--rounds 3] [--engine mediapipe]
+                                [--without-standby]
 Prints a table and writes bench/results/user_wait.json."""
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Optional
 
 from bench.__main__ import REPO, clip_or_demo, raw_engine_fps, repeat_clip
 
@@ -72,14 +76,14 @@ def legacy_sync_seconds(served: Served, clip: str) -> float:
     return time.perf_counter() - started
 
 
-def serve(tmp: Path, name: str, engine: str, overlay: bool) -> Served:
+def serve(tmp: Path, name: str, engine: str, overlay: bool, standby: bool = True) -> Served:
     served = Served(tmp / name, [f"engine.name={engine}", "probe.enabled=false", f"jobs.render_overlay={overlay}",
-])
+                                 f"jobs.overlay_standby={standby}"])
     served.wait_ready(180)
     return served
 
 
-def one_round(clips: dict[str, str], engine: str, on: Served, off: Served) -> dict:
+def one_round(clips: dict[str, str], engine: str, on: Served, off: Served, cold: Optional[Served]) -> dict:
     measured: dict = {}
     for label, clip in clips.items():
         tails: list[float] = []
@@ -87,6 +91,8 @@ def one_round(clips: dict[str, str], engine: str, on: Served, off: Served) -> di
                            "native_overlay_off": native_seconds(off, clip, []),
                            "legacy_sync": legacy_sync_seconds(on, clip)}
         measured[label]["overlay_tail"] = tails[0]
+        if cold is not None:
+            measured[label]["native_no_standby"] = native_seconds(cold, clip, [])
     short = clips["short"]
     measured["second_pass"] = {"on": raw_seconds(short, engine, {"second_pass": True}),
                                "off": raw_seconds(short, engine, {"second_pass": False})}
@@ -101,7 +107,7 @@ def summarize(rounds: list[dict], frames: dict[str, int]) -> dict:
     for label, count in frames.items():
         raw = median((label, "raw"))
         row = {"frames": count, "raw_s": round(raw, 2), "raw_fps": round(count / raw, 1)}
-        for way in ("native", "native_overlay_off", "legacy_sync"):
+        for way in ways(rounds):
             seconds = median((label, way))
             row[f"{way}_s"] = round(seconds, 2)
             row[f"{way}_vs_raw"] = round(raw / seconds, 3)  # throughput ratio: >= 0.9 is the goal
@@ -115,13 +121,21 @@ def summarize(rounds: list[dict], frames: dict[str, int]) -> dict:
     return out
 
 
-def print_table(summary: dict, rounds: int) -> None:
-    print(f"submit -> done, median of {rounds} interleaved rounds; ratio = raw engine time / daemon time")
-    print(f"{'clip':<7}{'frames':>7}{'raw s':>9}{'native':>16}{'overlay off':>16}{'legacy sync':>16}")
+def ways(rounds: list[dict]) -> list[str]:
+    """The daemon runs measured: native without the standby only with --without-standby."""
+    return [way for way in WAYS if way in rounds[0]["short"]]
+
+
+WAYS = {"native": "native", "native_overlay_off": "overlay off", "legacy_sync": "legacy sync",
+        "native_no_standby": "no standby"}
+
+
+def print_table(summary: dict, rounds: list[dict]) -> None:
+    print(f"submit -> done, median of {len(rounds)} interleaved rounds; ratio = raw engine time / daemon time")
+    print(f"{'clip':<7}{'frames':>7}{'raw s':>9}" + "".join(f"{WAYS[w]:>16}" for w in ways(rounds)))
     for label in ("short", "long"):
         row = summary[label]
-        cells = [f"{row[f'{w}_s']:.2f}s {row[f'{w}_vs_raw']:.2f}x" for w in ("native", "native_overlay_off",
-                                                                           "legacy_sync")]
+        cells = [f"{row[f'{w}_s']:.2f}s {row[f'{w}_vs_raw']:.2f}x" for w in ways(rounds)]
         print(f"{label:<7}{row['frames']:>7}{row['raw_s']:>9.2f}" + "".join(f"{c:>16}" for c in cells))
     for label in ("short", "long"):
         row = summary[label]
@@ -138,6 +152,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--engine", default="mediapipe")
+    parser.add_argument("--without-standby", action="store_true",
+                        help="also measure the overlay drawn without a warm standby (jobs.overlay_standby=false)")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="pose-bench-wait-"))
     clip = clip_or_demo(args.clip, tmp)
@@ -145,13 +161,15 @@ def main() -> int:
     Path(short).write_bytes(Path(clip).read_bytes())
     clips = {"short": short, "long": repeat_clip(short, args.repeat, str(tmp / "long.mp4"))}
     on, off = serve(tmp, "overlay-on", args.engine, True), serve(tmp, "overlay-off", args.engine, False)
+    cold = serve(tmp, "no-standby", args.engine, True, standby=False) if args.without_standby else None
     try:
-        rounds = [one_round(clips, args.engine, on, off) for _ in range(args.rounds)]
+        rounds = [one_round(clips, args.engine, on, off, cold) for _ in range(args.rounds)]
     finally:
-        on.stop()
-        off.stop()
+        for served in (on, off, cold):
+            if served is not None:
+                served.stop()
     summary = summarize(rounds, {label: frame_count(c) for label, c in clips.items()})
-    print_table(summary, args.rounds)
+    print_table(summary, rounds)
     results = REPO / "bench" / "results"
     results.mkdir(exist_ok=True)
     (results / "user_wait.json").write_text(json.dumps({"engine": args.engine, "repeat": args.repeat,

@@ -66,6 +66,9 @@ class JobsConfig:
     map_windows_paths: bool = True
     # draw the poses on the video after each job (the legacy API's output_path)
     render_overlay: bool = True
+    # ... drawn by an overlay process started ahead of need and waiting past its imports, so its start
+    # does not compete with a job's first frames (false: one is started when the job reaches a worker)
+    overlay_standby: bool = True
     # finished jobs' files (upload, result, overlay) are removed after this long (0 = never) ...
     keep_finished_s: float = 30 * 86400.0
     # ... and, oldest first, while all of them together are larger than this (0 = no limit)

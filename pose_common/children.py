@@ -1,5 +1,6 @@
 """Process hygiene shared by every parent and child: die with your parent, stop a child politely
-then firmly. One implementation of each, used by the service manager, supervisor and worker."""
+then firmly, say what you are in `top`. One implementation of each, used by the service manager,
+supervisor, worker and overlay."""
 from __future__ import annotations
 
 import ctypes
@@ -9,6 +10,7 @@ import subprocess
 from typing import Optional
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 
 
 def die_with_parent(expected_parent: Optional[int] = None, sig: int = signal.SIGKILL) -> bool:
@@ -19,6 +21,14 @@ def die_with_parent(expected_parent: Optional[int] = None, sig: int = signal.SIG
     except OSError:
         pass
     return expected_parent is None or os.getppid() == expected_parent
+
+
+def name_process(name: str) -> None:
+    """Linux: the name top, `ps -o comm` and /proc/PID/comm show for this process (15 bytes at most)."""
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(PR_SET_NAME, name.encode()[:15])
+    except OSError:
+        pass
 
 
 def stop_process(popen: subprocess.Popen, timeout_s: float, kill_wait_s: float = 5.0) -> Optional[int]:

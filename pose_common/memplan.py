@@ -1,37 +1,86 @@
 """The GPU memory plan: what each rung of the ladder needs, what the card has (NVML), which rung to
-start on and whether a step-up probe fits beside the worker. Pure planning plus one NVML read; no
-torch, so the supervisor and the CLI can use it (the supervisor must never import torch).
+start on, how many person crops one HMR2/HMAR forward may take, and whether a step-up probe fits
+beside the worker. Pure planning plus one NVML read; no torch, so the supervisor and the CLI can use
+it (the supervisor must never import torch).
 
-Each model's need comes from bench/memory_plan.py: the real upstream architectures built and run on
-the CPU under torch's FakeTensorMode, parameter bytes exact, the activation peak of one no-grad
-forward measured by torch's MemTracker at the real input size (docs/hmr2-phalp.md, memory table).
-What was not measured is added as stated constants: the CUDA context with cuBLAS/cuDNN workspaces,
-and a share for the caching allocator's fragmentation."""
+Each model's need is read from memory_plan.json beside this file, written by bench/memory_plan.py:
+the real upstream architectures traced without a GPU on fake CUDA tensors under torch's
+FakeTensorMode, under CUDA autocast's own op policy, with the engine's half-precision weights
+(parameter bytes exact, the activation peak of one no-grad forward by torch's MemTracker at the real
+input size; the file records the conditions). What was not traced is added as stated constants: the
+CUDA context with cuBLAS/cuDNN workspaces, a share for the caching allocator's fragmentation and
+PHALP's pose transformer (docs/hmr2-phalp.md, memory section)."""
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 MB = 2 ** 20
 PRECISIONS = ("fp32", "fp16", "bf16", "auto")
+TRACED_FILE = Path(__file__).with_name("memory_plan.json")
 
-# MB per model, from bench/results/memory_plan.json (1920x1080 frame, 4 persons). weights = parameters
-# + buffers (fp32); activations = peak live bytes of one forward, fp32 and under fp16 autocast
-MODEL_MB: dict[str, dict[str, float]] = {
-    "hmr2": {"weights": 2576.9, "fp32": 44.2, "fp16": 36.1},  # ViT-H + head + SMPL; activations: 4 crops
-    "hmar": {"weights": 141.5, "fp32": 103.0, "fp16": 60.0},   # PHALP's appearance network, 4 crops
-    # PHALP's pose transformer: its checkpoint's size (not traced); its activations are a few MB
-    "pose_predictor": {"weights": 140.0, "fp32": 8.0, "fp16": 4.0},
-    "vitdet": {"weights": 2637.7, "fp32": 3218.5, "fp16": 1636.5},  # backbone + pyramid at 1024x1024
-    "regnety": {"weights": 160.0, "fp32": 402.9, "fp16": 207.3},    # backbone + FPN at 768x1344
-}
-CUDA_CONTEXT_MB = 600.0   # CUDA context + cuBLAS/cuDNN workspaces: not measurable on the CPU; stated
+
+@functools.lru_cache(maxsize=None)
+def traced() -> dict[str, Any]:
+    """The traced numbers, read once at first use (bench/memory_plan.py writes them, and imports the
+    engine, which imports this module, so the file may be missing while it runs)."""
+    try:
+        numbers: dict[str, Any] = json.loads(TRACED_FILE.read_text())
+    except (OSError, ValueError) as exc:
+        raise RuntimeError(f"the memory plan's traced numbers are unreadable ({TRACED_FILE.name}: {exc}); "
+                           "write them with bench/memory_plan.py") from exc
+    return numbers
+
+
+CROP_MODELS = ("hmr2", "hmar")          # run on every person crop, one after the other
+DETECTORS = ("vitdet", "regnety")
+# PHALP's pose transformer: its checkpoint's size (not traced; no half weights); activations a few MB
+POSE_PREDICTOR_MB = {"weights": 140.0, "activations": 8.0}
+CUDA_CONTEXT_MB = 600.0   # CUDA context + cuBLAS/cuDNN workspaces: not measurable without a card; stated
 FRAGMENTATION = 0.15      # the caching allocator's reserve beyond live bytes
 START_MARGIN_MB = 512.0   # what the plan leaves free on the card (the desktop, the driver, spikes)
 
 
-def bf16_as_fp16(precision: str) -> str:
-    return "fp16" if precision == "bf16" else precision
+def traced_as(precision: str) -> str:
+    """The traced precision a run's precision is planned by: auto at its worst, fp32."""
+    return "fp32" if precision == "auto" else precision
+
+
+def traced_model(model: str) -> Mapping[str, Any]:
+    entry: Mapping[str, Any] = traced()["models"][model]
+    return entry
+
+
+def weights_mb(model: str, precision: str) -> float:
+    if model == "pose_predictor":
+        return POSE_PREDICTOR_MB["weights"]
+    return float(traced_model(model)["weights_mb"][traced_as(precision)])
+
+
+def detections_per_image(detector: str) -> int:
+    return int(traced_model(detector)["detections_per_image"])
+
+
+def max_crops() -> int:
+    """A frame never has more person crops than its detector has detections."""
+    return max(detections_per_image(d) for d in DETECTORS)
+
+
+def detector_peak_mb(detector: str, precision: str) -> float:
+    """The detector's largest moment: its backbone's forward, or pasting every detection's mask at the
+    full frame while the input and the feature pyramid are still held (detectron2's postprocess on
+    CUDA), as one trace measured it."""
+    return float(traced_model(detector)["forward_mb"][traced_as(precision)])
+
+
+def crop_forward_mb(precision: str, crops: int) -> float:
+    """HMR2 then HMAR on `crops` person crops: the larger of the two forwards."""
+    key = traced_as(precision)
+    return max(float(traced_model(m)["fixed_mb"][key]) + float(traced_model(m)["per_crop_mb"][key]) * crops
+               for m in CROP_MODELS)
 
 
 def detector_of(rung: Mapping[str, Any]) -> str:
@@ -48,18 +97,52 @@ def rung_models(rung: Mapping[str, Any]) -> list[str]:
     if not on_gpu(rung) or rung.get("engine") != "hmr2_phalp":
         return []
     detector = detector_of(rung)
-    return ["hmr2", "hmar", "pose_predictor"] + ([detector] if detector in MODEL_MB else [])
+    return [*CROP_MODELS, "pose_predictor"] + ([detector] if detector in DETECTORS else [])
 
 
-def need_mb(models: Sequence[str], precision: str) -> float:
-    """All weights resident, the largest single forward's activations at a time (detector, HMR2 and
-    HMAR run one after another), the context, and the allocator's share."""
+def activations_mb(models: Sequence[str], precision: str, crops: int) -> float:
+    """The largest single forward: the detector, HMR2 and HMAR run one after another, and the caching
+    allocator hands each the blocks the previous one freed."""
+    peaks = [detector_peak_mb(m, precision) for m in models if m in DETECTORS]
+    if any(m in CROP_MODELS for m in models):
+        peaks.append(crop_forward_mb(precision, crops))
+    if "pose_predictor" in models:
+        peaks.append(POSE_PREDICTOR_MB["activations"])
+    return max(peaks, default=0.0)
+
+
+def need_mb(models: Sequence[str], precision: str, crops: Optional[int] = None) -> float:
+    """All weights resident, the largest single forward's activations at a time (HMR2 and HMAR on
+    `crops` crops; default: the plan's chunk), the context, and the allocator's share."""
     if not models:
         return 0.0
-    key = bf16_as_fp16(precision)
-    weights = sum(MODEL_MB[m]["weights"] for m in models)
-    activations = max(MODEL_MB[m][key] for m in models)
-    return round(CUDA_CONTEXT_MB + (weights + activations) * (1 + FRAGMENTATION))
+    crops = planned_chunk(models, precision) if crops is None else crops
+    weights = sum(weights_mb(m, precision) for m in models)
+    return round(CUDA_CONTEXT_MB + (weights + activations_mb(models, precision, crops)) * (1 + FRAGMENTATION))
+
+
+def planned_chunk(models: Sequence[str], precision: str) -> int:
+    """The most crops one HMR2/HMAR forward may take within the activations the rung holds anyway
+    (its detector's peak): with it, no crowd makes the crop forwards the rung's largest moment."""
+    held = max([detector_peak_mb(m, precision) for m in models if m in DETECTORS], default=0.0)
+    return largest_chunk(lambda crops: crop_forward_mb(precision, crops) <= held)
+
+
+def largest_chunk(fits: Callable[[int], bool]) -> int:
+    """The largest crop count in 1..max_crops() that fits (1 when none does: a crop at a time)."""
+    return max((crops for crops in range(1, max_crops() + 1) if fits(crops)), default=1)
+
+
+def crop_chunk(rung: Mapping[str, Any], precision: str, budget_mb: Optional[float] = None) -> int:
+    """How many person crops one HMR2/HMAR forward takes on this rung in this precision. Without a
+    budget: the plan's chunk, inside the need the plan reports. With a card's budget (MB): the most
+    crops whose need still fits it. A CPU rung has no GPU plan: every crop at once, as PHALP does."""
+    models = rung_models(rung)
+    if not models:
+        return max_crops()
+    if budget_mb is None:
+        return planned_chunk(models, precision)
+    return largest_chunk(lambda crops: need_mb(models, precision, crops) <= budget_mb)
 
 
 def rung_need_mb(rung: Mapping[str, Any]) -> dict[str, float]:
@@ -67,11 +150,16 @@ def rung_need_mb(rung: Mapping[str, Any]) -> dict[str, float]:
     return {"fp32": need_mb(models, "fp32"), "fp16": need_mb(models, "fp16")}
 
 
+def precision_need_mb(rung: Mapping[str, Any], precision: str) -> float:
+    """The rung's need in one precision (bf16 has its own: softmax copies a bf16 input to fp32)."""
+    return need_mb(rung_models(rung), precision)
+
+
 def probe_need_mb(rung: Mapping[str, Any]) -> float:
     """The detector probe loads only the detector (engine.probe_stages), in its own CUDA context."""
-    models = [m for m in rung_models(rung) if m in ("vitdet", "regnety")]
+    models = [m for m in rung_models(rung) if m in DETECTORS]
     precision = rung_precision_option(rung, "fp32")
-    return need_mb(models, "fp32" if precision == "auto" else precision) if models else 0.0  # auto: the worst case
+    return need_mb(models, precision) if models else 0.0  # auto: planned at its worst
 
 
 def rung_precision_option(rung: Mapping[str, Any], default: str = "auto") -> str:
@@ -86,13 +174,9 @@ def fitting_precision(rung: Mapping[str, Any], budget_mb: float) -> Optional[str
     auto: fp32 when it fits, else fp16; a fixed precision fits or not."""
     if not on_gpu(rung):
         return "fp32"
-    needs = rung_need_mb(rung)
     wanted = rung_precision_option(rung)
     candidates = ["fp32", "fp16"] if wanted == "auto" else [wanted]
-    for precision in candidates:
-        if needs[bf16_as_fp16(precision)] <= budget_mb:
-            return precision
-    return None
+    return next((p for p in candidates if precision_need_mb(rung, p) <= budget_mb), None)
 
 
 @dataclass(frozen=True)
@@ -124,7 +208,7 @@ def start_rung(ladder: Sequence[Mapping[str, Any]], facts: Optional[GpuFacts],
         if precision is not None:
             why = f"fits {budget:.0f} MB ({facts.free_mb:.0f} MB free of {facts.total_mb:.0f} less {margin_mb:.0f})"
             if on_gpu(rung):
-                why = f"needs {rung_need_mb(rung)[bf16_as_fp16(precision)]:.0f} MB in {precision}, " + why
+                why = f"needs {precision_need_mb(rung, precision):.0f} MB in {precision}, " + why
             return StartChoice(index, precision, "; ".join([*skipped, f"rung {index} {why}"]))
         skipped.append(f"rung {index} needs {min(rung_need_mb(rung).values()):.0f} MB > {budget:.0f} MB")
     return StartChoice(len(ladder) - 1, "fp32", "; ".join([*skipped, "nothing fits: the last rung"]))

@@ -8,11 +8,18 @@ encodes it, and so ends a few frames after the last inference. A worker that die
 nothing here (its replacement stores the missing frames; stored frames are never written twice),
 so the video has every frame once. It reads the ledger, never the GPU, and writes to a temporary
 name first: the overlay exists whole or not at all. A job that fails or is cancelled meanwhile
-leaves no partial file (exit JOB_GONE)."""
+leaves no partial file (exit JOB_GONE).
+
+`python -m pose_common.overlay --standby FD` is the same renderer started ahead of need: past its
+imports, it waits on the Unix socket FD for one job (ledger, job id, output path, and the video as an
+open descriptor, so it reads the very file the supervisor checked), says it has taken it, draws it as
+above and exits with the same statuses."""
 from __future__ import annotations
 
 import itertools
+import json
 import os
+import socket
 import sys
 import time
 from collections import deque
@@ -20,6 +27,7 @@ from typing import Callable, Optional
 
 import av
 
+from pose_common.children import name_process
 from pose_common.drawing import draw_persons
 from pose_common.job_states import IN_QUEUE, INFERRED
 from pose_common.ledger import SqlLedger
@@ -29,6 +37,9 @@ from pose_common.video import TruncatedVideo, frames
 JOB_GONE = 3           # exit status: the job failed, was cancelled or removed while it was drawn
 POLL_S = (0.02, 1.0)   # an unstored frame is looked for again after 20 ms, backing off to 1 s (a requeued job)
 FETCH = 64             # frames read from the ledger at a time
+STANDBY_NAME = "overlay-standby"  # the process name (top, ps -o comm) while a standby waits for a job ...
+DRAWING_NAME = "overlay"          # ... and once it draws one
+TAKEN = b"taken"                  # a standby's word that it holds the job: its exit status is the job's
 
 
 class JobGone(Exception):
@@ -178,10 +189,43 @@ def partial_path(result_path: str) -> str:
 
 
 def main(argv: list[str]) -> int:
+    if argv[:1] == ["--standby"]:
+        return stand_by(int(argv[1]))
     try:
         return 0 if render_overlay(*argv[:4]) > 0 else 1
     except JobGone:
         return JOB_GONE
+
+
+# --- the warm standby ------------------------------------------------------------------------------------
+def stand_by(channel_fd: int) -> int:
+    """Wait for one job on the socket, then draw it. Nothing handed over (the supervisor let the
+    standby go) is exit 0."""
+    warm_up()
+    name_process(STANDBY_NAME)
+    with socket.socket(fileno=channel_fd) as channel:
+        message, fds, _flags, _address = socket.recv_fds(channel, 4096, 1)
+        if not message or len(fds) != 1:
+            return 0
+        try:
+            channel.sendall(TAKEN)
+        except OSError:
+            return JOB_GONE  # the supervisor dropped the job as it was handed over
+    name_process(DRAWING_NAME)
+    job = json.loads(message)
+    return main([job["ledger"], job["job_id"], f"/proc/self/fd/{fds[0]}", job["out"]])
+
+
+def handoff_message(ledger_path: str, job_id: str, out: str) -> bytes:
+    """What the supervisor sends a standby, beside the video's descriptor."""
+    return json.dumps({"ledger": ledger_path, "job_id": job_id, "out": out}).encode()
+
+
+def warm_up() -> None:
+    """What a cold renderer would load on its first frame."""
+    import fractions  # noqa: F401
+
+    import cv2  # noqa: F401
 
 
 if __name__ == "__main__":

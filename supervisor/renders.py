@@ -5,10 +5,16 @@ From a job's first dispatch a side process at a lower CPU priority (never the wo
 ledger and draws each frame as it is stored (pose_common/overlay.py). When the last frame is stored
 the job is `rendering`: the result file is written here, on the supervisor's loop, and once the
 overlay process has encoded the last frames and exited the job is `done`. A job left `rendering` by
-a supervisor that stopped is taken over (ledger.claim_render) and its overlay drawn whole."""
+a supervisor that stopped is taken over (ledger.claim_render) and its overlay drawn whole.
+
+The overlay process is a warm standby where there is one (jobs.overlay_standby): started ahead of
+need at the same priority, past its imports, it is handed the job over a Unix socket with the video's
+open descriptor, and the next standby starts on the next tick. A standby that died, or ended before
+it said it took the job, leaves the job to an overlay process started for it, as without one."""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -18,7 +24,7 @@ from configs import Config, video_roots
 from pose_common.children import parent_death_signal
 from pose_common.job_states import IN_QUEUE
 from pose_common.ledger import Job, Lease, SqlLedger
-from pose_common.overlay import overlay_path, partial_path, remove
+from pose_common.overlay import TAKEN, handoff_message, overlay_path, partial_path, remove
 from pose_common.paths import PathRefused, open_inside
 from pose_common.results import write_result
 from pose_common.runtime import RuntimeDir
@@ -32,6 +38,13 @@ class Render:
     proc: subprocess.Popen
     lease: Optional[Lease]  # None while the frames are still being inferred (the job's own lease covers it)
     result_path: str
+    handoff: Optional[socket.socket] = None  # a standby's channel: did it take the job before it ended?
+
+
+@dataclass
+class Standby:
+    proc: subprocess.Popen
+    channel: socket.socket  # ours; the process holds the other end
 
 
 class Renders:
@@ -39,6 +52,9 @@ class Renders:
         self.cfg, self.ledger, self.owner, self.results_dir, self.log = cfg, ledger, owner, results_dir, log
         self.lease_s = cfg.ledger.lease_s
         self.running: dict[str, Render] = {}
+        self.standby_wanted = cfg.jobs.render_overlay and cfg.jobs.overlay_standby
+        self.standby: Optional[Standby] = None
+        self.standby_due = self.standby_wanted  # started at the next reap(), not in the middle of a dispatch
 
     def __contains__(self, job_id: object) -> bool:
         return job_id in self.running
@@ -66,9 +82,10 @@ class Renders:
 
     def drop(self, job_id: str) -> None:
         """The job will not finish here (cancelled, failed, taken over): no partial overlay is left."""
-        render = self.running.pop(job_id, None)
+        render = self.running.get(job_id)
         if render is None:
             return
+        self.forget(job_id)
         render.proc.kill()
         render.proc.wait()
         remove(partial_path(render.result_path))
@@ -91,49 +108,138 @@ class Renders:
 
     def reap(self) -> None:
         """How each overlay process ended decides how its job finishes."""
+        self.replace_standby()
         for job_id, render in list(self.running.items()):
             code = render.proc.poll()
-            if code is None:
+            if code is None or self.redrawn(job_id, render, code):
                 continue
             if render.lease is None:  # ended before the frames were all stored (the job failed, or it
-                del self.running[job_id]  # crashed: the overlay is then drawn whole once they are)
+                self.forget(job_id)   # crashed: the overlay is then drawn whole once they are)
                 self.log.info("overlay_follower_exited", job_id=job_id, code=code)
                 continue
             if code == 0:
                 self.ledger.finish(render.lease, overlay_path=overlay_path(render.result_path))
             else:
                 self.ledger.finish(render.lease, warning=f"the overlay video could not be rendered (exit {code})")
-            del self.running[job_id]  # only now: an outage above leaves it to be finished later
+            self.forget(job_id)  # only now: an outage above leaves it to be finished later
             self.log.info("job_done", job_id=job_id, overlay=code == 0)
 
     def stop_all(self) -> None:
-        """Shutdown: a job left `rendering` gets its artifacts at the next boot."""
+        """Shutdown: a job left `rendering` gets its artifacts at the next boot; no standby is left."""
         for render in self.running.values():
             render.proc.kill()
+        self.standby_due = False
+        if self.standby is not None:
+            dismiss(self.standby)
+            self.standby = None
 
     # --- the overlay process ---------------------------------------------------------------------------
-    def spawn(self, job: Job, lease: Optional[Lease]) -> None:
+    def spawn(self, job: Job, lease: Optional[Lease], warm: bool = True) -> None:
+        """The job's overlay process: the standby where there is one (`warm`), else one of its own."""
         result_path = self.result_path(job)
         try:
-            with open_inside(job.video_path, video_roots(self.cfg)) as readable, \
-                    open(RuntimeDir(self.cfg.runtime_dir).overlay_stderr, "ab") as log:
-                # the renderer reads the very file checked here, through the descriptor it inherits
-                proc = subprocess.Popen(
-                    [sys.executable, "-m", "pose_common.overlay", self.ledger.path, job.job_id, readable,
-                     overlay_path(result_path)],
-                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                    pass_fds=(int(readable.rsplit("/", 1)[1]),), preexec_fn=behind_the_worker(os.getpid()))
+            with open_inside(job.video_path, video_roots(self.cfg)) as readable:
+                # the renderer reads the very file checked here, through the descriptor it is given
+                video_fd = int(readable.rsplit("/", 1)[1])
+                render = self.hand_to_standby(job.job_id, video_fd, result_path, lease) \
+                    if warm and self.standby_wanted else None
+                if render is None:
+                    proc = self.start_overlay_process([self.ledger.path, job.job_id, readable,
+                                                       overlay_path(result_path)], video_fd)
+                    render = Render(proc, lease, result_path)
         except PathRefused as exc:
             if lease is not None:
                 self.ledger.finish(lease, warning=f"the overlay video could not be rendered: {exc}")
             return
-        self.running[job.job_id] = Render(proc, lease, result_path)
+        self.running[job.job_id] = render
+
+    def start_overlay_process(self, args: list[str], fd: int) -> subprocess.Popen:
+        """`python -m pose_common.overlay ARGS`, behind the worker, given the one descriptor `fd`."""
+        with open(RuntimeDir(self.cfg.runtime_dir).overlay_stderr, "ab") as log:
+            return subprocess.Popen([sys.executable, "-m", "pose_common.overlay", *args],
+                                    stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
+                                    pass_fds=(fd,), preexec_fn=behind_the_worker(os.getpid()))
+
+    def forget(self, job_id: str) -> None:
+        render = self.running.pop(job_id)
+        if render.handoff is not None:
+            render.handoff.close()
+
+    # --- the warm standby ------------------------------------------------------------------------------
+    def replace_standby(self) -> None:
+        """One standby waits for the next job: started once, then after each one handed a job."""
+        if not self.standby_due:
+            return
+        self.standby_due = False
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ours.setblocking(False)  # the loop never waits on a standby
+        with theirs:
+            try:
+                proc = self.start_overlay_process(["--standby", str(theirs.fileno())], theirs.fileno())
+            except OSError as exc:  # the next job's overlay process is started for it, which tries again
+                ours.close()
+                self.log.warning("overlay_standby_not_started", error=str(exc))
+                return
+        self.standby = Standby(proc, ours)
+
+    def hand_to_standby(self, job_id: str, video_fd: int, result_path: str,
+                        lease: Optional[Lease]) -> Optional[Render]:
+        """-> the job's Render, drawn by the standby; None where there is no standby alive to take it.
+        A standby still importing takes the job once it is ready: the job waits in its socket."""
+        standby, self.standby, self.standby_due = self.standby, None, True
+        if standby is None:
+            return None
+        message = handoff_message(self.ledger.path, job_id, overlay_path(result_path))
+        if standby.proc.poll() is None and sent(standby.channel, message, video_fd):
+            return Render(standby.proc, lease, result_path, handoff=standby.channel)
+        self.log.warning("overlay_standby_lost", job_id=job_id, code=standby.proc.poll())
+        dismiss(standby)
+        return None
+
+    def redrawn(self, job_id: str, render: Render, code: int) -> bool:
+        """A standby that ended before it took the job (killed, or never came up): the job gets an
+        overlay process of its own, so no job loses its overlay to a standby. -> whether it did."""
+        if render.handoff is None:
+            return False
+        if taken(render.handoff):  # its exit status is the job's, now and at every later reap
+            render.handoff.close()
+            render.handoff = None
+            return False
+        job = self.ledger.job(job_id)
+        if job is None:
+            return False
+        self.log.warning("overlay_standby_lost", job_id=job_id, code=code)
+        self.forget(job_id)
+        self.spawn(job, render.lease, warm=False)
+        return True
 
     def check_follower(self, job_id: str) -> None:
         """A follower is only for a job that may still finish here."""
         job = self.ledger.job(job_id)
         if job is None or job.state not in IN_QUEUE or job.owner not in (None, self.owner):
             self.drop(job_id)
+
+
+def sent(channel: socket.socket, message: bytes, fd: int) -> bool:
+    try:
+        socket.send_fds(channel, [message], [fd])
+        return True
+    except OSError:  # the standby died after it was last seen alive
+        return False
+
+
+def taken(channel: socket.socket) -> bool:
+    """Once the standby has ended: did it say it took the job? (Its end is closed: no wait here.)"""
+    try:
+        return channel.recv(len(TAKEN)) == TAKEN
+    except OSError:
+        return False
+
+
+def dismiss(standby: Standby) -> None:
+    standby.proc.kill()
+    standby.proc.wait()
+    standby.channel.close()
 
 
 def behind_the_worker(parent_pid: int):

@@ -71,6 +71,7 @@ class WorkerSlot:
         self.fatal: Optional[Fatal] = None
         self.degraded_reason: Optional[str] = None
         self.stepped_down_at = 0.0
+        self.step_up_to: Optional[int] = None  # a rung above probed fine: moved to once the worker is idle
         self.run_clock = RunClock(sched_reader)
         self.last_seen = self.last_progress = self.run_clock.mark(clock())
         self.pace = FramePace(deadlines.frame_s, deadlines.frame_warmup, deadlines.frame_floor_s,
@@ -100,7 +101,8 @@ class WorkerSlot:
 
     @property
     def ready(self) -> bool:
-        return self.life.state is S.READY
+        """Ready for a job. Not while a step-up waits: the next job starts on the rung above."""
+        return self.life.state is S.READY and self.step_up_to is None
 
     @property
     def serving(self) -> bool:
@@ -135,6 +137,7 @@ class WorkerSlot:
             self.life.move(S.EXITED, "drained")  # whatever ended the last process, nothing is left to wait for
         if self.life.state is S.EXITED and self.proc is None and self.probe is None:
             self.start_rung()
+        self.maybe_finish_step_up()
         self.maybe_step_up(now)
 
     def start_rung(self) -> None:
@@ -179,6 +182,7 @@ class WorkerSlot:
     def maybe_step_up(self, now: float) -> None:
         interval = self.cfg.supervisor.step_up_after_s
         if (self.rung_index == 0 or not interval or self.probe is not None or self.life.state is not S.READY
+                or self.step_up_to is not None
                 or now - self.stepped_down_at < interval):
             return
         self.stepped_down_at = now
@@ -486,11 +490,19 @@ class WorkerSlot:
         if run.purpose == "boot" and self.life.state is S.PROBING:
             self.spawn()
         elif run.purpose == "step_up" and run.rung_index < self.rung_index:
-            self.log.info("step_up", to=self.rung_label(run.rung_index))
-            self.rung_index = run.rung_index
-            self.degraded_reason = None if run.rung_index <= self.planned_rung else self.degraded_reason
-            self.policy.reset()
-            self.restart("step_up")
+            self.step_up_to = run.rung_index
+            self.maybe_finish_step_up()
+
+    def maybe_finish_step_up(self) -> None:
+        """Move up only between jobs: a job stopped for it would end with frames from two engines."""
+        if self.step_up_to is None or self.life.state is S.BUSY or self.images_in_flight:
+            return
+        rung, self.step_up_to = self.step_up_to, None
+        self.log.info("step_up", to=self.rung_label(rung))
+        self.rung_index = rung
+        self.degraded_reason = None if rung <= self.planned_rung else self.degraded_reason
+        self.policy.reset()
+        self.restart("step_up")
 
     def apply_policy(self, cause: Cause) -> None:
         now = self.clock()
@@ -507,6 +519,7 @@ class WorkerSlot:
             self.go_fatal(decision.reason, restart_can_fix=cause.retry)
 
     def step_down(self, reason: str) -> None:
+        self.step_up_to = None
         self.rung_index += 1
         self.policy.reset()
         self.stepped_down_at = self.clock()

@@ -155,9 +155,11 @@ class CudaToCpu(TorchFunctionMode):
         return value
 
 
-def checked_autocast(shim: CudaShim, original: Any) -> Any:
+def checked_autocast(shim: CudaShim, original: Any, as_asked: bool = False) -> Any:
     """torch.autocast("cuda", dtype=...) as torch checks it; run as CPU autocast in bfloat16, the
-    reduced precision the CPU has."""
+    reduced precision the CPU has, or with `as_asked` in the dtype asked (CPU autocast takes float16
+    too in the torch of both venvs; its kernels are slow without avx512_fp16). CPU autocast's op lists are not
+    CUDA's (layer_norm and softmax run in the input's dtype, not fp32): that the shim cannot model."""
 
     class Autocast(original):
         def __init__(self, device_type: str, dtype: Any = None, enabled: bool = True, cache_enabled: Any = None):
@@ -167,7 +169,7 @@ def checked_autocast(shim: CudaShim, original: Any) -> Any:
                 if enabled and chosen not in AUTOCAST_CUDA_DTYPES:
                     raise RuntimeError(f"In CUDA autocast, but the target dtype {chosen} is not supported")
                 shim.calls.append(("autocast", str(chosen)))
-                device_type, dtype = "cpu", torch.bfloat16
+                device_type, dtype = "cpu", chosen if as_asked else torch.bfloat16
             super().__init__(device_type, dtype=dtype, enabled=enabled, cache_enabled=cache_enabled)
 
     return Autocast
@@ -187,7 +189,8 @@ def checked_load(shim: CudaShim, original: Any) -> Any:
 
 
 @contextlib.contextmanager
-def cuda_shim(physical: int = 2, total_mb: int = 8192, env: Mapping[str, str] | None = None) -> Iterator[CudaShim]:
+def cuda_shim(physical: int = 2, total_mb: int = 8192, env: Mapping[str, str] | None = None,
+              autocast_as_asked: bool = False) -> Iterator[CudaShim]:
     shim = CudaShim(physical=physical, total_mb=total_mb, env=os.environ if env is None else env)
     replaced = {
         "is_available": shim.is_available, "device_count": shim.device_count, "set_device": shim.set_device,
@@ -201,7 +204,7 @@ def cuda_shim(physical: int = 2, total_mb: int = 8192, env: Mapping[str, str] | 
     saved_autocast, saved_load = torch.autocast, torch.load
     for name, value in replaced.items():
         setattr(torch.cuda, name, value)
-    torch.autocast = checked_autocast(shim, saved_autocast)
+    torch.autocast = checked_autocast(shim, saved_autocast, autocast_as_asked)
     torch.load = checked_load(shim, saved_load)
     try:
         with CudaToCpu(shim):

@@ -225,6 +225,15 @@ def _parse(payload: bytes, content_type: str) -> Any:
     return payload
 
 
+def process_name(pid: int) -> str:
+    """The name /proc shows for the process (set by prctl or the executable), "" once it is gone."""
+    try:
+        with open(f"/proc/{pid}/comm") as fh:
+            return fh.read().strip()
+    except OSError:
+        return ""
+
+
 def pid_gone(pid: int) -> bool:
     try:
         os.kill(pid, 0)

@@ -60,6 +60,24 @@ def steps_down_and_back_up(tmp_path, clip, kind: str) -> None:
         stack.stop()
 
 
+def test_a_step_up_waits_for_the_running_job_to_finish(tmp_path, clip):
+    """The rung above probes fine while a job runs on the rung below: the job is not stopped for it
+    (it would end with frames from two engines); the step-up happens between jobs."""
+    slow_cpu = "{engine:noop,device:cpu,options:{frame_delay_s:0.25}}"
+    stack = Stack(tmp_path, [*FAST, f"ladder=[{{engine:noop,device:cpu,options:{{detector:vitdet}}}},{slow_cpu}]",
+                             "probe.enabled=false", "fault.kind=raise", "fault.at=stage:model", "fault.times=1",
+                             "supervisor.intensity=1", "supervisor.step_up_after_s=0.5"])
+    try:
+        job = stack.wait_job(stack.submit(clip), timeout=90)
+        assert job["state"] == "done", job
+        log = stack.log_text()
+        assert log.count("job_dispatched") == 1, "the running job was stopped for the step-up"
+        assert stack.result(job)["engine"].get("detector") is None  # all of it from the rung below
+        wait_for(lambda: stack.conn.health().get("rung_index") == 0, 30, what="step up after the job")
+    finally:
+        stack.stop()
+
+
 def diagnose(tmp_path, *extra: str) -> tuple[int, dict]:
     proc = subprocess.run([sys.executable, "-m", "pose_service.cli", "diagnose", "--json",
                            f"state_dir={tmp_path / 'state'}", *extra], capture_output=True, cwd=REPO, timeout=300)

@@ -12,8 +12,10 @@ import io
 import json
 import os
 import pickle
+import sys
 import tarfile
 import threading
+import types
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Optional
 from urllib.parse import urlsplit
@@ -381,3 +383,30 @@ def test_an_archive_kept_from_a_cut_extraction_is_extracted_without_downloading_
     assert fetch(server) == 0
     assert server.asked(url_path(ARCHIVE)) == []
     assert os.path.isfile(paths(tmp_path)["hmr2_checkpoint"]) and not os.path.exists(os.path.join(root, ARCHIVE))
+
+
+class Gone:
+    """Pickled by reference to a module the reader lacks, as a checkpoint that needs a package this
+    environment does not have (yacs for HMR2's, without hmr2 installed)."""
+    __module__ = "a_package_not_installed_here"
+
+
+def test_an_intact_file_naming_a_class_this_environment_lacks_is_not_fetched_again(server, tmp_path, monkeypatch,
+                                                                                   capsys):
+    import torch
+    serve_release(server, tmp_path, monkeypatch)
+    dest = paths(tmp_path)["hmr2_checkpoint"]
+    os.makedirs(os.path.dirname(dest), exist_ok=True)
+    saved_from = types.ModuleType(Gone.__module__)
+    saved_from.Gone = Gone  # type: ignore[attr-defined]
+    with monkeypatch.context() as while_saving:
+        while_saving.setitem(sys.modules, Gone.__module__, saved_from)
+        torch.save({"state_dict": {}, "hyper_parameters": {"cfg": Gone()}}, dest)
+    row = hmr2_assets.verify([a for a in wanted(tmp_path) if a.name == "hmr2_checkpoint"])[0]
+    assert row["status"] == "unreadable_here", row
+    assert "a_package_not_installed_here.Gone" in row["problem"]
+    assert fetch(server, "--dry-run") == 0
+    out = capsys.readouterr().out
+    extracted = [line for line in out.splitlines() if "extracted into" in line]
+    assert extracted and not any("hmr2_checkpoint" in line for line in extracted)  # not fetched for it again
+    assert "[manual ] hmr2_checkpoint" in out and "a_package_not_installed_here.Gone" in out

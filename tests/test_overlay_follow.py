@@ -1,6 +1,7 @@
 """The overlay is drawn beside the inference (issue 23): a process that follows the ledger draws
 each frame once the worker has stored it, so it ends a few frames after the last inference; a
-resumed job's overlay still has every frame once; a failed or cancelled job leaves no partial file."""
+resumed job's overlay still has every frame once; a failed or cancelled job leaves no partial file.
+That process is a standby started before the job (issue 30), and a stop leaves none behind."""
 from __future__ import annotations
 
 import os
@@ -12,10 +13,10 @@ import av
 import pytest
 
 from pose_common.ledger import Ledger
-from pose_common.overlay import JobGone, StoredFrames, draw_video, partial_path
+from pose_common.overlay import DRAWING_NAME, STANDBY_NAME, JobGone, StoredFrames, draw_video, partial_path
 from supervisor.renders import OVERLAY_NICENESS
 
-from support import Stack, make_clip, wait_for
+from support import Stack, make_clip, pid_gone, process_name, wait_for
 
 FRAMES = 24
 NOOP = ["engine.name=noop", "probe.enabled=false"]
@@ -112,17 +113,40 @@ def test_a_sampled_job_draws_only_its_frames(tmp_path, clip):
 
 
 # --- in the daemon -------------------------------------------------------------------------------
-def overlay_processes(supervisor_pid: int) -> list[int]:
+def overlay_children(supervisor_pid: int) -> list[tuple[int, str, str]]:
+    """-> (pid, command line, process name) of each of the supervisor's overlay processes."""
     import psutil
 
     found = []
     for child in psutil.Process(supervisor_pid).children():
         try:
-            if "pose_common.overlay" in " ".join(child.cmdline()):
-                found.append(child.pid)
+            command = " ".join(child.cmdline())
+            if "pose_common.overlay" in command:
+                found.append((child.pid, command, child.name()))
         except psutil.Error:
             pass  # exited already (a zombie until the supervisor reaps it)
     return found
+
+
+def overlay_processes(supervisor_pid: int) -> list[int]:
+    """Those drawing a job: started for it, or a standby that took it (one waiting draws nothing)."""
+    return [pid for pid, command, name in overlay_children(supervisor_pid)
+            if "--standby" not in command or name == DRAWING_NAME]
+
+
+def standby_processes(supervisor_pid: int) -> list[int]:
+    """Those waiting for a job (or still starting to)."""
+    return [pid for pid, command, name in overlay_children(supervisor_pid)
+            if "--standby" in command and name != DRAWING_NAME]
+
+
+def warm_standby(supervisor_pid: int) -> int:
+    """-> the one standby, once it waits past its imports."""
+    def warm() -> int:
+        waiting = standby_processes(supervisor_pid)
+        return len(waiting) == 1 and process_name(waiting[0]) == STANDBY_NAME and waiting[0]
+    return wait_for(warm, 60, interval=0.05, what="one warm standby overlay process")
+
 
 
 def test_the_daemon_draws_the_overlay_while_the_job_runs(tmp_path):
@@ -192,5 +216,58 @@ def test_a_job_that_fails_under_its_overlay_leaves_no_file_and_the_supervisor_ru
                  what="the follower gone with its partial file")
         stack.wait_ready(30)
         assert supervisor.poll() is None and "supervisor_crashed" not in stack.log_text()
+    finally:
+        stack.stop()
+
+
+def test_the_daemon_draws_each_job_with_a_standby_started_before_it(tmp_path):
+    clip = make_clip(tmp_path / "long.mp4", frames=150)
+    stack = Stack(tmp_path, [*NOOP, "+engine.options.frame_delay_s=0.03"])
+    try:
+        stack.wait_ready(60)
+        sup = stack.procs["supervisor"].pid
+        drawn_by = []
+        for _ in range(2):
+            standby = warm_standby(sup)
+            job_id = stack.submit(clip)
+            wait_for(lambda: stack.conn.job(job_id).get("frames_done", 0) >= 40, 60, interval=0.05, what="40 frames")
+            assert overlay_processes(sup) == [standby], "the standby waiting before the job was submitted draws it"
+            assert standby not in standby_processes(sup) and len(standby_processes(sup)) == 1, "the next standby"
+            job = stack.wait_job(job_id, timeout=60)
+            assert job["state"] == "done" and decoded_count(job["overlay_path"]) == 150
+            drawn_by.append(standby)
+        assert drawn_by[0] != drawn_by[1], "each job gets a fresh standby"
+        left = standby_processes(sup)
+        assert len(left) == 1 and overlay_processes(sup) == []
+    finally:
+        stack.stop()
+    assert pid_gone(left[0]), "a stopped supervisor leaves no standby behind"
+
+
+def test_a_killed_standby_leaves_the_job_to_an_overlay_process_of_its_own(tmp_path):
+    clip = make_clip(tmp_path / "clip.mp4", frames=60)
+    stack = Stack(tmp_path, [*NOOP, "+engine.options.frame_delay_s=0.03"])
+    try:
+        stack.wait_ready(60)
+        sup = stack.procs["supervisor"].pid
+        standby = warm_standby(sup)
+        os.kill(standby, signal.SIGKILL)
+        job_id = stack.submit(clip)
+        job = stack.wait_job(job_id, timeout=60)
+        assert job["state"] == "done" and decoded_count(job["overlay_path"]) == 60 and not job.get("warning")
+        assert "overlay_standby_lost" in stack.log_text()
+        waiting = warm_standby(sup)
+        assert waiting != standby, "a standby waits again for the next job"
+    finally:
+        stack.stop()
+
+
+def test_a_supervisor_killed_outright_leaves_no_standby_behind(tmp_path):
+    stack = Stack(tmp_path, NOOP)
+    try:
+        stack.wait_ready(60)
+        standby = warm_standby(stack.procs["supervisor"].pid)
+        stack.procs["supervisor"].kill()
+        wait_for(lambda: pid_gone(standby), 10, interval=0.05, what="the standby dead with its supervisor")
     finally:
         stack.stop()

@@ -176,16 +176,20 @@ def check(detector: str, env: Mapping[str, str], appearance: str = "texture",
 
 
 def asset_status(asset: Asset) -> tuple[str, int, str]:
-    """present, missing, truncated (unreadable and shorter than the real file) or invalid (the
-    wrong content). The size alone decides nothing: a readable file of the right keys and shapes
-    passes whatever its size (the test tier's small random checkpoints do)."""
+    """present, missing, truncated (unreadable and shorter than the real file), invalid (the wrong
+    content) or unreadable_here (it names a class this environment cannot import: the file may be
+    intact, a package is missing). The size alone decides nothing: a readable file of the right keys
+    and shapes passes whatever its size (the test tier's small random checkpoints do)."""
     try:
         size = os.path.getsize(asset.path)
     except OSError:
         return "missing", 0, ""
     if not os.path.isfile(asset.path):
         return "missing", 0, ""
-    problem = content_problem(asset) if asset.content else ("" if size >= asset.min_size else "too small")
+    try:
+        problem = content_problem(asset) if asset.content else ("" if size >= asset.min_size else "too small")
+    except UnimportableClass as exc:
+        return "unreadable_here", size, str(exc)
     if not problem:
         return "present", size, ""
     return ("truncated" if size < asset.min_size else "invalid"), size, problem
@@ -209,6 +213,8 @@ def describe_problems(rows: list[dict]) -> str:
     for row in problems(rows):
         if row["status"] == "missing":
             lines.append(f"{row['name']}: missing {row['path']}; get it from {row['source']}")
+        elif row["status"] == "unreadable_here":
+            lines.append(f"{row['name']}: {row['path']} cannot be read in this environment: {row['problem']}")
         elif row["status"] == "truncated":
             lines.append(f"{row['name']}: truncated {row['path']} ({row['size']} bytes, expected at "
                          f"least {row['min_size']}); download it again from {row['source']}")
@@ -239,6 +245,8 @@ def content_problem(asset: Asset) -> str:
         return ""
     try:
         CONTENT_CHECKS[asset.content](asset.path)
+    except UnimportableClass:
+        raise  # not a problem of the file's: asset_status says so
     except ContentError as exc:
         return str(exc)
     except Exception as exc:  # unreadable as the format its user expects
@@ -387,17 +395,73 @@ def select(cfg, dotted: str):
     return OmegaConf.select(cfg, dotted, default=None)
 
 
-def torch_load(path: str):
-    """Tensors mapped, not read: a 2.5 GB checkpoint is checked in a moment."""
-    import torch
+class UnimportableClass(ContentError):
+    """The file refers to a class that this Python environment cannot import: the file itself may be
+    intact, what is missing is the package (or the version of it) that defines the class."""
+
+
+def torch_load(path: str, like_lightning: bool = False):
+    """Tensors mapped, not read: a 2.5 GB checkpoint is checked in a moment. `like_lightning`: read
+    as LightningModule.load_from_checkpoint reads it, under Lightning's patch for old checkpoints
+    (classes it removed or moved since). Tried without it first: the patch only adds names, so a
+    file that loads without it loads the same with it, and importing Lightning takes seconds."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        return torch_load_naming_classes(path)
+    except UnimportableClass:
+        if not like_lightning or (legacy_patch := lightning_legacy_patch()) is None:
+            raise
+        with legacy_patch:
+            return torch_load_naming_classes(path)
+
+
+def torch_load_naming_classes(path: str):
+    import torch
+
+    pickle_module = naming_pickle_module()
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False, mmap=True, pickle_module=pickle_module)
     except RuntimeError:  # the legacy (non-zip) format cannot be mapped
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return torch.load(path, map_location="cpu", weights_only=False, pickle_module=pickle_module)
+
+
+def naming_pickle_module() -> Any:
+    """pickle, with an Unpickler that names the class it could not find (pickle's own error names the
+    module alone, or the class with the module's file path). Made at each call, on the pickle.Unpickler
+    of the moment: Lightning's legacy patch replaces that class while it is active."""
+    import pickle
+    import types
+
+    class NamingUnpickler(pickle.Unpickler):
+        def find_class(self, module: str, name: str) -> Any:
+            try:
+                return super().find_class(module, name)
+            except (ImportError, AttributeError) as exc:
+                raise UnimportableClass(unimportable_class_problem(module, name, exc)) from exc
+
+    return types.SimpleNamespace(__name__="pickle", Unpickler=NamingUnpickler,
+                                 load=lambda fh, **kwargs: NamingUnpickler(fh, **kwargs).load())
+
+
+def unimportable_class_problem(module: str, name: str, exc: BaseException) -> str:
+    reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, ImportError) else f"{module} has no {name}"
+    return (f"it refers to the class {module}.{name}, which this Python environment cannot import ({reason}); "
+            "the file may well be intact: install the package that defines that class, or the version of "
+            "it that wrote the file")
+
+
+def lightning_legacy_patch() -> Any:
+    """pytorch_lightning's context for unpickling old checkpoints, or None without pytorch_lightning."""
+    try:
+        from pytorch_lightning.utilities.migration import pl_legacy_patch
+    except ImportError:
+        return None
+    return pl_legacy_patch()
 
 
 def check_hmr2_checkpoint(path: str) -> None:
-    state = torch_load(path)
+    # HMR2.load_from_checkpoint unpickles the whole Lightning checkpoint (hyper_parameters' yacs
+    # CfgNode, callbacks, loops...), not only its state_dict: so does this
+    state = torch_load(path, like_lightning=True)
     expect_keys("the HMR2 checkpoint", state, ["state_dict"])
     weights = state["state_dict"]
     # HMR2.load_from_checkpoint is strict=False: a missing key would stay at random init silently, so

@@ -134,7 +134,7 @@ def make_plan(assets: Sequence[Asset], sources: Mapping[str, Source]) -> Plan:
         status, _, problem = hmr2_assets.asset_status(asset)
         if status == "present":
             plan.present.append(asset)
-        elif asset.name in MANUAL:
+        elif asset.name in MANUAL or status == "unreadable_here":  # a package missing, not the file
             plan.manual.append((asset, problem or status))
         elif asset.name in ARCHIVE_MEMBERS:
             root = archive_root(asset)

@@ -20,7 +20,7 @@ import importlib.util
 from pathlib import Path
 from typing import Any, Iterator
 
-from gpu_worker.engines.hmr2_phalp import Settings, backbone_sized_by
+from gpu_worker.engines.hmr2_phalp import Settings, backbone_sized_by, trusted_torch_load
 
 
 def track_module() -> Any:
@@ -68,7 +68,10 @@ def cpu_reference(settings: Settings) -> Iterator[None]:
     patch(LazyConfig, "load", staticmethod(small_detector))
     patch(hmr2_module.HMR2, "__init__", hmr2_init)
     try:
-        yield
+        # the checkpoint, shaped like the release, pickles a yacs CfgNode: 4D-Humans' load_hmr2 on
+        # torch 2.6+ refuses it unless weights-only loading is turned off, for any user as here
+        with trusted_torch_load():
+            yield
     finally:
         for owner, name, value in reversed(patched):
             setattr(owner, name, value)

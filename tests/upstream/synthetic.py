@@ -236,7 +236,6 @@ def hmr2_model_config() -> dict[str, Any]:
 
 
 def write_hmr2(config_path: str, checkpoint_path: str) -> None:
-    import pytorch_lightning
     import torch
     import yaml
     from hmr2.configs import get_config
@@ -254,8 +253,116 @@ def write_hmr2(config_path: str, checkpoint_path: str) -> None:
         model.smpl_head.deccam.weight.mul_(CAMERA_WEIGHT_SCALE)
         model.smpl_head.deccam.bias.zero_()
     ensure_dir(checkpoint_path)
-    torch.save({"state_dict": model.state_dict(), "pytorch-lightning_version": pytorch_lightning.__version__,
-                "epoch": 35, "global_step": 1_000_000}, checkpoint_path)
+    torch.save(lightning_checkpoint(model), checkpoint_path)
+
+
+# The released checkpoint is a whole Lightning 1.x checkpoint. Which 1.x wrote it is recorded nowhere
+# we can read (hmr2 imports pytorch_lightning.loggers.Logger, so 1.7 or later): a 1.8 file meets the
+# migrations Lightning 2 applies to the files of 1.7 and later (1.9.0's callback state key, 2.0.0's loops).
+RELEASE_LIGHTNING_VERSION = "1.8.6"
+RELEASE_EPOCH, RELEASE_STEP = 35, 1_000_000
+CHECKPOINT_EVERY_N_STEPS = 10_000  # GENERAL.CHECKPOINT_STEPS of the hmr_vit_transformer experiment
+RELEASE_RUN_DIR = "logs/train/multiruns/hmr2/0"
+# Lightning's progress trackers, by the counters each one keeps
+READY_COMPLETED = ("ready", "completed")
+STARTED = ("ready", "started", "completed")
+PROCESSED = ("ready", "started", "processed", "completed")
+
+
+def lightning_checkpoint(model: Any) -> dict[str, Any]:
+    """What Lightning 1.8's dump_checkpoint writes for HMR2 trained by 4D-Humans' train.py: a
+    ModelCheckpoint every CHECKPOINT_EVERY_N_STEPS (LearningRateMonitor and the progress bar keep no
+    state), native AMP (precision 16), manual optimisation with HMR2's AdamW, no LR scheduler; the
+    hyperparameters as save_hyperparameters(logger=False, ignore=['init_renderer']) keeps them (the
+    yacs CfgNode `cfg`)."""
+    return {
+        "epoch": RELEASE_EPOCH,
+        "global_step": RELEASE_STEP,
+        "pytorch-lightning_version": RELEASE_LIGHTNING_VERSION,
+        "state_dict": model.state_dict(),
+        "loops": loops_state(),
+        "callbacks": {model_checkpoint_state_key(): model_checkpoint_state()},
+        "optimizer_states": optimizer_states(model),
+        "lr_schedulers": [],
+        "NativeMixedPrecisionPlugin": {"scale": 65536.0, "growth_factor": 2.0, "backoff_factor": 0.5,
+                                       "growth_interval": 2000, "_growth_tracker": 0},
+        "hparams_name": model._hparams_name,
+        "hyper_parameters": dict(model.hparams),
+    }
+
+
+def model_checkpoint_state_key() -> str:
+    """Lightning 1.x keys a callback's state by its class name and the repr of its triggers (1.9
+    dropped save_on_train_epoch_end from the key; the 1.9.0 migration drops it from old files)."""
+    triggers = {"monitor": None, "mode": "min", "every_n_train_steps": CHECKPOINT_EVERY_N_STEPS,
+                "every_n_epochs": 0, "train_time_interval": None, "save_on_train_epoch_end": False}
+    return f"ModelCheckpoint{triggers!r}"
+
+
+def model_checkpoint_state() -> dict[str, Any]:
+    import torch
+
+    dirpath = f"{RELEASE_RUN_DIR}/checkpoints"
+    return {"monitor": None, "best_model_score": None,
+            "best_model_path": f"{dirpath}/epoch={RELEASE_EPOCH}-step={RELEASE_STEP}.ckpt",
+            "current_score": None, "dirpath": dirpath, "best_k_models": {}, "kth_best_model_path": "",
+            "kth_value": torch.tensor(float("inf")), "last_model_path": f"{dirpath}/last.ckpt"}
+
+
+def progress(done: int, counters: tuple[str, ...], current: int = 0) -> dict[str, Any]:
+    return {"total": dict.fromkeys(counters, done), "current": dict.fromkeys(counters, current)}
+
+
+def batch_progress(done: int, current: int = 0) -> dict[str, Any]:
+    return {**progress(done, PROCESSED, current), "is_last_batch": False}
+
+
+def loops_state() -> dict[str, Any]:
+    """Lightning 1.8's four loops, as each loop's state_dict() flattens its children into one dict."""
+    return {"fit_loop": fit_loop_state(), "validate_loop": evaluation_loop_state(),
+            "test_loop": evaluation_loop_state(), "predict_loop": evaluation_loop_state()}
+
+
+def evaluation_loop_state() -> dict[str, Any]:
+    return {"state_dict": {}, "dataloader_progress": progress(0, READY_COMPLETED),
+            "epoch_loop.state_dict": {}, "epoch_loop.batch_progress": batch_progress(0)}
+
+
+def fit_loop_state() -> dict[str, Any]:
+    validations = RELEASE_STEP // 1000  # counters no reader uses: plausible, not the release's
+    return {
+        "state_dict": {},
+        "epoch_progress": progress(RELEASE_EPOCH, PROCESSED, current=RELEASE_EPOCH),
+        "epoch_loop.state_dict": {"_batches_that_stepped": RELEASE_STEP},
+        "epoch_loop.batch_progress": batch_progress(RELEASE_STEP),
+        "epoch_loop.scheduler_progress": progress(0, READY_COMPLETED),
+        "epoch_loop.batch_loop.state_dict": {},
+        "epoch_loop.batch_loop.optimizer_loop.state_dict": {},
+        "epoch_loop.batch_loop.optimizer_loop.optim_progress": {
+            "optimizer": {"step": progress(0, READY_COMPLETED), "zero_grad": progress(0, STARTED)},
+            "optimizer_position": 0},
+        "epoch_loop.batch_loop.manual_loop.state_dict": {},
+        "epoch_loop.batch_loop.manual_loop.optim_step_progress": progress(RELEASE_STEP, READY_COMPLETED),
+        "epoch_loop.val_loop.state_dict": {},
+        "epoch_loop.val_loop.dataloader_progress": progress(validations, READY_COMPLETED),
+        "epoch_loop.val_loop.epoch_loop.state_dict": {},
+        "epoch_loop.val_loop.epoch_loop.batch_progress": batch_progress(validations),
+    }
+
+
+def optimizer_states(model: Any) -> list[dict[str, Any]]:
+    """HMR2.configure_optimizers' AdamW (and the discriminator's, when the config trains one), as
+    state_dict() writes them, without the per-parameter moments: the released file (about 2.5 GB, the
+    ViT-H weights alone in float32) has no room for AdamW's two moments per weight, and no reader
+    looks at them."""
+    import torch
+
+    lr, decay = model.cfg.TRAIN.LR, model.cfg.TRAIN.WEIGHT_DECAY
+    trained = [p for p in model.get_parameters() if p.requires_grad]
+    optimizers = [torch.optim.AdamW([{"params": trained, "lr": lr}], weight_decay=decay)]
+    if hasattr(model, "discriminator"):
+        optimizers.append(torch.optim.AdamW(model.discriminator.parameters(), lr=lr, weight_decay=decay))
+    return [optimizer.state_dict() for optimizer in optimizers]
 
 
 # --- the detector ---------------------------------------------------------------------------------

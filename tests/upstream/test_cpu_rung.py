@@ -42,3 +42,31 @@ def test_cpu_rung_detector_finds_the_small_rider_the_first_pass_misses():
         for instances in found:
             assert len(instances) <= 1 and instances.pred_masks.shape[1:] == bgr[0].shape[:2]
     assert counts[False] <= len(bgr) - 3 and counts[True] >= len(bgr) - 1, counts
+
+
+def test_a_frames_crops_run_in_the_chunks_asked_and_give_the_same_tracks(cache, frames_dir):
+    """PHALP hands its HMAR every crop of a frame at once; with crop_chunk=1 the HMR2-as-HMAR adapter
+    runs them one at a time (phalp_build.forward_in_chunks) and the tracks are those of one batch."""
+    batches: list[int] = []
+
+    def count_batches(engine) -> None:
+        hmar = engine._phalp.HMAR
+        forward_crops = hmar.forward_crops
+
+        def counted(x):
+            batches.append(int(x.shape[0]))
+            return forward_crops(x)
+        hmar.forward_crops = counted
+
+    options = cache.options(hmr2_cpu_runtime="torch")
+    whole, _ = run_on_frames(options, frames_dir, 4, prepare=count_batches)
+    crowd = max(batches)
+    assert crowd >= 2, "the random detector gives several persons a frame: the test needs a crowd"
+    batches.clear()
+    chunked, _ = run_on_frames({**options, "crop_chunk": 1}, frames_dir, 4, prepare=count_batches)
+    assert batches and max(batches) == 1 and len(batches) >= crowd
+    assert [f.index for f in chunked] == [f.index for f in whole]
+    for got, want in zip(chunked, whole):
+        assert [p["track_id"] for p in got.persons] == [p["track_id"] for p in want.persons]
+        for person, expected in zip(got.persons, want.persons):
+            np.testing.assert_allclose(person["keypoints_3d"], expected["keypoints_3d"], atol=1e-4)

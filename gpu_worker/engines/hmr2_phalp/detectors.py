@@ -8,9 +8,24 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import numpy as np
 
 from gpu_worker.engines.base import Person
+from gpu_worker.engines.hmr2_phalp.half import HalfWeights, cast_backbone, vitdet_backbone
 from gpu_worker.engines.hmr2_phalp.patches import instances_in_float32
 from gpu_worker.engines.hmr2_phalp.settings import Settings
 from gpu_worker.engines.roi import RiderSearch, min_detection_confidence
+
+# detectron2 pastes every detection's mask at the full frame on CUDA, in chunks it sizes by the output
+# alone (4 bytes a pixel against 1 GiB: all 100 masks of a 1080p frame in one chunk), while a chunk
+# holds about 15 bytes a pixel (the sampling grid, its half copy, the sampled mask, the result): about
+# 2.9 GB at 1080p, more than ViT-H's own peak. Chunks of this size keep it near 0.4 GB (the plan's
+# traced figure); the same kernels run, in a dozen launches instead of one.
+MASK_PASTE_CHUNK_BYTES = 64 * 2 ** 20
+
+
+def paste_masks_in_small_chunks() -> None:
+    """Process-wide (detectron2 reads its module constant at each call); a worker runs one engine."""
+    from detectron2.layers import mask_ops
+
+    mask_ops.GPU_MEM_LIMIT = MASK_PASTE_CHUNK_BYTES
 
 
 def detector_config(settings: Settings) -> Any:
@@ -37,27 +52,32 @@ def detector_config(settings: Settings) -> Any:
     return cfg
 
 
-def build_detector(settings: Settings, weights_path: str, device: Any) -> LazyConfigPredictor:
+def build_detector(settings: Settings, weights_path: str, device: Any,
+                   backbone_dtype: Optional[Any] = None) -> LazyConfigPredictor:
     """The detector PHALP.setup_detectron2 builds, loaded from the verified local file and placed on
-    `device` instead of a hard-coded .cuda()."""
+    `device` instead of a hard-coded .cuda(); ViTDet's ViT held in `backbone_dtype` (half.py) if given."""
     cfg = detector_config(settings)
     cfg.train.init_checkpoint = weights_path
-    return LazyConfigPredictor(cfg, device)
+    return LazyConfigPredictor(cfg, device, backbone_dtype)
 
 
 class LazyConfigPredictor:
     """One BGR image in, detectron2's output dict out (PHALP's DefaultPredictor_Lazy, device-aware).
-    `autocast` is the engine's precision context (fp32: none); outputs come back in fp32."""
+    `autocast` is the engine's precision context (fp32: none); outputs come back in fp32. With
+    `backbone_dtype`, ViTDet's ViT is held in that half dtype (half.py), cast on the host before the
+    model moves to `device`, so the card never holds its fp32 copy; `half_weights` says what was cast."""
 
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
+    half_weights: Optional[HalfWeights] = None
 
-    def __init__(self, cfg: Any, device: Any):
+    def __init__(self, cfg: Any, device: Any, backbone_dtype: Optional[Any] = None):
         import detectron2.data.transforms as T
         import torch
         from detectron2.checkpoint import DetectionCheckpointer
         from detectron2.config import instantiate
 
         self._T, self._torch = T, torch
+        paste_masks_in_small_chunks()
         self.model = instantiate(cfg.model)
         DetectionCheckpointer(self.model).load(cfg.train.init_checkpoint)
         mapper = instantiate(cfg.dataloader.test.mapper)
@@ -65,6 +85,9 @@ class LazyConfigPredictor:
         self.input_format = mapper.image_format
         if self.input_format not in ("RGB", "BGR"):
             raise ValueError(f"unsupported detector input format {self.input_format}")
+        backbone = vitdet_backbone(self.model) if backbone_dtype is not None else None
+        if backbone is not None:
+            self.half_weights = cast_backbone(backbone, backbone_dtype)
         self.model.eval().to(device)
 
     def __call__(self, bgr: np.ndarray) -> dict:

@@ -26,6 +26,7 @@ from gpu_worker.engines.hmr2_phalp.geometry import (
     rgb_to_bgr,
     with_origin_joint,
 )
+from gpu_worker.engines.hmr2_phalp.half import HalfWeights, cast_backbone, half_weights_dtype
 from gpu_worker.engines.hmr2_phalp.patches import backbone_sized_by, in_float32, trusted_torch_load
 from gpu_worker.engines.hmr2_phalp.phalp_build import build_phalp_config, build_streaming_phalp
 from gpu_worker.engines.hmr2_phalp.settings import Settings, apply_env_overrides, check_assets, resolve_precision
@@ -77,6 +78,8 @@ class HMR2PhalpEngine(Engine):
         self.tf32 = False         # and engine.options.tf32
         # what runs HMR2's networks; the main_model stage resolves engine.options.hmr2_cpu_runtime
         self.hmr2_runtime = cpu_runtime.RuntimeChoice("torch")
+        # the ViT-H backbones held in half precision on CUDA (half.py), by name
+        self.half_weights: dict[str, HalfWeights] = {}
         # neural_renderer imports and, once the runtime stage has picked the device, renders right
         self.neural_renderer_problem: Callable[[], str] = lambda: texture_sampler_problem(self._torch_device)
 
@@ -163,6 +166,7 @@ class HMR2PhalpEngine(Engine):
             kwargs["weights_only"] = False
         with trusted_torch_load(), backbone_sized_by(model_cfg):
             model = HMR2.load_from_checkpoint(DEFAULT_CHECKPOINT, **kwargs)
+        self._hold_in_half("hmr2_backbone", model.backbone)  # on the host: the card never holds its fp32 copy
         self._hmr2 = self._fast_hmr2(model.to(self._torch_device).eval())
         self._hmr2_cfg = model_cfg
 
@@ -178,13 +182,29 @@ class HMR2PhalpEngine(Engine):
         folder = self.settings.hmr2_cpu_cache or cpu_runtime.default_cache_dir(self.settings.environment())
         return cpu_runtime.accelerate_hmr2(model, Path(folder), precision=self.precision)
 
+    def _half_weights_dtype(self) -> Any:
+        """fp16/bf16 on CUDA in those precisions, else None (fp32 weights): half.py says why."""
+        return half_weights_dtype(self._torch, self.precision, self.device_type)
+
+    def _hold_in_half(self, name: str, backbone: Any) -> None:
+        """The backbone's Linear/Conv weights in the half dtype (half.py), cast where they are now."""
+        dtype = self._half_weights_dtype()
+        if dtype is not None:
+            self._note_half_weights(name, cast_backbone(backbone, dtype))
+
+    def _note_half_weights(self, name: str, cast: Optional[HalfWeights]) -> None:
+        if cast is not None:
+            self.half_weights[name] = cast
+            log.info("half_weights: %s %s", name, cast.describe())
+
     def _build_tracker(self) -> None:
         choice = self.appearance_choice()  # neural_renderer checked here, before PHALP is built
         if choice.note:
             log.warning("appearance_fallback: %s", choice.note)
         cfg = build_phalp_config(self.settings, str(self._torch_device))
         with trusted_torch_load(self._torch_device):
-            self._phalp = build_streaming_phalp(cfg, self._hmr2, self.settings, self.appearance)
+            self._phalp = build_streaming_phalp(cfg, self._hmr2, self.settings, self.appearance,
+                                                precision=self.precision)
         self._phalp.setup_deepsort()
         self._phalp.HMAR.autocast = self._autocast
         if self._detector is not None:
@@ -195,7 +215,9 @@ class HMR2PhalpEngine(Engine):
             self._detector = MediaPipePersonDetector(self.options)
         else:
             weights = hmr2_assets.detector_weights_path(self.settings.detector, self.settings.environment())
-            self._detector = build_detector(self.settings, weights, self._torch_device)
+            self._detector = build_detector(self.settings, weights, self._torch_device,
+                                            backbone_dtype=self._half_weights_dtype())
+            self._note_half_weights("vitdet_backbone", self._detector.half_weights)
             self._detector.autocast = self._autocast
         if self._phalp is not None:
             self._phalp.detector = self._detector
@@ -251,8 +273,9 @@ class HMR2PhalpEngine(Engine):
         return self._pending.flush()
 
     def _autocast(self) -> contextlib.AbstractContextManager:
-        """The detector, HMR2 and the appearance head run under this (weights stay fp32; their outputs
-        come back in fp32): autocast in engine.options.precision, nothing for fp32."""
+        """The detector, HMR2 and the appearance head run under this (their outputs come back in fp32;
+        weights fp32 but for the two ViT-H backbones on CUDA, half.py): autocast in
+        engine.options.precision, nothing for fp32. Half weights need it: every call runs under it."""
         if self._torch is None or self.precision == "fp32":
             return contextlib.nullcontext()
         dtype = self._torch.bfloat16 if self.precision == "bf16" else self._torch.float16
@@ -344,7 +367,8 @@ class HMR2PhalpEngine(Engine):
     def describe(self) -> dict[str, Any]:
         return {**super().describe(), "detector": self.settings.detector, "n_init": self.settings.n_init,
                 "appearance": self.appearance, "precision": self.precision, "tf32": self.tf32,
-                "hmr2_runtime": self.hmr2_runtime.runtime, **self.appearance_note(), **self.runtime_note()}
+                "hmr2_runtime": self.hmr2_runtime.runtime, **self.appearance_note(), **self.runtime_note(),
+                **self.half_weights_note()}
 
     def appearance_note(self) -> dict[str, str]:
         note = self.appearance_choice().note
@@ -353,3 +377,8 @@ class HMR2PhalpEngine(Engine):
     def runtime_note(self) -> dict[str, str]:
         note = self.hmr2_runtime.note
         return {"hmr2_runtime_note": note} if note else {}
+
+    def half_weights_note(self) -> dict[str, dict[str, str]]:
+        if not self.half_weights:
+            return {}
+        return {"half_weights": {name: cast.describe() for name, cast in self.half_weights.items()}}

@@ -2,14 +2,19 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 from typing import Any
 
 import numpy as np
 
+from gpu_worker.engines.hmr2_phalp.chunking import run_in_chunks
 from gpu_worker.engines.hmr2_phalp.geometry import HMR2_BBOX_SHAPE, HMR2_CROP_PX, HMR2_FOCAL_PX
 from gpu_worker.engines.hmr2_phalp.patches import cuda_calls_on, in_float32
 from gpu_worker.engines.hmr2_phalp.settings import Settings
+from pose_common import memplan
+
+log = logging.getLogger(__name__)
 
 
 def build_phalp_config(settings: Settings, device: str) -> Any:
@@ -33,20 +38,34 @@ def build_phalp_config(settings: Settings, device: str) -> Any:
     return cfg
 
 
-def build_streaming_phalp(cfg: Any, hmr2_model: Any, settings: Settings, appearance: str) -> Any:
+def crop_chunk_for(settings: Settings, device: str, precision: str) -> int:
+    """How many person crops one HMR2/HMAR forward takes: engine.options.crop_chunk when set, else
+    the memory plan's chunk for this rung in this precision (within the need the plan reports)."""
+    if settings.crop_chunk > 0:
+        return settings.crop_chunk
+    rung = {"engine": "hmr2_phalp", "device": str(device), "options": {"detector": settings.detector}}
+    return memplan.crop_chunk(rung, precision)
+
+
+def build_streaming_phalp(cfg: Any, hmr2_model: Any, settings: Settings, appearance: str,
+                          precision: str = "fp32") -> Any:
     """A PHALP whose HMAR is HMR2 (as track.py's HMR2_4dhuman), built without detector, visualizer,
-    downloads or output folders, whose .cuda()-calling methods run on the engine's device."""
+    downloads or output folders, whose .cuda()-calling methods run on the engine's device, and whose
+    HMAR takes a frame's crops in chunks the memory plan sized."""
     from hmr2.datasets.utils import expand_bbox_to_aspect_ratio
     from phalp.trackers.PHALP import PHALP
 
     adapter_class = hmr2_hmar_adapter_class()
+    crop_chunk = crop_chunk_for(settings, cfg.device, precision)
+    log.info("crop_chunk: %d person crops per HMR2/HMAR forward (%s)", crop_chunk,
+             "engine.options.crop_chunk" if settings.crop_chunk > 0 else f"memory plan, {precision}")
 
     class StreamingPHALP(PHALP):
         def cached_download_from_drive(self, additional_urls=None):
             pass  # the weights stage verified every file; never wget into the CWD
 
         def setup_hmr(self):
-            self.HMAR = adapter_class(self.cfg, hmr2_model, appearance)
+            self.HMAR = adapter_class(self.cfg, hmr2_model, appearance, crop_chunk)
 
         def setup_detectron2(self):
             self.detector = None  # built by the engine's "detector" stage; the X101 is never built
@@ -84,6 +103,14 @@ def build_streaming_phalp(cfg: Any, hmr2_model: Any, settings: Settings, appeara
     return StreamingPHALP(cfg)
 
 
+def forward_in_chunks(hmar: Any, crops: Any) -> dict:
+    """PHALP passes every crop of a frame to its HMAR at once; they run `hmar.crop_chunk` at a time
+    through `hmar.forward_crops`, and the meshes are kept aside for the vertices PHALP does not ask for."""
+    out = run_in_chunks(hmar.forward_crops, crops, hmar.crop_chunk)
+    hmar.last_vertices = out.pop("pred_vertices")
+    return out
+
+
 def hmr2_hmar_adapter_class() -> type:
     """Stands where PHALP expects its HMAR: HMR2 gives the body, PHALP's HMAR keeps giving the
     appearance encoder and 3D/2D joint computation (as in 4D-Humans' track.py)."""
@@ -93,10 +120,11 @@ def hmr2_hmar_adapter_class() -> type:
     from phalp.models.hmar.hmr import HMR2018Predictor
 
     class HMR2AsHMAR(HMR2018Predictor):
-        def __init__(self, cfg, hmr2_model, appearance: str):
+        def __init__(self, cfg, hmr2_model, appearance: str, crop_chunk: int):
             super().__init__(cfg)  # PHALP's HMAR: uv sampler, appearance autoencoder, SMPL (45 joints)
             self.model = hmr2_model
             self.appearance = appearance
+            self.crop_chunk = crop_chunk
             self.last_vertices = None
             self.autocast = contextlib.nullcontext  # the engine's precision context (fp32: none)
             if appearance == "texture":
@@ -115,10 +143,12 @@ def hmr2_hmar_adapter_class() -> type:
                 light_intensity_ambient=1, light_intensity_directional=0, anti_aliasing=False)
 
         def forward(self, x):
+            return forward_in_chunks(self, x)
+
+        def forward_crops(self, x):
             rgb, mask = x[:, :3], x[:, 3].clamp(0, 1)
             with self.autocast():
                 out = in_float32(self.model({"img": rgb, "mask": mask}))
-            self.last_vertices = out["pred_vertices"]
             if self.appearance == "texture":
                 uv_image = self._sample_texture(rgb, mask, out)
                 uv_vector = self.hmar_old.process_uv_image(uv_image)
@@ -128,8 +158,8 @@ def hmr2_hmar_adapter_class() -> type:
                 with self.autocast():
                     appearance = in_float32(self.hmar_old(x))
                 uv_image, uv_vector = appearance["uv_image"], appearance["uv_vector"]
-            return {"uv_image": uv_image, "uv_vector": uv_vector,
-                    "pose_smpl": out["pred_smpl_params"], "pred_cam": out["pred_cam"]}
+            return {"uv_image": uv_image, "uv_vector": uv_vector, "pose_smpl": out["pred_smpl_params"],
+                    "pred_cam": out["pred_cam"], "pred_vertices": out["pred_vertices"]}
 
         def _sample_texture(self, rgb, mask, out):
             """Colour each texel of the SMPL uv atlas from the crop where that surface point is visible."""

@@ -45,6 +45,9 @@ DEFAULTS: dict[str, Any] = {
     # nothing on older ones): auto = on for CUDA rungs. About 3x the fp32 matmul rate; inputs are
     # rounded to 10 mantissa bits, a relative error near 1e-3 per product (accumulation stays fp32)
     "tf32": "auto",
+    # person crops per HMR2/HMAR forward (PHALP hands a frame's crops over at once): 0 = the memory
+    # plan's chunk for the rung and precision (pose_common/memplan.py crop_chunk), N = at most N
+    "crop_chunk": 0,
 }
 TF32_CHOICES = ("auto", "true", "false", "on", "off")
 CACHE_OVERRIDES = {"cache_home": "HOME", "torch_home": "TORCH_HOME", "fvcore_cache": "FVCORE_CACHE"}
@@ -69,6 +72,7 @@ class Settings:
     hmr2_cpu_runtime: str = "auto"
     hmr2_cpu_cache: str = ""
     tf32: str = "auto"
+    crop_chunk: int = 0
     env_overrides: dict[str, str] = field(default_factory=dict)
 
     @classmethod
@@ -87,6 +91,7 @@ class Settings:
             hmr2_cpu_runtime=str(merged["hmr2_cpu_runtime"]).lower(),
             hmr2_cpu_cache=str(merged["hmr2_cpu_cache"] or ""),
             tf32=str(merged["tf32"]).lower(),
+            crop_chunk=int(merged["crop_chunk"]),
             env_overrides={var: str(options[key]) for key, var in CACHE_OVERRIDES.items() if options.get(key)})
         settings.validate()
         return settings
@@ -101,6 +106,8 @@ class Settings:
             raise ValueError(f"precision must be one of {', '.join(memplan.PRECISIONS)}")
         if self.hmr2_cpu_runtime not in cpu_runtime.RUNTIMES:
             raise ValueError(f"hmr2_cpu_runtime must be one of {', '.join(cpu_runtime.RUNTIMES)}")
+        if self.crop_chunk < 0:
+            raise ValueError("crop_chunk must be 0 (the memory plan's) or a number of crops")
         if self.tf32 not in TF32_CHOICES:
             raise ValueError(f"tf32 must be one of {', '.join(TF32_CHOICES)}")
         if self.appearance not in ("texture", "hmar", "auto"):

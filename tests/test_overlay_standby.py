@@ -1,0 +1,231 @@
+"""The warm standby overlay process (issue 30): the supervisor keeps one overlay process waiting past
+its imports, hands it a job's video as an open descriptor, and starts the next one; a standby that
+died, or ended before it took its job, leaves the job to an overlay process of its own. Renders is
+driven here as the supervisor's loop drives it, with real processes and a real ledger."""
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import av
+import pytest
+
+from configs import ledger_path, load_config
+from pose_common.ledger import Job, Ledger
+from pose_common.overlay import STANDBY_NAME, partial_path
+from pose_common.runtime import RuntimeDir
+from supervisor.renders import OVERLAY_NICENESS, Renders
+
+from support import make_clip, pid_gone, process_name, wait_for
+
+FRAMES = 24
+OWNER = "host"
+
+
+class Log:
+    def __init__(self):
+        self.events: list[str] = []
+
+    def info(self, event: str, **_fields) -> None:
+        self.events.append(event)
+
+    warning = info
+
+
+class Room:
+    """A supervisor's overlay bookkeeping (Renders) over its own ledger, clip and results dir."""
+
+    def __init__(self, tmp: Path, *overrides: str):
+        (tmp / "videos").mkdir()
+        self.clip = str(make_clip(tmp / "videos" / "clip.mp4", frames=FRAMES))
+        self.cfg = load_config([f"state_dir={tmp / 'state'}", f"jobs.allowed_roots=[{tmp / 'videos'}]", *overrides])
+        os.makedirs(self.cfg.state_dir, exist_ok=True)
+        RuntimeDir(self.cfg.runtime_dir).prepare()
+        self.ledger = Ledger(ledger_path(self.cfg))
+        self.log = Log()
+        self.renders = Renders(self.cfg, self.ledger, OWNER, str(tmp / "results"), self.log)
+        os.makedirs(self.renders.results_dir, exist_ok=True)
+
+    def close(self) -> None:
+        self.renders.stop_all()
+        for render in self.renders.running.values():
+            render.proc.wait()
+        self.ledger.close()
+
+    def warm_standby(self) -> int:
+        """-> the pid of the standby once it waits past its imports."""
+        self.renders.reap()
+        standby = self.renders.standby
+        assert standby is not None, "a standby is started ahead of any job"
+        wait_for(lambda: process_name(standby.proc.pid) == STANDBY_NAME, 60, interval=0.05, what="a warm standby")
+        return standby.proc.pid
+
+    def dispatched(self) -> Job:
+        """A job as the runner dispatches it: claimed, then followed by an overlay process."""
+        self.ledger.accept(self.clip)
+        job = self.ledger.claim(OWNER, 60)
+        assert job is not None and job.lease is not None
+        self.renders.follow(job)
+        return job
+
+    def store_all(self, job: Job) -> None:
+        assert job.lease is not None
+        for index in range(FRAMES):
+            assert self.ledger.add_frame(job.lease, index, index / 30, [])
+        assert self.ledger.mark_rendering(job.lease, FRAMES, None, None, {})
+
+    def finish(self, job: Job) -> Job:
+        """The runner's end of a job (Renders.start), then the loop's reap() until it is done."""
+        assert job.lease is not None
+        self.renders.start(self.ledger.job(job.job_id), job.lease)
+        return self.done(job.job_id)
+
+    def done(self, job_id: str) -> Job:
+        return self.reap_until(lambda: (job := self.ledger.job(job_id)) and job.state == "done" and job,
+                               "the job done")
+
+    def reap_until(self, predicate, what: str):
+        """The loop's reap() each tick until `predicate` holds."""
+        def reaped_then_checked():
+            self.renders.reap()
+            return predicate()
+        return wait_for(reaped_then_checked, 60, interval=0.05, what=what)
+
+    def overlay_pid(self, job_id: str) -> int:
+        return self.renders.running[job_id].proc.pid
+
+
+@pytest.fixture
+def room(tmp_path):
+    built = Room(tmp_path)
+    yield built
+    built.close()
+
+
+
+def has_exited(child: int) -> bool:
+    """Every thread of the child has exited (its main thread shows as a zombie before the others do):
+    the supervisor's poll() sees it. It is left for the supervisor to reap."""
+    return os.waitid(os.P_PID, child, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+
+
+def cmdline(pid: int) -> str:
+    with open(f"/proc/{pid}/cmdline", "rb") as fh:
+        return fh.read().replace(b"\0", b" ").decode()
+
+
+def decoded_count(path: str) -> int:
+    with av.open(path) as container:
+        return sum(1 for _ in container.decode(video=0))
+
+
+def assert_overlay_whole(job: Job) -> None:
+    assert job.overlay_path and decoded_count(job.overlay_path) == FRAMES, job
+    assert not job.warning, job.warning
+
+
+def test_the_standby_started_before_the_job_draws_it_and_a_fresh_one_waits_for_the_next(room):
+    standby = room.warm_standby()
+    assert os.getpriority(os.PRIO_PROCESS, standby) == OVERLAY_NICENESS
+    job = room.dispatched()
+    assert room.overlay_pid(job.job_id) == standby, "the job's overlay is drawn by the standby"
+    room.renders.reap()
+    assert room.renders.standby is not None and room.renders.standby.proc.pid != standby, "the next standby"
+    room.store_all(job)
+    assert_overlay_whole(room.finish(job))
+
+    second_standby = room.warm_standby()
+    second = room.dispatched()
+    assert room.overlay_pid(second.job_id) == second_standby
+    room.store_all(second)
+    assert_overlay_whole(room.finish(second))
+    assert "overlay_standby_lost" not in room.log.events
+
+
+def test_a_dead_standby_leaves_the_job_to_an_overlay_process_of_its_own(room):
+    standby = room.warm_standby()
+    os.kill(standby, signal.SIGKILL)
+    wait_for(lambda: has_exited(standby), 10, interval=0.05, what="the standby dead")
+    job = room.dispatched()
+    drawing = room.overlay_pid(job.job_id)
+    assert drawing != standby and "--standby" not in cmdline(drawing), "a cold overlay process"
+    room.store_all(job)
+    assert_overlay_whole(room.finish(job))
+    assert "overlay_standby_lost" in room.log.events
+
+
+def test_a_standby_that_ends_before_it_takes_the_job_leaves_no_job_without_its_overlay(room):
+    """A job handed over whole (taken over from a stopped host): the standby is stopped before it can
+    read the job, then killed. Its exit status is not the job's: another process draws it."""
+    standby = room.warm_standby()
+    room.ledger.accept(room.clip)
+    job = room.ledger.claim(OWNER, 60)
+    room.store_all(job)
+    os.kill(standby, signal.SIGSTOP)
+    room.renders.start(room.ledger.job(job.job_id), job.lease)
+    assert room.overlay_pid(job.job_id) == standby, "handed to the standby"
+    os.kill(standby, signal.SIGKILL)
+    assert_overlay_whole(room.done(job.job_id))
+    assert "overlay_standby_lost" in room.log.events
+
+
+def test_a_follower_whose_standby_died_unread_is_replaced_at_once(room):
+    standby = room.warm_standby()
+    os.kill(standby, signal.SIGSTOP)
+    job = room.dispatched()
+    assert room.overlay_pid(job.job_id) == standby
+    os.kill(standby, signal.SIGKILL)
+    room.reap_until(lambda: room.overlay_pid(job.job_id) != standby, "another overlay process following the job")
+    room.store_all(job)
+    assert_overlay_whole(room.finish(job))
+
+
+def test_a_cancelled_job_drawn_by_the_standby_leaves_no_partial_file(room):
+    standby = room.warm_standby()
+    job = room.dispatched()
+    assert room.overlay_pid(job.job_id) == standby
+    for index in range(FRAMES // 2):
+        assert room.ledger.add_frame(job.lease, index, index / 30, [])
+    partial = partial_path(room.renders.result_path(job))
+    wait_for(lambda: os.path.exists(partial) and os.path.getsize(partial) > 0, 30, interval=0.05,
+             what="frames encoded by the standby")
+    room.renders.drop(job.job_id)
+    assert pid_gone(standby) and not os.path.exists(partial) and job.job_id not in room.renders
+
+
+def test_a_job_that_fails_under_the_standby_ends_it_with_no_partial_file(room):
+    standby = room.warm_standby()
+    job = room.dispatched()
+    for index in range(FRAMES // 2):
+        assert room.ledger.add_frame(job.lease, index, index / 30, [])
+    partial = partial_path(room.renders.result_path(job))
+    wait_for(lambda: os.path.exists(partial), 30, interval=0.05, what="a partial overlay")
+    room.ledger.fail(job.job_id, "gave up after 20 attempts")
+    room.reap_until(lambda: job.job_id not in room.renders, "the standby's follower gone")
+    assert pid_gone(standby) and not os.path.exists(partial)
+    assert "overlay_standby_lost" not in room.log.events, "JOB_GONE is the job's ending, not a lost standby"
+
+
+def test_a_stop_leaves_no_standby_and_no_overlay_process(room):
+    standby = room.warm_standby()
+    job = room.dispatched()
+    room.renders.reap()
+    waiting = room.renders.standby.proc.pid
+    room.renders.stop_all()
+    wait_for(lambda: pid_gone(waiting), 10, interval=0.05, what="the waiting standby gone")
+    room.renders.running[job.job_id].proc.wait(10)
+    assert pid_gone(standby) and room.renders.standby is None
+
+
+def test_without_the_standby_each_job_gets_an_overlay_process_of_its_own(tmp_path):
+    room = Room(tmp_path, "jobs.overlay_standby=false")
+    try:
+        room.renders.reap()
+        assert room.renders.standby is None
+        job = room.dispatched()
+        assert "--standby" not in cmdline(room.overlay_pid(job.job_id))
+        room.store_all(job)
+        assert_overlay_whole(room.finish(job))
+    finally:
+        room.close()
