@@ -402,18 +402,18 @@ def assert_held_in_half(result: dict, precision: str) -> None:
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_full_size_hmr2_with_half_backbone_weights_against_fp32(hmr2_against_fp32, precision):
-    result = hmr2_against_fp32[precision]
-    assert_held_in_half(result, precision)
-    too_far = {name: row for name, row in result["rows"].items() if row["max"] > HMR2_BOUNDS[precision][name]}
-    assert not too_far, too_far
-    assert result["rows"]["body_pose"]["max"] > 0, "nothing changed: the half weights did not run"
+    assert_within_bounds(hmr2_against_fp32[precision], precision, HMR2_BOUNDS[precision], "body_pose")
 
 
 @pytest.mark.timeout(1800)
 @pytest.mark.parametrize("precision", PRECISIONS)
 def test_full_size_vitdet_with_half_backbone_weights_against_fp32(vitdet_against_fp32, precision):
-    result = vitdet_against_fp32[precision]
+    assert_within_bounds(vitdet_against_fp32[precision], precision, VITDET_BOUNDS[precision], "vit_features")
+
+
+def assert_within_bounds(result: dict, precision: str, bounds: dict, must_change: str) -> None:
+    """Held in half, every output within its bound of fp32, and `must_change` not identical to it."""
     assert_held_in_half(result, precision)
-    too_far = {name: row for name, row in result["rows"].items() if row["max"] > VITDET_BOUNDS[precision][name]}
+    too_far = {name: row for name, row in result["rows"].items() if row["max"] > bounds[name]}
     assert not too_far, too_far
-    assert result["rows"]["vit_features"]["max"] > 0, "nothing changed: the half weights did not run"
+    assert result["rows"][must_change]["max"] > 0, "nothing changed: the half weights did not run"
