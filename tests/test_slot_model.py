@@ -518,14 +518,20 @@ def gpu_world(total_mb: float, free_mb: float):
     return slot, spawner, clock, card
 
 
-def test_an_8_gb_card_starts_on_the_rung_that_fits_and_says_it_is_ready_not_degraded():
-    slot, spawner, clock, _ = gpu_world(8192, 7900)
+def test_a_6_gb_card_starts_on_the_rung_that_fits_and_says_it_is_ready_not_degraded():
+    slot, spawner, clock, _ = gpu_world(6144, 5900)
     assert slot.rung_index == 1 and "regnety" in slot.rung_label()
     slot.transition(clock())
     slot.on_message(P.T.HELLO, P.Hello(pid=1), clock())
     slot.on_message(P.T.READY, P.Ready(engine={"name": "hmr2_phalp"}), clock())
     assert slot.health()["status"] == "ready"
     assert "rung 0 needs" in slot.describe()["memory_plan"]["start"]["reason"]
+
+
+def test_an_8_gb_card_starts_on_vitdet_in_fp16():
+    slot, *_ = gpu_world(8192, 7900)
+    assert slot.rung_index == 0 and "vitdet" in slot.rung_label()
+    assert slot.describe()["memory_plan"]["start"]["precision"] == "fp16"
 
 
 def test_a_24_gb_card_starts_on_vitdet():
