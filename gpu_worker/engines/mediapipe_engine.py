@@ -9,7 +9,8 @@ from typing import Any, Optional, Protocol
 import numpy as np
 
 from gpu_worker.engines.base import Engine, FrameOut, LoadStage, Person
-from gpu_worker.engines.roi import RiderSearch, min_detection_confidence
+from gpu_worker.engines.pose_landmarks import LandmarkModel
+from gpu_worker.engines.roi import MIN_PERSON_SCORE, RiderSearch, min_detection_confidence
 from gpu_worker.errors import WeightsMissing
 
 LANDMARK_NAMES = [
@@ -50,8 +51,9 @@ class MediaPipeEngine(Engine):
         self._video_pose: Optional[PoseGraph] = None
         self._image_pose: Optional[PoseGraph] = None
         self._region_pose: Optional[PoseGraph] = None
+        self._landmarks: Optional[LandmarkModel] = None
         self._size = (0, 0)
-        self.second_pass = RiderSearch(self._find_in_region, self.options)
+        self.second_pass = RiderSearch(self._find_in_region, self.options, follow=self._follow)
 
     @property
     def version(self) -> str:
@@ -83,10 +85,17 @@ class MediaPipeEngine(Engine):
     def _build(self) -> None:
         self._image_pose = self._new_pose(static=True)
         self._region_pose = self._new_pose(static=True, detection_confidence=min_detection_confidence(self.options))
+        self._landmarks = LandmarkModel(os.path.join(os.path.dirname(self._mp.__file__), BUNDLED_MODELS[1]),
+                                        min_flag=float(self.options.get("min_tracking_confidence", 0.5)),
+                                        min_score=MIN_PERSON_SCORE)
 
     def _warm_up(self) -> None:
-        # runs the pose detector graph once, so a broken runtime fails here and not on frame 0
+        # runs the pose detector graph and the landmark model alone once, so a broken runtime fails here
+        # and not on frame 0 (and the first lost frame does not pay for OpenCV's first run)
         _built(self._image_pose).process(np.zeros((256, 256, 3), dtype=np.uint8))
+        if self._landmarks is None:
+            raise RuntimeError("MediaPipe pose landmark model used before it was built")
+        self._landmarks.person_at(np.zeros((256, 256, 3), dtype=np.uint8), [64.0, 64.0, 192.0, 192.0], 1.5)
 
     def begin_video(self, width: int, height: int, fps: float) -> None:
         if self._video_pose is not None:
@@ -114,6 +123,12 @@ class MediaPipeEngine(Engine):
         """A static-image graph of its own: no tracking state, so the second pass cannot disturb the
         video's."""
         return _persons(_built(self._region_pose).process(rgb), rgb.shape[1], rgb.shape[0])
+
+    def _follow(self, rgb: np.ndarray, box: list[float], grow: float) -> list[Person]:
+        """The pose model alone on a square around `box` (the second pass following the rider's track)."""
+        if self._landmarks is None:
+            raise RuntimeError("MediaPipe pose landmark model used before it was built")
+        return self._landmarks.person_at(rgb, box, grow)
 
     def close(self) -> None:
         for pose in (self._video_pose, self._image_pose, self._region_pose):

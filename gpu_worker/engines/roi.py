@@ -1,17 +1,27 @@
 """The second pass: when an engine's detector finds nobody in a frame, look again where the rider is
-likely to be (where his track says he is now, enlarged) and, once per lost stretch, in overlapping tiles
-of the frame at three sizes, enlarged.
+likely to be (where his track says he is now, enlarged), once per lost stretch in overlapping tiles of
+the frame at three sizes, enlarged, and then with the pose model alone on where his track puts him.
 
 A small rider (a few dozen pixels in a 640x360 clip) is too small for a pose detector that sees the
-frame at 224 px; cut out and enlarged, the same pixels are big enough. Every person returned was found
-by the engine's own model in this frame's pixels (never copied from a neighbour); only the coordinates
-are mapped back. Frames the first pass finds never reach the search, so they cost nothing extra.
+frame at 224 px; cut out and enlarged, the same pixels are big enough. A blurred or fast rider the
+detector misses even so, but the pose model alone, given a square on him, finds him (its own presence
+flag says whether anyone is there): this is what MediaPipe's video graph does from frame to frame, with
+the square placed by the track's motion rather than by the last landmarks. Every person returned was
+found by the engine's own model in this frame's pixels (never copied from a neighbour); only the
+coordinates are mapped back. Frames the first pass finds reach the search only when its person is in
+doubt (below), so they cost nothing extra.
 
 What keeps it cheap (issue 30): the track's regions are few and come first; the wide search runs when
 the track is unknown (a new video, a cut, a stretch lost for long), not on every lost frame, and less
 often the longer the frame stays empty. What keeps it honest: a person found in a large region who is
-small in it must be found again in a region cut around him (the model, closer, agrees), and a person
-whose landmarks the model itself barely believes (mean visibility below MIN_PERSON_SCORE) is dropped.
+small in it must be found again in a region cut around him (the model, closer, agrees); a person whose
+landmarks the model itself barely believes (mean visibility below MIN_PERSON_SCORE), or who lies across
+the picture (a body stretched over scenery), is dropped.
+
+The first pass's own person is doubted when he starts a track, lies across the picture, or strays from
+where the track says the rider is: the video graph can settle on a body it drew into the scenery and
+keep it while the rider goes on beside it. A doubted person is looked at closer; if the closer look, or
+the pose model on the track, puts the person elsewhere, that answer is taken.
 
 A single image (no video around it) gets every region, centre crops too, within a time budget.
 
@@ -29,6 +39,9 @@ import numpy as np
 from gpu_worker.engines.base import Person
 
 Detect = Callable[[np.ndarray], list[Person]]
+# The pose model alone on a square `grow` times a box's longer side, centred on it: the person it finds
+# there, if its own presence flag says one is (pose_landmarks.LandmarkModel.person_at).
+Follow = Callable[[np.ndarray, list[float], float], list[Person]]
 
 # Around the rider's last box: a square this many times the box's longer side, enlarged by the given
 # factor (None: enough for the landmark model), in this order; which list by his size in the frame.
@@ -56,6 +69,12 @@ DEFAULT_MIN_DETECTION_CONFIDENCE = 0.3
 # hedge, a tree line): such persons on the generated set's backgrounds scored 0.25-0.37, riders the
 # model barely sees (mid-jump, legs hidden) from 0.45.
 MIN_PERSON_SCORE = 0.4
+# A person whose landmarks' box is more than this many times as wide as tall lies across the picture: a
+# rider who fell, or (what the second pass found, measured on the generated set) a body the model
+# stretched across scenery: such persons from the second pass were 2.1-7 times as wide as tall (median),
+# the rider it found 0.7 (95th percentile 1.3), and the first pass's rider up to 2.1 (95th percentile).
+# The second pass takes nobody that wide; a first-pass person that wide is looked at closer.
+MAX_WIDTH_PER_HEIGHT = 2.5
 # A person whose box is smaller than this share of the region he was found in is checked again closer,
 # in squares of these sizes around him (as the track's regions).
 CONFIRM_BELOW, CONFIRM_GROWS = 1 / 3, (3.0, 2.0)
@@ -71,6 +90,21 @@ TRACK_LENGTH = 3
 # last box (a small rider: the first two of SMALL_RIDER_REGIONS).
 MOTION_REGIONS: tuple[tuple[float, Optional[int]], ...] = ((2.0, None), (3.0, None))
 MOVED_SHARE = 0.25
+# The first pass's person strays from the track when his box overlaps where the track puts the rider by
+# less than this (IoU), the track having seen the rider within RECENT_FRAMES. A rider's own box from one
+# frame to the next, arms out or a fast move, overlaps the prediction by more.
+STRAY_IOU, RECENT_FRAMES = 0.3, 2
+# A doubted first-pass person is looked at again in a square this many times his box, enlarged.
+SECOND_LOOK_GROW = 1.5
+# A track started on a first-pass person is looked at closer on each of its first frames until a
+# closer look agrees (or finds the rider elsewhere), at most this many times: the detector's answer
+# turns on a pixel of the cut, so one look can miss him.
+CONFIRM_TRIES = 2
+# Following the rider with the pose model alone: squares of these sizes (times his box's longer side)
+# on where his track puts him, tried in turn, while the track was seen within FOLLOW_FRAMES. On the
+# generated set, a cut on the rider's box of the frame before found him in 116 of 117 frames this way
+# (the model's flag is sensitive to the cut's size, hence three).
+FOLLOW_GROWS, FOLLOW_FRAMES = (1.5, 1.8, 2.1), 3
 
 
 def min_detection_confidence(options: dict[str, Any]) -> float:
@@ -210,8 +244,14 @@ class Track:
 
     def __init__(self) -> None:
         self.seen: list[tuple[int, list[float]]] = []
+        self.unconfirmed = False  # started on a first-pass person no closer look has yet agreed with
+        self.tries = 0  # closer looks spent on confirming it
 
-    def add(self, frame: int, box: list[float]) -> None:
+    def add(self, frame: int, box: list[float], confirmed: bool = True) -> None:
+        if not self.seen:
+            self.unconfirmed, self.tries = not confirmed, 0
+        elif confirmed:
+            self.unconfirmed = False
         self.seen = [*self.seen[-(TRACK_LENGTH - 1):], (frame, list(box))]
 
     def predicted(self, frame: int) -> Optional[list[float]]:
@@ -235,6 +275,18 @@ class Track:
         return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
 
 
+def lies_across(box: list[float]) -> bool:
+    return box[2] - box[0] > MAX_WIDTH_PER_HEIGHT * max(1e-6, box[3] - box[1])
+
+
+def box_iou(a: list[float], b: list[float]) -> float:
+    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
+    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+    inter = ix * iy
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
 def moved(last: list[float], predicted: list[float]) -> bool:
     size = max(last[2] - last[0], last[3] - last[1])
     shift = max(abs(a - b) for a, b in zip(last, predicted))
@@ -246,12 +298,14 @@ class RiderSearch:
     holds a whole, believable person. Options (engine.options): second_pass (default true),
     second_pass_memory_frames (how long a track is trusted, default 30), second_pass_retry_frames
     (the empty frames between two wide searches in a lost stretch, default 5, doubled after each that
-    finds nobody, up to second_pass_memory_frames: a long empty stretch costs almost nothing); for
-    single images, second_pass_image_closer (centre crops too, default true) and
+    finds nobody, up to second_pass_memory_frames: a long empty stretch costs almost nothing),
+    second_pass_follow (the pose model alone on the track, when the engine gives a `follow`, default
+    true); for single images, second_pass_image_closer (centre crops too, default true) and
     second_pass_image_budget_s (the most a single image's search may take, default 4 s)."""
 
-    def __init__(self, detect: Detect, options: dict[str, Any]):
+    def __init__(self, detect: Detect, options: dict[str, Any], follow: Optional[Follow] = None):
         self.detect = detect
+        self.follow = follow if bool(options.get("second_pass_follow", True)) else None
         self.enabled = bool(options.get("second_pass", True))
         self.memory_frames = int(options.get("second_pass_memory_frames", 30))
         self.retry_frames = int(options.get("second_pass_retry_frames", 5))
@@ -269,13 +323,16 @@ class RiderSearch:
         self.lost_run = 0  # consecutive frames with nobody found, by either pass
         self.wide_in = 0  # empty frames before the next wide search may run
         self.wide_gap = self.retry_frames
+        self.confirmed = True  # whether this frame's person was confirmed (a closer look agreed)
 
     def fill(self, persons: list[Person], rgb: np.ndarray, follow: bool = True) -> list[Person]:
         """`persons` as the first pass found them, or what the second pass finds when they are none.
         follow=False (single images): no memory of a previous frame, every region tried."""
         if not follow:
-            if persons or not self.enabled:
+            if not self.enabled:
                 return persons
+            if persons:
+                return self.looked_closer(persons, rgb)[0]
             deadline = time.monotonic() + self.image_budget_s
             regions = wide(rgb.shape[1], rgb.shape[0]) + (closer(rgb.shape[1], rgb.shape[0])
                                                           if self.image_closer else [])
@@ -283,10 +340,73 @@ class RiderSearch:
         self.frame += 1
         if self.cuts.is_cut(rgb):
             self.new_shot()
-        if not persons and self.enabled:
-            persons = self.search(rgb, self.regions_for(rgb.shape[1], rgb.shape[0]))
+        self.confirmed = True
+        if persons and self.enabled and self.doubts(persons[0]):
+            persons = self.second_look(persons, rgb)
+        elif not persons and self.enabled:
+            persons = self.search(rgb, self.regions_for(rgb.shape[1], rgb.shape[0])) or self.followed(rgb)
         self.remember(persons)
         return persons
+
+    def followed(self, rgb: np.ndarray, accept: Callable[[Person], bool] = lambda person: True) -> list[Person]:
+        """The pose model alone where the track puts the rider now (then on his last box, if the track
+        says he moved), as MediaPipe's video graph follows him from frame to frame but placed by his
+        motion; nobody if the track is older than FOLLOW_FRAMES or there is no follow function."""
+        predicted = self.track.predicted(self.frame)
+        if self.follow is None or predicted is None or self.frame - self.track.seen[-1][0] > FOLLOW_FRAMES:
+            return []
+        last = self.track.seen[-1][1]
+        for box in ([predicted, last] if moved(last, predicted) else [predicted]):
+            for grow in FOLLOW_GROWS:
+                self.tried += 1
+                found = self.follow(rgb, box, grow)
+                if found and not lies_across(found[0]["bbox_xyxy"]) and accept(found[0]):
+                    return [{**person, "found_by": "second_pass:follow"} for person in found]
+        return []
+
+    def doubts(self, person: Person) -> bool:
+        """True when the first pass's person starts a track, or lies across the picture, or his track
+        has not yet been confirmed by a closer look (up to CONFIRM_TRIES frames), or he lies away from
+        where the track says the rider is: the video graph, before it has seen the rider well or once
+        it has lost him, can settle on a body drawn into the scenery (a stretched pose across trees) and
+        keep it while the rider goes on beside it."""
+        predicted = self.track.predicted(self.frame)
+        if predicted is None or self.frame - self.track.seen[-1][0] > RECENT_FRAMES or lies_across(person["bbox_xyxy"]):
+            return True
+        if self.track.unconfirmed and self.track.tries < CONFIRM_TRIES:
+            return True
+        return box_iou(person["bbox_xyxy"], predicted) < STRAY_IOU
+
+    def second_look(self, persons: list[Person], rgb: np.ndarray) -> list[Person]:
+        """The model's answer closer in, around the first pass's person: if it is the same person, his
+        track is confirmed; if it puts the person elsewhere, that answer (the closer look sees the rider
+        larger; a stretched body does not survive it). Then, for a person away from a recent track, the
+        pose model alone where the track says the rider is. Else the first pass's person stands."""
+        first = persons[0]["bbox_xyxy"]
+        predicted = self.track.predicted(self.frame)
+        recent = predicted is not None and self.frame - self.track.seen[-1][0] <= RECENT_FRAMES
+        if recent and self.track.unconfirmed:
+            self.track.tries += 1
+        looked, agreed = self.looked_closer(persons, rgb)
+        self.confirmed = agreed or looked is not persons
+        if looked is not persons:
+            return looked
+        if predicted is None or not recent or box_iou(first, predicted) >= STRAY_IOU:
+            return persons
+        on_track = self.followed(rgb, accept=lambda person: box_iou(person["bbox_xyxy"], predicted) >= STRAY_IOU)
+        self.confirmed = self.confirmed or bool(on_track)
+        return on_track or persons
+
+    def looked_closer(self, persons: list[Person], rgb: np.ndarray) -> tuple[list[Person], bool]:
+        """(the closer look's persons if it puts the person elsewhere, else `persons`; whether it found
+        the same person)."""
+        height, width = rgb.shape[:2]
+        first = persons[0]["bbox_xyxy"]
+        region = around(first, SECOND_LOOK_GROW, None, width, height, kind="second_look")
+        closer_look = self.whole_person_in(region, rgb, width, height) if region is not None else []
+        if closer_look and box_iou(closer_look[0]["bbox_xyxy"], first) < STRAY_IOU:
+            return closer_look, False
+        return persons, bool(closer_look)
 
     def new_shot(self) -> None:
         """After a cut the rider may be anywhere: the old track is no guide, a wide search is due."""
@@ -320,7 +440,7 @@ class RiderSearch:
 
     def remember(self, persons: list[Person]) -> None:
         if persons:
-            self.track.add(self.frame, persons[0]["bbox_xyxy"])
+            self.track.add(self.frame, persons[0]["bbox_xyxy"], self.confirmed)
             self.lost_run, self.wide_in, self.wide_gap = 0, 0, self.retry_frames
             return
         self.lost_run += 1
@@ -347,7 +467,8 @@ class RiderSearch:
         were mostly a false, flattened pose at a tile's corner."""
         self.tried += 1
         found = [region.to_frame(person) for person in self.detect(region.cut(rgb))]
-        if not found or not region.holds_whole(found[0]["bbox_xyxy"], width, height):
+        box = found[0]["bbox_xyxy"] if found else None
+        if box is None or lies_across(box) or not region.holds_whole(box, width, height):
             return []
         return found if float(found[0].get("score", 1.0)) >= MIN_PERSON_SCORE else []
 

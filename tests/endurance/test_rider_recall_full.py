@@ -9,10 +9,14 @@ from bench.recall_set import FULL, generated
 
 from support import PHOTO, needs_shared_data
 
-MIN_RECALL = 0.72  # measured 0.748 on this set (bench/RESULTS.md), held so it gets no worse; the goal is 0.98
-# The goal is none. On the full set the panned photo background (a hedge, a lamp post) still
-# gives the second pass a person in 12 of 179 empty frames: held here so that it gets no worse
-MAX_FALSE_RATE = 0.08
+# Measured 0.839 on this set (bench/RESULTS.md; 0.748 before the pose model alone followed the rider),
+# held so it gets no worse; the goal is 0.98 (what is missing: a rider at 1/2 among drawn pines, where
+# both of MediaPipe's graphs see a body over the trees, and a blurred rider at 1/2 in the clip's first
+# and last seconds).
+MIN_RECALL = 0.81
+# The goal is none: 1 of 179 empty frames now (12 before persons lying across the picture were
+# refused to the second pass).
+MAX_FALSE_RATE = 0.03
 
 
 @needs_shared_data()
