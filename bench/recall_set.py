@@ -17,6 +17,8 @@ from typing import Callable, Optional, Sequence
 
 import numpy as np
 
+from gpu_worker.engines.roi import box_iou
+
 Box = tuple[float, float, float, float]
 WIDTH, HEIGHT = 640, 360
 # A transform of one frame: (rgb, rider's box or None, position in the clip) -> the same, changed.
@@ -48,19 +50,11 @@ class Source:
     photo_box: Box
 
 
-def iou(a: Box, b: Box) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    inter = ix * iy
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
-
-
 def is_the_rider(found: Sequence[float], truth: Box) -> bool:
     """A found box is the rider when it overlaps the truth box by a quarter (IoU), or lies on him no
     larger than twice his box: his upper body alone, when the model found only what shows above a mound."""
     box = (found[0], found[1], found[2], found[3])
-    if iou(box, truth) >= 0.25:
+    if box_iou(list(box), list(truth)) >= 0.25:
         return True
     cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
     inside = truth[0] <= cx <= truth[2] and truth[1] <= cy <= truth[3]

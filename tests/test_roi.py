@@ -173,34 +173,26 @@ class SquareFollower:
 
 
 class CountingDetector:
-    def __init__(self) -> None:
-        self.calls = 0
+    """The bright-square detector, or (blind) one that finds nobody in any region (a rider too small or
+    blurred for it); counts calls."""
+
+    def __init__(self, blind: bool = False) -> None:
+        self.calls, self.blind = 0, blind
 
     def __call__(self, rgb: np.ndarray) -> list[dict]:
         self.calls += 1
-        return bright_square_detector(rgb)
+        return [] if self.blind else bright_square_detector(rgb)
 
 
 def first_pass(rgb: np.ndarray) -> list[dict]:
     return bright_square_detector(rgb, min_px=24)
 
 
-class BlindDetector:
-    """A detector that finds nobody in any region (a rider too small or blurred for it); counts calls."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, rgb: np.ndarray) -> list[dict]:
-        self.calls += 1
-        return []
-
-
 def test_a_rider_no_region_finds_is_followed_by_the_pose_model_where_his_track_puts_him():
     """Issue 30: the rider moves 30 px a frame and becomes too blurred for the detector in any region;
     the pose model alone, placed where his track's motion puts him, finds him in every frame, and the
     track it keeps fresh spares the wide search."""
-    detector, follower = BlindDetector(), SquareFollower()
+    detector, follower = CountingDetector(blind=True), SquareFollower()
     search = RiderSearch(detector, {}, follow=follower)
     for t in range(2):
         big = frame_with_square(20 + 30 * t, 150, 24)
@@ -209,7 +201,7 @@ def test_a_rider_no_region_finds_is_followed_by_the_pose_model_where_his_track_p
     assert [p[0]["bbox_xyxy"][0] for p in found] == pytest.approx([20 + 30 * t for t in range(2, 14)], abs=1)
     assert all(p[0]["found_by"] == "second_pass:follow" for p in found)
     assert search.wide_searches == 0
-    off = RiderSearch(BlindDetector(), {"second_pass_follow": False}, follow=follower)
+    off = RiderSearch(CountingDetector(blind=True), {"second_pass_follow": False}, follow=follower)
     calls = follower.calls
     off.fill(first_pass(frame_with_square(20, 150, 24)), frame_with_square(20, 150, 24))
     assert off.fill([], frame_with_square(50, 150, 20)) == []

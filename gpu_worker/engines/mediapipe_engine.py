@@ -93,9 +93,7 @@ class MediaPipeEngine(Engine):
         # runs the pose detector graph and the landmark model alone once, so a broken runtime fails here
         # and not on frame 0 (and the first lost frame does not pay for OpenCV's first run)
         _built(self._image_pose).process(np.zeros((256, 256, 3), dtype=np.uint8))
-        if self._landmarks is None:
-            raise RuntimeError("MediaPipe pose landmark model used before it was built")
-        self._landmarks.person_at(np.zeros((256, 256, 3), dtype=np.uint8), [64.0, 64.0, 192.0, 192.0], 1.5)
+        self._follow(np.zeros((256, 256, 3), dtype=np.uint8), [64.0, 64.0, 192.0, 192.0], 1.5)
 
     def begin_video(self, width: int, height: int, fps: float) -> None:
         if self._video_pose is not None:

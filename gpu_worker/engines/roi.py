@@ -323,7 +323,6 @@ class RiderSearch:
         self.lost_run = 0  # consecutive frames with nobody found, by either pass
         self.wide_in = 0  # empty frames before the next wide search may run
         self.wide_gap = self.retry_frames
-        self.confirmed = True  # whether this frame's person was confirmed (a closer look agreed)
 
     def fill(self, persons: list[Person], rgb: np.ndarray, follow: bool = True) -> list[Person]:
         """`persons` as the first pass found them, or what the second pass finds when they are none.
@@ -340,12 +339,12 @@ class RiderSearch:
         self.frame += 1
         if self.cuts.is_cut(rgb):
             self.new_shot()
-        self.confirmed = True
+        confirmed = True
         if persons and self.enabled and self.doubts(persons[0]):
-            persons = self.second_look(persons, rgb)
+            persons, confirmed = self.second_look(persons, rgb)
         elif not persons and self.enabled:
             persons = self.search(rgb, self.regions_for(rgb.shape[1], rgb.shape[0])) or self.followed(rgb)
-        self.remember(persons)
+        self.remember(persons, confirmed)
         return persons
 
     def followed(self, rgb: np.ndarray, accept: Callable[[Person], bool] = lambda person: True) -> list[Person]:
@@ -377,25 +376,24 @@ class RiderSearch:
             return True
         return box_iou(person["bbox_xyxy"], predicted) < STRAY_IOU
 
-    def second_look(self, persons: list[Person], rgb: np.ndarray) -> list[Person]:
+    def second_look(self, persons: list[Person], rgb: np.ndarray) -> tuple[list[Person], bool]:
         """The model's answer closer in, around the first pass's person: if it is the same person, his
         track is confirmed; if it puts the person elsewhere, that answer (the closer look sees the rider
         larger; a stretched body does not survive it). Then, for a person away from a recent track, the
-        pose model alone where the track says the rider is. Else the first pass's person stands."""
+        pose model alone where the track says the rider is. Else the first pass's person stands.
+        -> (the persons, whether they are confirmed)."""
         first = persons[0]["bbox_xyxy"]
         predicted = self.track.predicted(self.frame)
         recent = predicted is not None and self.frame - self.track.seen[-1][0] <= RECENT_FRAMES
         if recent and self.track.unconfirmed:
             self.track.tries += 1
         looked, agreed = self.looked_closer(persons, rgb)
-        self.confirmed = agreed or looked is not persons
         if looked is not persons:
-            return looked
+            return looked, True
         if predicted is None or not recent or box_iou(first, predicted) >= STRAY_IOU:
-            return persons
+            return persons, agreed
         on_track = self.followed(rgb, accept=lambda person: box_iou(person["bbox_xyxy"], predicted) >= STRAY_IOU)
-        self.confirmed = self.confirmed or bool(on_track)
-        return on_track or persons
+        return on_track or persons, agreed or bool(on_track)
 
     def looked_closer(self, persons: list[Person], rgb: np.ndarray) -> tuple[list[Person], bool]:
         """(the closer look's persons if it puts the person elsewhere, else `persons`; whether it found
@@ -438,9 +436,9 @@ class RiderSearch:
                         for grow, scale in (SMALL_RIDER_REGIONS[:2] if small else MOTION_REGIONS)]
         return [region for region in regions if region is not None]
 
-    def remember(self, persons: list[Person]) -> None:
+    def remember(self, persons: list[Person], confirmed: bool = True) -> None:
         if persons:
-            self.track.add(self.frame, persons[0]["bbox_xyxy"], self.confirmed)
+            self.track.add(self.frame, persons[0]["bbox_xyxy"], confirmed)
             self.lost_run, self.wide_in, self.wide_gap = 0, 0, self.retry_frames
             return
         self.lost_run += 1
