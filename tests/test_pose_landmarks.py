@@ -11,14 +11,8 @@ from support import CLIP, needs_shared_data
 
 
 @pytest.fixture(scope="module")
-def engine():
-    from gpu_worker.engines.mediapipe_engine import MediaPipeEngine
-
-    engine = MediaPipeEngine("cpu", {"second_pass": False})
-    for stage in engine.stages():
-        stage.run()
-    yield engine
-    engine.close()
+def engine(mediapipe_first_pass):
+    return mediapipe_first_pass
 
 
 @pytest.fixture(scope="module")

@@ -219,6 +219,66 @@ def test_the_regions_around_the_track_come_before_the_pose_model_alone():
     assert persons[0]["found_by"] == "second_pass:track" and follower.calls == 0
 
 
+def test_regions_no_track_placed_go_to_the_engines_stricter_detector():
+    """Issue 30: a tile of the wide search has no track behind what it finds, so it goes to the engine's
+    stricter detector (MediaPipe's at the first pass's confidence: the weaker one found bodies in the
+    scenery of the generated set's empty frames); the track's own regions go to the second pass's."""
+    guided, unguided = CountingDetector(), CountingDetector()
+    search = RiderSearch(guided, {}, detect_unguided=unguided)
+    big = frame_with_square(300, 150, 24)
+    search.fill(first_pass(big), big)
+    assert search.fill([], frame_with_square(302, 150, 20))[0]["found_by"] == "second_pass:track"
+    assert guided.calls >= 1 and unguided.calls == 0
+    search.forget()  # a new video: no track
+    guided_calls = guided.calls
+    found = search.fill([], frame_with_square(100, 60, 90))  # large in its tile: no closer look needed
+    assert found and found[0]["found_by"] == "second_pass:tile"
+    assert unguided.calls >= 1 and guided.calls == guided_calls
+    unguided_calls = unguided.calls
+    assert search.fill([], frame_with_square(100, 60, 90), follow=False)  # a still: tiles too
+    assert unguided.calls > unguided_calls and guided.calls == guided_calls
+
+
+def only_from_afar(rgb: np.ndarray) -> list[dict]:
+    """A detector that sees a 'body' only in a cut much larger than it, as a body made of scenery (a car
+    in grass, a tree line) seen from afar vanishes when the cut closes in."""
+    found = bright_square_detector(rgb)
+    if found:
+        x0, y0, x1, y1 = found[0]["bbox_xyxy"]
+        if 4 * max(x1 - x0, y1 - y0) > min(rgb.shape[:2]):
+            return []
+    return found
+
+
+def test_a_single_images_weaker_find_is_kept_only_when_found_again_closer():
+    """Issue 30: a single image the stricter detector finds nobody in is searched with the second pass's
+    own; its person is kept when a square cut closer around him finds him again (the rider), not when
+    the closer look loses him (a body made of scenery)."""
+    strict = CountingDetector(blind=True)
+    rider = RiderSearch(bright_square_detector, {}, detect_unguided=strict)
+    found = rider.fill([], frame_with_square(100, 60, 40), follow=False)
+    assert found and found[0]["found_by"] == "second_pass:tile" and strict.calls > 0
+    scenery = RiderSearch(only_from_afar, {}, detect_unguided=strict)
+    assert scenery.fill([], frame_with_square(100, 60, 40), follow=False) == []
+    assert scenery.tried > len(wide(640, 360) + closer(640, 360))  # both searches ran, and the closer looks
+    assert any(only_from_afar(tile.cut(frame_with_square(100, 60, 40))) for tile in wide(640, 360))  # it was seen
+
+
+def test_a_large_riders_track_regions_are_each_cut_once():
+    """Two entries of the region list can be the same square (a large rider's 3x square needs no
+    enlargement): it is searched once, not twice."""
+    from gpu_worker.engines.roi import LARGE_RIDER_REGIONS
+
+    search = RiderSearch(CountingDetector(blind=True), {})
+    box = [280.0, 100.0, 360.0, 220.0]  # 120 px tall: a large rider; 3x his size is 360 px
+    search.track.add(0, box)
+    search.frame = 1
+    regions = search.track_regions(search.track.predicted(1), 640, 360)
+    assert len(regions) == len(set(regions)) == len(LARGE_RIDER_REGIONS) - 1
+    search.fill([], np.zeros((360, 640, 3), dtype=np.uint8))
+    assert search.tried == len(regions)
+
+
 def test_an_old_track_is_not_followed():
     follower = SquareFollower()
     search = RiderSearch(bright_square_detector, {}, follow=follower)

@@ -23,10 +23,13 @@ where the track says the rider is: the video graph can settle on a body it drew 
 keep it while the rider goes on beside it. A doubted person is looked at closer; if the closer look, or
 the pose model on the track, puts the person elsewhere, that answer is taken.
 
-A single image (no video around it) gets every region, centre crops too, within a time budget.
+A single image (no video around it) gets every region, centre crops too, within a time budget: first
+with the engine's stricter detector for regions no track placed, then with the second pass's own, whose
+persons must be found again in a square cut closer around them.
 
 Any engine can use it: give RiderSearch a function that finds persons in an RGB image, with no video
-state (MediaPipe's static-image graph, a detector + pose model), and call `fill()` on each result."""
+state (MediaPipe's two models run without the graph, a detector + pose model), optionally a stricter one
+for the regions no track placed, and call `fill()` on each result."""
 from __future__ import annotations
 
 import math
@@ -65,6 +68,18 @@ MIN_REGION_PX = 32
 EDGE_PX = 2
 # The second pass looks where a rider is likely, so it accepts a weaker detection than the first pass.
 DEFAULT_MIN_DETECTION_CONFIDENCE = 0.3
+# Regions no track placed (the wide search's tiles, a single image's centre crops): the engine may give a
+# stricter detector for them (`detect_unguided`: MediaPipe's takes the first pass's confidence, 0.5). On
+# the generated set's empty frames the weaker one found bodies in the scenery at 0.37-0.40, and a track
+# started on one followed it for frames.
+UNGUIDED_KINDS = ("tile", "centre")
+# A single image the stricter detector finds nobody in is searched again with the second pass's own; a
+# person that finds is kept only if it finds him again closer, in a square this many times his size, or
+# the pose model alone does on its squares (FOLLOW_GROWS). Of 8 hard frames of the shared clip taken as
+# stills (JPEG, as the app sends them), 5 riders found so were found again (3 by the closer squares);
+# the two bodies found in the generated sets' scenery (a car in grass at the photo's corner, drawn pines)
+# by neither (the car only in a square 3x its size).
+CLOSER_LOOK_GROWS = (1.25, 1.5, 2.0)
 # A person whose landmarks' mean visibility is below this is the model guessing a body into texture (a
 # hedge, a tree line): such persons on the generated set's backgrounds scored 0.25-0.37, riders the
 # model barely sees (mid-jump, legs hidden) from 0.45.
@@ -303,8 +318,10 @@ class RiderSearch:
     true); for single images, second_pass_image_closer (centre crops too, default true) and
     second_pass_image_budget_s (the most a single image's search may take, default 4 s)."""
 
-    def __init__(self, detect: Detect, options: dict[str, Any], follow: Optional[Follow] = None):
+    def __init__(self, detect: Detect, options: dict[str, Any], follow: Optional[Follow] = None,
+                 detect_unguided: Optional[Detect] = None):
         self.detect = detect
+        self.detect_unguided = detect_unguided or detect
         self.follow = follow if bool(options.get("second_pass_follow", True)) else None
         self.enabled = bool(options.get("second_pass", True))
         self.memory_frames = int(options.get("second_pass_memory_frames", 30))
@@ -332,10 +349,7 @@ class RiderSearch:
                 return persons
             if persons:
                 return self.looked_closer(persons, rgb)[0]
-            deadline = time.monotonic() + self.image_budget_s
-            regions = wide(rgb.shape[1], rgb.shape[0]) + (closer(rgb.shape[1], rgb.shape[0])
-                                                          if self.image_closer else [])
-            return self.search(rgb, regions, deadline)
+            return self.searched_image(rgb)
         self.frame += 1
         if self.cuts.is_cut(rgb):
             self.new_shot()
@@ -346,6 +360,42 @@ class RiderSearch:
             persons = self.search(rgb, self.regions_for(rgb.shape[1], rgb.shape[0])) or self.followed(rgb)
         self.remember(persons, confirmed)
         return persons
+
+    def searched_image(self, rgb: np.ndarray) -> list[Person]:
+        """A single image: every region with the stricter detector; then, if it found nobody and there is
+        time, every region with the second pass's own, a person it finds kept only when it finds him again
+        in a square cut closer around him. A single image has no track to say where the rider is, and the
+        weaker detector alone found bodies in scenery that a closer look does not find again."""
+        deadline = time.monotonic() + self.image_budget_s
+        regions = wide(rgb.shape[1], rgb.shape[0]) + (closer(rgb.shape[1], rgb.shape[0]) if self.image_closer else [])
+        found = self.search(rgb, regions, deadline)
+        if found or self.detect_unguided is self.detect:
+            return found
+        height, width = rgb.shape[:2]
+        for region in regions:
+            if time.monotonic() > deadline:
+                break
+            weak = self.whole_person_in(region, rgb, width, height, detect=self.detect)
+            if weak and self.found_again_closer(weak[0]["bbox_xyxy"], rgb):
+                return weak
+        return []
+
+    def found_again_closer(self, box: list[float], rgb: np.ndarray) -> bool:
+        """The detector finds a person again in a square cut closer around `box`, or the pose model alone
+        does on one."""
+        height, width = rgb.shape[:2]
+        for grow in CLOSER_LOOK_GROWS:
+            region = around(box, grow, None, width, height)
+            if region is not None and self.whole_person_in(region, rgb, width, height, detect=self.detect):
+                return True
+        if self.follow is None:
+            return False
+        for grow in FOLLOW_GROWS:
+            self.tried += 1
+            found = self.follow(rgb, box, grow)
+            if found and not lies_across(found[0]["bbox_xyxy"]):
+                return True
+        return False
 
     def followed(self, rgb: np.ndarray, accept: Callable[[Person], bool] = lambda person: True) -> list[Person]:
         """The pose model alone where the track puts the rider now (then on his last box, if the track
@@ -434,7 +484,8 @@ class RiderSearch:
         if moved(last, predicted):
             regions += [around(predicted, grow, scale, width, height)
                         for grow, scale in (SMALL_RIDER_REGIONS[:2] if small else MOTION_REGIONS)]
-        return [region for region in regions if region is not None]
+        # once: two entries can give the same region (a large rider's 3x square needs no enlargement)
+        return list(dict.fromkeys(region for region in regions if region is not None))
 
     def remember(self, persons: list[Person], confirmed: bool = True) -> None:
         if persons:
@@ -459,12 +510,15 @@ class RiderSearch:
                 return found
         return []
 
-    def whole_person_in(self, region: Region, rgb: np.ndarray, width: int, height: int) -> list[Person]:
-        """The persons the model finds in the region, if the first is whole in it and believable. One cut
-        by the region's edge inside the frame is not taken: measured on the shared clip, such cut-offs
-        were mostly a false, flattened pose at a tile's corner."""
+    def whole_person_in(self, region: Region, rgb: np.ndarray, width: int, height: int,
+                        detect: Optional[Detect] = None) -> list[Person]:
+        """The persons the model finds in the region (with `detect`, else the detector for the region's
+        kind), if the first is whole in it and believable. One cut by the region's edge inside the frame
+        is not taken: measured on the shared clip, such cut-offs were mostly a false, flattened pose at a
+        tile's corner."""
         self.tried += 1
-        found = [region.to_frame(person) for person in self.detect(region.cut(rgb))]
+        detect = detect or (self.detect_unguided if region.kind in UNGUIDED_KINDS else self.detect)
+        found = [region.to_frame(person) for person in detect(region.cut(rgb))]
         box = found[0]["bbox_xyxy"] if found else None
         if box is None or lies_across(box) or not region.holds_whole(box, width, height):
             return []
