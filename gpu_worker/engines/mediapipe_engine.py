@@ -1,6 +1,7 @@
 """MediaPipe Pose (legacy solutions API) on the CPU: one person, 33 named landmarks, image pixels
 plus world coordinates in metres (hip-centred). mediapipe==0.10.21 ships only the full model
-(model_complexity=1); other complexities try to download and fail offline."""
+(model_complexity=1); other complexities try to download and fail offline. The second pass (roi.py) runs
+the same two model files by LiteRT, without the graph (pose_detection.py, pose_landmarks.py)."""
 from __future__ import annotations
 
 import os

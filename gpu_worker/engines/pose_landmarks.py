@@ -5,14 +5,15 @@ it cuts the next frame around them and runs only the landmark model, whose pose 
 person is there. It loses him when that cut is wrong (he moved fast, or was lost for a frame) and then
 needs its detector again, which misses a small or blurred rider. The second pass (roi.RiderSearch) uses
 this class to cut where the rider's *track* says he is, and keeps the answer only when the model's own
-flag and landmarks say a person is in this frame's pixels.
+flag and landmarks say a person is in this frame's pixels. It also runs the model on the square MediaPipe's
+detector puts a person in (pose_detection.py), turned upright as the graph turns it.
 
 The model is the file MediaPipe ships (modules/pose_landmark/pose_landmark_full.tflite), run by LiteRT
 (the TFLite runtime on PyPI, with the same XNNPACK kernels as the graph: about 12 ms a call on 2 cores,
-a third of OpenCV's TFLite importer). What the graph does around it, done here the same way: a square cut, no
-rotation (the graph turns the cut upright by the hips and shoulders; a rider is upright enough in the
-frames the track follows), scaled to 256 px, values in [0, 1]; landmarks in the cut's pixels; visibility
-as a logit (sigmoid); the pose flag already a probability."""
+a third of OpenCV's TFLite importer). What the graph does around it, done here the same way: a square cut
+(on the track unturned: a rider is upright enough in the frames the track follows), scaled to 256 px,
+values in [0, 1]; landmarks in the cut's pixels, mapped back through the cut's turn; visibility as a logit
+(sigmoid); the pose flag already a probability; world landmarks turned back into the camera's axes."""
 from __future__ import annotations
 
 import math
