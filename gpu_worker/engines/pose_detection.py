@@ -14,11 +14,12 @@ person's square: centred on keypoint 0 (the hips' centre), twice its distance to
 head) times 1.25, turned so that keypoint 1 is straight above keypoint 0."""
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+
+from gpu_worker.engines.pose_landmarks import upright
 
 INPUT_PX = 224
 STRIDES_AND_ANCHORS = ((8, 2), (16, 2), (32, 6))  # the graph's 5 layers: strides 8, 16, 32, 32, 32
@@ -40,9 +41,7 @@ class Detection:
         in radians, as pose_landmarks.cut_square takes it."""
         hips, above = self.keypoints[HIPS], self.keypoints[ABOVE_HEAD]
         side = 2 * float(np.hypot(*(above - hips))) * ROI_SCALE
-        up = above - hips
-        turn = -math.pi / 2 - math.atan2(float(up[1]), float(up[0]))
-        return (float(hips[0]), float(hips[1])), side, (turn + math.pi) % (2 * math.pi) - math.pi
+        return (float(hips[0]), float(hips[1])), side, upright(hips, above)
 
 
 @lru_cache(maxsize=1)

@@ -25,7 +25,6 @@ from gpu_worker.engines.base import Person
 INPUT_PX = 256
 BODY_LANDMARKS = 33  # the model gives 39: the 33 named, then 6 the graph uses to place the next cut
 LANDMARK_VALUES, WORLD_VALUES = 5, 3  # x, y, z, visibility, presence / x, y, z
-SHOULDERS, HIPS = (11, 12), (23, 24)  # the named landmarks
 DEFAULT_MIN_FLAG = 0.5  # as the graph's min_tracking_confidence
 LANDMARKS, FLAG, WORLD = "Identity", "Identity_1", "Identity_4"  # the model's output tensors
 THREADS = 2
@@ -44,7 +43,7 @@ class LandmarkModel:
 
     def person_at(self, rgb: np.ndarray, box: list[float], grow: float, turn: float = 0.0) -> list[Person]:
         """The person the model finds in a square `grow` times the box's longer side, centred on it and
-        turned by `turn` (upright_turn), if its flag and mean visibility reach their minimums; in frame
+        turned by `turn` (see `upright`), if its flag and mean visibility reach their minimums; in frame
         pixels."""
         x0, y0, x1, y1 = box
         return self.person_in(rgb, ((x0 + x1) / 2, (y0 + y1) / 2), max(x1 - x0, y1 - y0) * grow, turn)
@@ -88,12 +87,10 @@ def to_cut(centre: tuple[float, float], side: float, turn: float) -> np.ndarray:
                      [sin, cos, INPUT_PX / 2 - sin * centre[0] - cos * centre[1]]], dtype=np.float64)
 
 
-def upright_turn(keypoints: list[list[float]]) -> float:
-    """The turn that stands a person upright in the cut: his hips' centre below his shoulders' (as the
-    graph turns its cut, from two of the person's own landmarks)."""
-    hips = np.mean([keypoints[HIPS[0]][:2], keypoints[HIPS[1]][:2]], axis=0)
-    shoulders = np.mean([keypoints[SHOULDERS[0]][:2], keypoints[SHOULDERS[1]][:2]], axis=0)
-    up = shoulders - hips
+def upright(bottom: np.ndarray, top: np.ndarray) -> float:
+    """The turn (radians, as cut_square takes it) that puts `top` straight above `bottom` in the cut: the
+    graph's rotation of its square, from two points of the person (image coordinates, y down)."""
+    up = top - bottom
     return normalised(-math.pi / 2 - math.atan2(float(up[1]), float(up[0])))
 
 
