@@ -33,12 +33,11 @@ THREADS = 2
 @dataclass(frozen=True)
 class Detection:
     score: float
-    box: tuple[float, float, float, float]  # x0, y0, x1, y1 in image pixels
     keypoints: np.ndarray  # 4 x 2, image pixels
 
     def square(self) -> tuple[tuple[float, float], float, float]:
         """(centre, side, turn) of the square the graph runs the landmark model on, in image pixels; turn
-        in radians, as pose_landmarks.cut_square takes it."""
+        in radians, as pose_landmarks.to_cut takes it."""
         hips, above = self.keypoints[HIPS], self.keypoints[ABOVE_HEAD]
         side = 2 * float(np.hypot(*(above - hips))) * ROI_SCALE
         return (float(hips[0]), float(hips[1])), side, upright(hips, above)
@@ -81,15 +80,9 @@ class PoseDetector:
         if not keep.any():
             return None
         boxes, keypoints = decoded(raw[keep], anchor_centres()[keep])
-        merged_box, merged_points, score = weighted_best(boxes, keypoints, scores[keep])
-        to_image = np.array([INPUT_PX, INPUT_PX], dtype=np.float32) / scale
-
-        def back(points: np.ndarray) -> np.ndarray:
-            return points * to_image - np.asarray(pad, dtype=np.float32) / scale
-
-        corners = back(merged_box.reshape(2, 2)).ravel()
-        return Detection(float(score), (float(corners[0]), float(corners[1]), float(corners[2]), float(corners[3])),
-                         back(merged_points))
+        points, score = weighted_best(boxes, keypoints, scores[keep])
+        in_image = (points * INPUT_PX - np.asarray(pad, dtype=np.float32)) / scale
+        return Detection(score, in_image)
 
 
 def letterboxed(rgb: np.ndarray) -> tuple[np.ndarray, float, tuple[float, float]]:
@@ -115,19 +108,18 @@ def decoded(raw: np.ndarray, centres: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return boxes, keypoints
 
 
-def weighted_best(boxes: np.ndarray, keypoints: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """The top-scoring detection, its box and keypoints averaged (by score) with those that overlap it by
-    more than NMS_IOU, as the graph's weighted suppression does; its own score."""
+def weighted_best(boxes: np.ndarray, keypoints: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, float]:
+    """The top-scoring detection's keypoints averaged (by score) with those of the detections whose boxes
+    overlap its box by more than NMS_IOU, as the graph's weighted suppression does; its own score."""
     top = int(np.argmax(scores))
     overlaps = iou(boxes[top], boxes) > NMS_IOU
     overlaps[top] = True
     weights = scores[overlaps] / scores[overlaps].sum()
-    box = (boxes[overlaps] * weights[:, None]).sum(axis=0)
-    points = (keypoints[overlaps] * weights[:, None, None]).sum(axis=0)
-    return box, points, float(scores[top])
+    return (keypoints[overlaps] * weights[:, None, None]).sum(axis=0), float(scores[top])
 
 
 def iou(box: np.ndarray, boxes: np.ndarray) -> np.ndarray:
+    """roi.box_iou of one box against many at once (the detector's hundreds of anchors)."""
     ix = np.clip(np.minimum(box[2], boxes[:, 2]) - np.maximum(box[0], boxes[:, 0]), 0, None)
     iy = np.clip(np.minimum(box[3], boxes[:, 3]) - np.maximum(box[1], boxes[:, 1]), 0, None)
     inter = ix * iy

@@ -54,7 +54,7 @@ class LandmarkModel:
         if side < 1:
             return []
         matrix = to_cut(centre, side, turn)
-        landmarks, flag, world = self.run(cut_square(rgb, centre, side, turn))
+        landmarks, flag, world = self.run(cut(rgb, matrix))
         if flag < self.min_flag:
             return []
         person = to_person(landmarks, turned(world, -turn), matrix, rgb.shape[1], rgb.shape[0])
@@ -70,17 +70,17 @@ class LandmarkModel:
                 world.reshape(-1, WORLD_VALUES))
 
 
-def cut_square(rgb: np.ndarray, centre: tuple[float, float], side: float, turn: float = 0.0) -> np.ndarray:
-    """The square of `side` px centred on `centre`, turned by `turn` radians (image coordinates, y down),
-    as INPUT_PX x INPUT_PX (black beyond the frame)."""
+def cut(rgb: np.ndarray, matrix: np.ndarray) -> np.ndarray:
+    """The square `matrix` (to_cut) maps to the model's input, INPUT_PX x INPUT_PX (black beyond the frame)."""
     import cv2
 
-    return cv2.warpAffine(rgb, to_cut(centre, side, turn), (INPUT_PX, INPUT_PX), flags=cv2.INTER_LINEAR,
+    return cv2.warpAffine(rgb, matrix, (INPUT_PX, INPUT_PX), flags=cv2.INTER_LINEAR,
                           borderMode=cv2.BORDER_CONSTANT, borderValue=(0, 0, 0))
 
 
 def to_cut(centre: tuple[float, float], side: float, turn: float) -> np.ndarray:
-    """The 2x3 affine matrix from frame pixels to the cut's: scaled, turned about `centre`."""
+    """The 2x3 affine matrix from frame pixels to the model's input: the square of `side` px on `centre`,
+    turned by `turn` radians (image coordinates, y down)."""
     scale = INPUT_PX / side
     cos, sin = scale * math.cos(turn), scale * math.sin(turn)
     return np.array([[cos, -sin, INPUT_PX / 2 - cos * centre[0] + sin * centre[1]],
@@ -88,7 +88,7 @@ def to_cut(centre: tuple[float, float], side: float, turn: float) -> np.ndarray:
 
 
 def upright(bottom: np.ndarray, top: np.ndarray) -> float:
-    """The turn (radians, as cut_square takes it) that puts `top` straight above `bottom` in the cut: the
+    """The turn (radians, as to_cut takes it) that puts `top` straight above `bottom` in the cut: the
     graph's rotation of its square, from two points of the person (image coordinates, y down)."""
     up = top - bottom
     return normalised(-math.pi / 2 - math.atan2(float(up[1]), float(up[0])))

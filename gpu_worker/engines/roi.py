@@ -388,14 +388,7 @@ class RiderSearch:
             region = around(box, grow, None, width, height)
             if region is not None and self.whole_person_in(region, rgb, width, height, detect=self.detect):
                 return True
-        if self.follow is None:
-            return False
-        for grow in FOLLOW_GROWS:
-            self.tried += 1
-            found = self.follow(rgb, box, grow)
-            if found and not lies_across(found[0]["bbox_xyxy"]):
-                return True
-        return False
+        return bool(self.model_alone_on(rgb, box))
 
     def followed(self, rgb: np.ndarray, accept: Callable[[Person], bool] = lambda person: True) -> list[Person]:
         """The pose model alone where the track puts the rider now (then on his last box, if the track
@@ -406,11 +399,22 @@ class RiderSearch:
             return []
         last = self.track.seen[-1][1]
         for box in ([predicted, last] if moved(last, predicted) else [predicted]):
-            for grow in FOLLOW_GROWS:
-                self.tried += 1
-                found = self.follow(rgb, box, grow)
-                if found and not lies_across(found[0]["bbox_xyxy"]) and accept(found[0]):
-                    return [{**person, "found_by": "second_pass:follow"} for person in found]
+            found = self.model_alone_on(rgb, box, accept)
+            if found:
+                return [{**person, "found_by": "second_pass:follow"} for person in found]
+        return []
+
+    def model_alone_on(self, rgb: np.ndarray, box: list[float],
+                       accept: Callable[[Person], bool] = lambda person: True) -> list[Person]:
+        """The first of the pose model alone's squares on `box` (FOLLOW_GROWS) where it finds an accepted
+        person not lying across the picture; nobody without a follow function."""
+        if self.follow is None:
+            return []
+        for grow in FOLLOW_GROWS:
+            self.tried += 1
+            found = self.follow(rgb, box, grow)
+            if found and not lies_across(found[0]["bbox_xyxy"]) and accept(found[0]):
+                return found
         return []
 
     def doubts(self, person: Person) -> bool:
