@@ -6,7 +6,7 @@ on him (IoU >= 0.25 with the truth). False persons: persons returned on frames w
 persons returned away from the rider. Cost: the time spent in the second pass (`RiderSearch.fill`)
 over the engine's whole time (`push`), one run, same process: a ratio, so a loaded machine moves both.
 
-Usage: python -m bench.recall_bench [--size core|full] [--no-cost] [--repeat 5]
+Usage: python -m bench.recall_bench [--size core|full] [--seed N] [--no-cost] [--repeat 5]
 Prints a table and writes bench/results/recall.json."""
 from __future__ import annotations
 
@@ -173,15 +173,21 @@ def main() -> int:
     parser.add_argument("--size", choices=("core", "full"), default="full")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--no-cost", action="store_true")
+    parser.add_argument("--seed", type=int, default=None,
+                        help="another draw of the set (the tests use the sizes' own seeds: core 30, full 31)")
     args = parser.parse_args()
     if not CLIP.exists() or not PHOTO.exists():
         print(f"no shared data at {CLIP.parent}: this benchmark needs the shared clip and photo")
         return 2
     engine = loaded_engine()
     started = time.perf_counter()
-    clips, stills = generated(shared_source(), CORE if args.size == "core" else FULL)
+    size = CORE if args.size == "core" else FULL
+    if args.seed is not None:
+        size = {**size, "seed": args.seed}
+    clips, stills = generated(shared_source(), size)
     tally = score(engine, clips, stills)
-    out: dict[str, Any] = {"size": args.size, "frames": sum(len(c.frames) for c in clips), "stills": len(stills),
+    out: dict[str, Any] = {"size": args.size, "seed": size["seed"], "frames": sum(len(c.frames) for c in clips),
+                           "stills": len(stills),
                            **tally.summary(), "seconds": round(time.perf_counter() - started, 1)}
     if not args.no_cost:
         out["cost"] = {f"shared_clip_{args.repeat}x": second_pass_share(engine, repeated_clip_frames(args.repeat)),

@@ -74,6 +74,24 @@ def test_a_sure_detection_is_the_first_pass_confidence_and_nobody_is_found_on_pl
         assert engine._find_unguided(picture) == []
 
 
+def test_the_faint_detector_takes_its_own_confidence_and_finds_nobody_on_plain_pictures(engine, astronaut,
+                                                                                        monkeypatch):
+    """A video's tile the stricter detector finds nobody in goes to the detector at
+    engine.options.second_pass_faint_detection_confidence (0.2 unless set); plain, noisy or dark pictures
+    still hold nobody for it."""
+    asked = []
+    best = engine._detector.best
+    monkeypatch.setattr(engine._detector, "best", lambda rgb, min_score=None: asked.append(min_score) or best(rgb, min_score))
+    assert engine._find_faint(astronaut)
+    monkeypatch.setitem(engine.options, "second_pass_faint_detection_confidence", 0.25)
+    engine._find_faint(astronaut)
+    assert asked == [0.2, 0.25]
+    rng = np.random.default_rng(5)
+    for picture in (np.full((360, 640, 3), 235, np.uint8), rng.integers(0, 255, (360, 640, 3), dtype=np.uint8),
+                    np.zeros((256, 256, 3), np.uint8)):
+        assert engine._find_faint(picture) == []
+
+
 @pytest.mark.parametrize("quarter_turns", [1, 2, 3])
 def test_a_turned_square_gives_the_person_back_where_he_is_in_the_frame(engine, astronaut, quarter_turns):
     """The photo turned by 90, 180 or 270 degrees: the landmark model on a square turned back by the same

@@ -7,7 +7,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from gpu_worker.engines.roi import FOLLOW_FRAMES, Region, RiderSearch, around, centre_crops, closer, tiles, wide
+from gpu_worker.engines.roi import (
+    FOLLOW_FRAMES,
+    CutDetector,
+    Region,
+    RiderSearch,
+    around,
+    centre_crops,
+    closer,
+    tiles,
+    wide,
+)
 
 from support import CLIP, needs_shared_data
 
@@ -237,6 +247,89 @@ def test_regions_no_track_placed_go_to_the_engines_stricter_detector():
     unguided_calls = unguided.calls
     assert search.fill([], frame_with_square(100, 60, 90), follow=False)  # a still: tiles too
     assert unguided.calls > unguided_calls and guided.calls == guided_calls
+
+
+def test_a_videos_tile_the_stricter_detector_misses_is_tried_with_the_fainter_one():
+    """Issue 30: a blurred, small rider with no track yet scores under the stricter detector's minimum;
+    in a video, each tile it finds nobody in goes to the fainter detector, whose person then starts the
+    track. A single image never uses it (it has its own weaker search, checked closer), nor does a tile
+    the stricter detector found someone in."""
+    strict, faint = CountingDetector(blind=True), CountingDetector()
+    search = RiderSearch(bright_square_detector, {}, detect_unguided=strict, detect_faint=faint)
+    found = search.fill([], frame_with_square(100, 60, 40))
+    assert found and found[0]["found_by"] == "second_pass:tile"
+    assert found[0]["bbox_xyxy"] == pytest.approx([100, 60, 140, 100], abs=1)
+    assert faint.calls == strict.calls  # tile by tile: the stricter first, then the fainter
+    before = faint.calls
+    still = RiderSearch(bright_square_detector, {}, detect_unguided=strict, detect_faint=faint)
+    still.fill([], frame_with_square(100, 60, 40), follow=False)
+    assert faint.calls == before
+    sure = CountingDetector()
+    seen = RiderSearch(bright_square_detector, {}, detect_unguided=sure, detect_faint=faint)
+    assert seen.fill([], frame_with_square(100, 60, 40))
+    assert faint.calls - before == sure.calls - 1  # not on the tile where the stricter found him
+
+
+def test_a_faint_find_must_not_lie_wider_than_twice_its_height():
+    """A faint find as wide as a crouched body behind a mound (1.7 times its height) is taken; one 2.3
+    times, which the stricter detector's find may be, is not (the faint finds in scenery lay wider)."""
+    def body(width: int, height: int) -> np.ndarray:
+        rgb = np.zeros((360, 640, 3), dtype=np.uint8)
+        rgb[100:100 + height, 100:100 + width] = 255
+        return rgb
+
+    def faint_only() -> RiderSearch:
+        return RiderSearch(bright_square_detector, {}, detect_unguided=CountingDetector(blind=True),
+                           detect_faint=CountingDetector())
+
+    assert faint_only().fill([], body(51, 30))
+    assert faint_only().fill([], body(69, 30)) == []
+    assert RiderSearch(bright_square_detector, {}).fill([], body(69, 30))
+
+
+def test_a_person_a_tile_finds_at_the_frames_edge_is_not_taken():
+    """Issue 30: tiles found bodies in scenery cut by the frame's edge (the generated stills' lower
+    edge); a tile's find must stand inside the frame. The same person a few pixels in is taken."""
+    for follow in (True, False):
+        assert RiderSearch(bright_square_detector, {}).fill([], frame_with_square(200, 320, 40), follow=follow) == []
+        assert RiderSearch(bright_square_detector, {}).fill([], frame_with_square(200, 310, 40), follow=follow)
+
+
+def test_nobody_as_narrow_as_a_pole_is_taken_from_either_pass():
+    """MediaPipe's graph took a pine, 0.13 times as wide as tall, for a person (and a closer look agreed);
+    no person narrower than a fifth of his height is kept, from the first pass or the second, in a video
+    or a still; a rider standing sideways, a third as wide as tall, is."""
+    def bar(width: int) -> np.ndarray:
+        rgb = np.zeros((360, 640, 3), dtype=np.uint8)
+        rgb[100:160, 300:300 + width] = 255
+        return rgb
+
+    for follow in (True, False):
+        pole = bar(8)
+        assert first_pass(pole) and RiderSearch(bright_square_detector, {}).fill(first_pass(pole), pole, follow) == []
+        assert RiderSearch(bright_square_detector, {}).fill([], pole, follow) == []
+        rider = bar(20)
+        assert RiderSearch(bright_square_detector, {}).fill(first_pass(rider), rider, follow)
+
+
+def test_a_cut_between_two_shots_of_snow_is_told_from_a_fast_pan():
+    """The generated set's cuts between two snowy shots changed the thumbnail by 19-66 grey levels, its
+    fastest pan (26 px a frame, blurred) by at most 10.5, and the shared clip's frames within a shot by
+    at most 7. Here: rolling snow of the same brightness, panned 26 px (about 9 levels), then another
+    shot of it (about 27)."""
+    import cv2
+
+    rng = np.random.default_rng(3)
+
+    def snow() -> np.ndarray:
+        hills = cv2.resize(rng.uniform(150, 250, (4, 8)), (700, 360), interpolation=cv2.INTER_CUBIC)
+        return np.repeat(np.clip(hills, 0, 255).astype(np.uint8)[:, :, None], 3, axis=2)
+
+    scene, other = snow(), snow()
+    cuts = CutDetector()
+    assert not cuts.is_cut(np.ascontiguousarray(scene[:, :640]))
+    assert not cuts.is_cut(np.ascontiguousarray(scene[:, 26:666]))
+    assert cuts.is_cut(np.ascontiguousarray(other[:, :640]))
 
 
 def only_from_afar(rgb: np.ndarray) -> list[dict]:

@@ -12,7 +12,7 @@ import numpy as np
 from gpu_worker.engines.base import Engine, FrameOut, LoadStage, Person
 from gpu_worker.engines.pose_detection import PoseDetector
 from gpu_worker.engines.pose_landmarks import LandmarkModel
-from gpu_worker.engines.roi import MIN_PERSON_SCORE, RiderSearch, min_detection_confidence
+from gpu_worker.engines.roi import MIN_PERSON_SCORE, RiderSearch, faint_detection_confidence, min_detection_confidence
 from gpu_worker.errors import WeightsMissing
 
 LANDMARK_NAMES = [
@@ -63,7 +63,7 @@ class MediaPipeEngine(Engine):
         self._landmarks: Optional[LandmarkModel] = None
         self._size = (0, 0)
         self.second_pass = RiderSearch(self._find_in_region, self.options, follow=self._follow,
-                                       detect_unguided=self._find_unguided)
+                                       detect_unguided=self._find_unguided, detect_faint=self._find_faint)
 
     @property
     def version(self) -> str:
@@ -144,6 +144,10 @@ class MediaPipeEngine(Engine):
     def _find_unguided(self, rgb: np.ndarray) -> list[Person]:
         """For a region no track placed: the detector at the first pass's confidence."""
         return self._find_in_region(rgb, self._first_pass_confidence())
+
+    def _find_faint(self, rgb: np.ndarray) -> list[Person]:
+        """For a video's tile the stricter detector found nobody in: the detector at the faint confidence."""
+        return self._find_in_region(rgb, faint_detection_confidence(self.options))
 
     def _first_pass_confidence(self) -> float:
         return float(self.options.get("min_detection_confidence", 0.5))

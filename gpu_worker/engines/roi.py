@@ -13,10 +13,12 @@ doubt (below), so they cost nothing extra.
 
 What keeps it cheap (issue 30): the track's regions are few and come first; the wide search runs when
 the track is unknown (a new video, a cut, a stretch lost for long), not on every lost frame, and less
-often the longer the frame stays empty. What keeps it honest: a person found in a large region who is
-small in it must be found again in a region cut around him (the model, closer, agrees); a person whose
-landmarks the model itself barely believes (mean visibility below MIN_PERSON_SCORE), or who lies across
-the picture (a body stretched over scenery), is dropped.
+often the longer the frame stays empty. In a video, a tile the stricter detector finds nobody in is tried
+once more with a fainter one (a blurred rider with no track yet). What keeps it honest: a person found
+in a large region who is small in it must be found again in a region cut around him (the model, closer,
+agrees); a person whose landmarks the model itself barely believes (mean visibility below
+MIN_PERSON_SCORE), who lies across the picture (a body stretched over scenery), or whom a region no track
+placed finds at the frame's edge, is dropped; so is a person, from either pass, as narrow as a pole.
 
 The first pass's own person is doubted when he starts a track, lies across the picture, or strays from
 where the track says the rider is: the video graph can settle on a body it drew into the scenery and
@@ -68,11 +70,22 @@ MIN_REGION_PX = 32
 EDGE_PX = 2
 # The second pass looks where a rider is likely, so it accepts a weaker detection than the first pass.
 DEFAULT_MIN_DETECTION_CONFIDENCE = 0.3
+DEFAULT_FAINT_DETECTION_CONFIDENCE = 0.2
 # Regions no track placed (the wide search's tiles, a single image's centre crops): the engine may give a
 # stricter detector for them (`detect_unguided`: MediaPipe's takes the first pass's confidence, 0.5). On
 # the generated set's empty frames the weaker one found bodies in the scenery at 0.37-0.40, and a track
 # started on one followed it for frames.
 UNGUIDED_KINDS = ("tile", "centre")
+# A person found in a region no track placed must not touch the frame's edge (the region's edges are
+# refused already, `Region.holds_whole`): on the generated set (seeds 31-33), 11 of the 13 faint finds
+# away from the rider, and the stricter detector's one person in a still with nobody in it, were scenery
+# cut by the frame.
+# In a video, a tile the stricter detector finds nobody in is tried once more with one that takes fainter
+# detections (`detect_faint`: MediaPipe's at 0.2). The blurred rider at half size scored 0.1-0.5 with the
+# detector there while the landmark model, on a square around him, was sure of him (0.8-1.0). Such a faint
+# find must also be no more than this many times as wide as tall: of the two faint finds away from the
+# rider inside the frame, one lay 2.4 times as wide (the rider's, 0.6-1.7). A track then follows him.
+FAINT_MAX_WIDTH_PER_HEIGHT = 2.0
 # A single image the stricter detector finds nobody in is searched again with the second pass's own; a
 # person that finds is kept only if it finds him again closer, in a square this many times his size, or
 # the pose model alone does on its squares (FOLLOW_GROWS). Of 8 hard frames of the shared clip taken as
@@ -90,6 +103,10 @@ MIN_PERSON_SCORE = 0.4
 # the rider it found 0.7 (95th percentile 1.3), and the first pass's rider up to 2.1 (95th percentile).
 # The second pass takes nobody that wide; a first-pass person that wide is looked at closer.
 MAX_WIDTH_PER_HEIGHT = 2.5
+# A person narrower than this share of his height is a tree trunk or a pole: right after a cut, MediaPipe's
+# graph took a pine 0.13 times as wide as tall for a person (and a closer look agreed); the shared clip's
+# rider is 0.34 to 2.1 times as wide as tall. Neither pass's person that narrow is taken.
+MIN_WIDTH_PER_HEIGHT = 0.2
 # A person whose box is smaller than this share of the region he was found in is checked again closer,
 # in squares of these sizes around him (as the track's regions).
 CONFIRM_BELOW, CONFIRM_GROWS = 1 / 3, (3.0, 2.0)
@@ -97,9 +114,10 @@ CONFIRM_BELOW, CONFIRM_GROWS = 1 / 3, (3.0, 2.0)
 # detector's input is), enlarged.
 CENTRE_FRACTIONS = ((2, 2), (3, 3))  # (1/fraction of the shorter side, upscale)
 DEFAULT_IMAGE_BUDGET_S = 4.0
-# A cut: the mean change of a 32x18 grey thumbnail between two frames, in grey levels (a pan of a few
-# pixels a frame moves it by a few levels, a new shot by tens).
-THUMB_SIZE, CUT_LEVELS = (32, 18), 40.0
+# A cut: the mean change of a 32x18 grey thumbnail between two frames, in grey levels. Measured on the
+# generated set (seeds 31-33): cuts between two snowy shots 19-66, its fastest pan (26 px a frame,
+# blurred) at most 10.5; the shared clip within a shot at most 7.
+THUMB_SIZE, CUT_LEVELS = (32, 18), 15.0
 TRACK_LENGTH = 3
 # Around where the track's motion puts the rider when that is a quarter of his size or more from his
 # last box (a small rider: the first two of SMALL_RIDER_REGIONS).
@@ -125,6 +143,12 @@ FOLLOW_GROWS, FOLLOW_FRAMES = (1.5, 1.8, 2.1), 3
 def min_detection_confidence(options: dict[str, Any]) -> float:
     """engine.options.second_pass_min_detection_confidence, for the detector the second pass runs."""
     return float(options.get("second_pass_min_detection_confidence", DEFAULT_MIN_DETECTION_CONFIDENCE))
+
+
+def faint_detection_confidence(options: dict[str, Any]) -> float:
+    """engine.options.second_pass_faint_detection_confidence, for a video's tiles once the stricter
+    detector found nobody in them."""
+    return float(options.get("second_pass_faint_detection_confidence", DEFAULT_FAINT_DETECTION_CONFIDENCE))
 
 
 @dataclass(frozen=True)
@@ -290,8 +314,21 @@ class Track:
         return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
 
 
-def lies_across(box: list[float]) -> bool:
-    return box[2] - box[0] > MAX_WIDTH_PER_HEIGHT * max(1e-6, box[3] - box[1])
+def lies_across(box: list[float], most: float = MAX_WIDTH_PER_HEIGHT) -> bool:
+    return box[2] - box[0] > most * max(1e-6, box[3] - box[1])
+
+
+def too_narrow(box: list[float]) -> bool:
+    return box[2] - box[0] < MIN_WIDTH_PER_HEIGHT * (box[3] - box[1])
+
+
+def is_body_shaped(box: list[float]) -> bool:
+    """Neither lying across the picture nor as narrow as a pole."""
+    return not lies_across(box) and not too_narrow(box)
+
+
+def touches_frame_edge(box: list[float], width: int, height: int) -> bool:
+    return box[0] <= EDGE_PX or box[1] <= EDGE_PX or box[2] >= width - EDGE_PX or box[3] >= height - EDGE_PX
 
 
 def box_iou(a: list[float], b: list[float]) -> float:
@@ -315,13 +352,16 @@ class RiderSearch:
     (the empty frames between two wide searches in a lost stretch, default 5, doubled after each that
     finds nobody, up to second_pass_memory_frames: a long empty stretch costs almost nothing),
     second_pass_follow (the pose model alone on the track, when the engine gives a `follow`, default
-    true); for single images, second_pass_image_closer (centre crops too, default true) and
-    second_pass_image_budget_s (the most a single image's search may take, default 4 s)."""
+    true), second_pass_faint_detection_confidence (a video's tiles, once the stricter detector found
+    nobody, when the engine gives a `detect_faint`; default 0.2); for single images,
+    second_pass_image_closer (centre crops too, default true) and second_pass_image_budget_s (the most
+    a single image's search may take, default 4 s)."""
 
     def __init__(self, detect: Detect, options: dict[str, Any], follow: Optional[Follow] = None,
-                 detect_unguided: Optional[Detect] = None):
+                 detect_unguided: Optional[Detect] = None, detect_faint: Optional[Detect] = None):
         self.detect = detect
         self.detect_unguided = detect_unguided or detect
+        self.detect_faint = detect_faint
         self.follow = follow if bool(options.get("second_pass_follow", True)) else None
         self.enabled = bool(options.get("second_pass", True))
         self.memory_frames = int(options.get("second_pass_memory_frames", 30))
@@ -344,6 +384,8 @@ class RiderSearch:
     def fill(self, persons: list[Person], rgb: np.ndarray, follow: bool = True) -> list[Person]:
         """`persons` as the first pass found them, or what the second pass finds when they are none.
         follow=False (single images): no memory of a previous frame, every region tried."""
+        if self.enabled and persons and too_narrow(persons[0]["bbox_xyxy"]):
+            persons = []
         if not follow:
             if not self.enabled:
                 return persons
@@ -357,7 +399,8 @@ class RiderSearch:
         if persons and self.enabled and self.doubts(persons[0]):
             persons, confirmed = self.second_look(persons, rgb)
         elif not persons and self.enabled:
-            persons = self.search(rgb, self.regions_for(rgb.shape[1], rgb.shape[0])) or self.followed(rgb)
+            persons = (self.search(rgb, self.regions_for(rgb.shape[1], rgb.shape[0]), faint=True)
+                       or self.followed(rgb))
         self.remember(persons, confirmed)
         return persons
 
@@ -413,7 +456,7 @@ class RiderSearch:
         for grow in FOLLOW_GROWS:
             self.tried += 1
             found = self.follow(rgb, box, grow)
-            if found and not lies_across(found[0]["bbox_xyxy"]) and accept(found[0]):
+            if found and is_body_shaped(found[0]["bbox_xyxy"]) and accept(found[0]):
                 return found
         return []
 
@@ -500,14 +543,18 @@ class RiderSearch:
         if self.track.seen and self.frame - self.track.seen[-1][0] > self.memory_frames:
             self.track = Track()
 
-    def search(self, rgb: np.ndarray, regions: list[Region], deadline: Optional[float] = None) -> list[Person]:
+    def search(self, rgb: np.ndarray, regions: list[Region], deadline: Optional[float] = None,
+               faint: bool = False) -> list[Person]:
         """The first region that holds a whole, believable person, tried until `deadline`
-        (time.monotonic()) if given."""
+        (time.monotonic()) if given; with `faint`, a region no track placed is tried once more with the
+        fainter detector."""
         height, width = rgb.shape[:2]
         for region in regions:
             if deadline is not None and time.monotonic() > deadline:
                 break
             found = self.whole_person_in(region, rgb, width, height)
+            if not found and faint and region.kind in UNGUIDED_KINDS:
+                found = self.faint_person_in(region, rgb, width, height)
             if found and region.is_small_in(found[0]["bbox_xyxy"]):
                 found = self.confirmed_closer(found, rgb, width, height)
             if found:
@@ -524,9 +571,19 @@ class RiderSearch:
         detect = detect or (self.detect_unguided if region.kind in UNGUIDED_KINDS else self.detect)
         found = [region.to_frame(person) for person in detect(region.cut(rgb))]
         box = found[0]["bbox_xyxy"] if found else None
-        if box is None or lies_across(box) or not region.holds_whole(box, width, height):
+        if box is None or not is_body_shaped(box) or not region.holds_whole(box, width, height):
+            return []
+        if region.kind in UNGUIDED_KINDS and touches_frame_edge(box, width, height):
             return []
         return found if float(found[0].get("score", 1.0)) >= MIN_PERSON_SCORE else []
+
+    def faint_person_in(self, region: Region, rgb: np.ndarray, width: int, height: int) -> list[Person]:
+        """whole_person_in with the fainter detector, if the engine gives one; its person no wider than
+        FAINT_MAX_WIDTH_PER_HEIGHT times his height."""
+        if self.detect_faint is None:
+            return []
+        found = self.whole_person_in(region, rgb, width, height, detect=self.detect_faint)
+        return [] if found and lies_across(found[0]["bbox_xyxy"], FAINT_MAX_WIDTH_PER_HEIGHT) else found
 
     def confirmed_closer(self, found: list[Person], rgb: np.ndarray, width: int, height: int) -> list[Person]:
         """A person small in a large region, found again in a region cut around him: that answer (the

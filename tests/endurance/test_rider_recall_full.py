@@ -9,14 +9,14 @@ from bench.recall_set import FULL, generated
 
 from support import PHOTO, needs_shared_data
 
-# Measured 0.849 on this set (bench/RESULTS.md; 0.748 before the pose model alone followed the rider),
-# held so it gets no worse; the goal is 0.98 (what is missing: a rider at 1/2 among drawn pines, where
-# both of MediaPipe's graphs see a body over the trees, and a blurred rider at 1/2 in the clip's first
-# and last seconds).
-MIN_RECALL = 0.83
-# The goal is none, as measured now on 179 empty frames (1 before the wide search's detector took
-# the first pass's confidence; 12 before persons lying across the picture were refused to the second
-# pass). One is allowed for a CPU whose kernels round differently.
+# Measured 0.868 on this set (bench/RESULTS.md; 0.850 before a video's tiles tried the fainter detector,
+# 0.748 before the pose model alone followed the rider), held so it gets no worse; the goal is 0.98 (what
+# is missing: a rider at 1/2 among drawn pines, where both of MediaPipe's graphs see a body over the trees,
+# and a blurred rider at 1/2 whose first find is a small pose inside him).
+MIN_RECALL = 0.85
+# The goal is none, as measured now on 179 empty frames and on two other draws of the set (seeds 32
+# and 33: 1 and 4 before a tile's find had to stand inside the frame, cuts between two snowy shots were
+# told, and no body as narrow as a pole was taken). One is allowed for a CPU whose kernels round differently.
 MAX_FALSE_RATE = 0.01
 
 
