@@ -76,10 +76,6 @@ DEFAULT_FAINT_DETECTION_CONFIDENCE = 0.2
 # the generated set's empty frames the weaker one found bodies in the scenery at 0.37-0.40, and a track
 # started on one followed it for frames.
 UNGUIDED_KINDS = ("tile", "centre")
-# A person found in a region no track placed must not touch the frame's edge (the region's edges are
-# refused already, `Region.holds_whole`): on the generated set (seeds 31-33), 11 of the 13 faint finds
-# away from the rider, and the stricter detector's one person in a still with nobody in it, were scenery
-# cut by the frame.
 # In a video, a tile the stricter detector finds nobody in is tried once more with one that takes fainter
 # detections (`detect_faint`: MediaPipe's at 0.2). The blurred rider at half size scored 0.1-0.5 with the
 # detector there while the landmark model, on a square around him, was sure of him (0.8-1.0). Such a faint
@@ -328,6 +324,10 @@ def is_body_shaped(box: list[float]) -> bool:
 
 
 def touches_frame_edge(box: list[float], width: int, height: int) -> bool:
+    """A person a region no track placed finds is refused when this holds (a region's own edges are,
+    `Region.holds_whole`): on the generated set, 11 of the 13 faint finds away from the rider (seeds 31
+    and 32) and the stricter detector's one person on a still with nobody in it (seeds 32 and 33) were
+    scenery cut by the frame."""
     return box[0] <= EDGE_PX or box[1] <= EDGE_PX or box[2] >= width - EDGE_PX or box[3] >= height - EDGE_PX
 
 
@@ -352,10 +352,10 @@ class RiderSearch:
     (the empty frames between two wide searches in a lost stretch, default 5, doubled after each that
     finds nobody, up to second_pass_memory_frames: a long empty stretch costs almost nothing),
     second_pass_follow (the pose model alone on the track, when the engine gives a `follow`, default
-    true), second_pass_faint_detection_confidence (a video's tiles, once the stricter detector found
-    nobody, when the engine gives a `detect_faint`; default 0.2); for single images,
-    second_pass_image_closer (centre crops too, default true) and second_pass_image_budget_s (the most
-    a single image's search may take, default 4 s)."""
+    true); for single images, second_pass_image_closer (centre crops too, default true) and
+    second_pass_image_budget_s (the most a single image's search may take, default 4 s). The engine
+    gives the detectors; MediaPipe's read second_pass_min_detection_confidence (0.3) and
+    second_pass_faint_detection_confidence (0.2, a video's tiles once the stricter one found nobody)."""
 
     def __init__(self, detect: Detect, options: dict[str, Any], follow: Optional[Follow] = None,
                  detect_unguided: Optional[Detect] = None, detect_faint: Optional[Detect] = None):
