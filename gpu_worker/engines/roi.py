@@ -449,8 +449,8 @@ class RiderSearch:
 
     def model_alone_on(self, rgb: np.ndarray, box: list[float],
                        accept: Callable[[Person], bool] = lambda person: True) -> list[Person]:
-        """The first of the pose model alone's squares on `box` (FOLLOW_GROWS) where it finds an accepted
-        person not lying across the picture; nobody without a follow function."""
+        """The first of the pose model alone's squares on `box` (FOLLOW_GROWS) where it finds an accepted,
+        body-shaped person (`is_body_shaped`); nobody without a follow function."""
         if self.follow is None:
             return []
         for grow in FOLLOW_GROWS:
