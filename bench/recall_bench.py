@@ -160,6 +160,14 @@ def second_pass_share(engine: Any, frames: list[np.ndarray]) -> dict[str, Any]:
             "second_pass_share": round(spent[0] / total, 4), "found_by": dict(found_by)}
 
 
+def median_share(engine: Any, frames: list[np.ndarray], rounds: int) -> dict[str, Any]:
+    """second_pass_share over `rounds` passes of the same video: the pass with the median share, and every
+    pass's share (one pass on a shared 2-core machine moved by 1.5 points between runs)."""
+    passes = sorted((second_pass_share(engine, frames) for _ in range(max(1, rounds))),
+                    key=lambda out: out["second_pass_share"])
+    return {**passes[len(passes) // 2], "rounds": len(passes), "shares": [out["second_pass_share"] for out in passes]}
+
+
 def repeated_clip_frames(times: int) -> list[np.ndarray]:
     """The shared clip repeated, encoded once as `make bench` does (x264), and decoded."""
     from bench.__main__ import repeat_clip
@@ -173,6 +181,7 @@ def main() -> int:
     parser.add_argument("--size", choices=("core", "full"), default="full")
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--no-cost", action="store_true")
+    parser.add_argument("--cost-rounds", type=int, default=3, help="passes over each clip; the median is kept")
     parser.add_argument("--seed", type=int, default=None,
                         help="another draw of the set (the tests use the sizes' own seeds: core 30, full 31)")
     args = parser.parse_args()
@@ -190,8 +199,9 @@ def main() -> int:
                            "stills": len(stills),
                            **tally.summary(), "seconds": round(time.perf_counter() - started, 1)}
     if not args.no_cost:
-        out["cost"] = {f"shared_clip_{args.repeat}x": second_pass_share(engine, repeated_clip_frames(args.repeat)),
-                       "shared_clip": second_pass_share(engine, decoded(CLIP))}
+        repeated = repeated_clip_frames(args.repeat)
+        out["cost"] = {f"shared_clip_{args.repeat}x": median_share(engine, repeated, args.cost_rounds),
+                       "shared_clip": median_share(engine, decoded(CLIP), args.cost_rounds)}
     engine.close()
     results = REPO / "bench" / "results"
     results.mkdir(exist_ok=True)
@@ -207,7 +217,8 @@ def print_table(out: dict[str, Any]) -> None:
     print(f"{'all':24s} recall {out['recall']:.4f} ({out['found']} of {out['visible']}; {out['elsewhere']} "
           f"elsewhere), false persons {out['false_persons']} of {out['empty']} empty frames, {out['seconds']} s")
     for name, cost in out.get("cost", {}).items():
-        print(f"{name:24s} second pass {cost['second_pass_share']:.1%} of {cost['engine_s']} s; "
+        print(f"{name:24s} second pass {cost['second_pass_share']:.1%} of {cost['engine_s']} s "
+              f"(median of {cost['shares']}); "
               f"found {cost['found']} of {cost['frames']}; {cost['found_by']}")
 
 

@@ -9,6 +9,8 @@ import pytest
 
 from gpu_worker.engines.roi import (
     FOLLOW_FRAMES,
+    FOLLOW_GROWS,
+    WHOLE_LOOK_GROWS,
     CutDetector,
     Region,
     RiderSearch,
@@ -216,6 +218,48 @@ def test_a_rider_no_region_finds_is_followed_by_the_pose_model_where_his_track_p
     off.fill(first_pass(frame_with_square(20, 150, 24)), frame_with_square(20, 150, 24))
     assert off.fill([], frame_with_square(50, 150, 20)) == []
     assert follower.calls == calls  # engine.options.second_pass_follow: false turns it off
+
+
+def rider_grown_past_his_track_regions() -> tuple[RiderSearch, np.ndarray, "CallCounter"]:
+    """A small rider (24 px) on a track, then a frame where he stands 100 px tall on the same spot (he came
+    closer, or opened up; not so much that the frame reads as a cut): every region around his track (at
+    most 4x his old size, 96 px) cuts him. The first pass found nobody, as for a blurred rider."""
+    follower = CallCounter(SquareFollower())
+    search = RiderSearch(bright_square_detector, {}, follow=follower)
+    small = frame_with_square(300, 150, 24)
+    search.fill(first_pass(small), small)
+    return search, frame_with_square(262, 112, 100), follower
+
+
+class CallCounter:
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.inner(*args)
+
+
+def test_a_rider_a_track_region_cuts_is_looked_at_whole_by_the_pose_model_alone():
+    """Issue 30: a track's region that cuts the rider by its own edge does not give him up to the next
+    region (each a detector and a model call): the pose model alone looks at him whole, in the frame."""
+    search, grown, follower = rider_grown_past_his_track_regions()
+    persons = search.fill([], grown)
+    assert persons and persons[0]["bbox_xyxy"] == pytest.approx([262, 112, 362, 212], abs=1)
+    assert persons[0]["found_by"] == "second_pass:track" and follower.calls == 1
+
+
+def test_cut_off_persons_are_looked_at_whole_a_few_times_a_frame_and_never_in_a_single_image():
+    search, grown, follower = rider_grown_past_his_track_regions()
+    follower.inner = lambda rgb, box, grow: []  # the model alone sees nobody there
+    assert len(search.track_regions(search.track.predicted(1), 640, 360)) > len(WHOLE_LOOK_GROWS)
+    assert search.fill([], grown) == []
+    # the first cut-offs' looks, then following the track; not one look for each region that cut him
+    assert follower.calls == sum(len(grows) for grows in WHOLE_LOOK_GROWS) + len(FOLLOW_GROWS)
+    still = RiderSearch(bright_square_detector, {}, follow=CallCounter(SquareFollower()))
+    region = Region(300, 150, 340, 190, 1, "track")
+    assert still.fill([], np.zeros((360, 640, 3), dtype=np.uint8), follow=False) == []
+    assert still.whole_person_in(region, grown, 640, 360) == [] and still.follow.calls == 0
 
 
 def test_the_regions_around_the_track_come_before_the_pose_model_alone():
