@@ -220,7 +220,16 @@ def test_a_rider_no_region_finds_is_followed_by_the_pose_model_where_his_track_p
     assert follower.calls == calls  # engine.options.second_pass_follow: false turns it off
 
 
-def rider_grown_past_his_track_regions() -> tuple[RiderSearch, np.ndarray, "CallCounter"]:
+class CallCounter:
+    def __init__(self, inner) -> None:
+        self.inner, self.calls = inner, 0
+
+    def __call__(self, *args):
+        self.calls += 1
+        return self.inner(*args)
+
+
+def rider_grown_past_his_track_regions() -> tuple[RiderSearch, np.ndarray, CallCounter]:
     """A small rider (24 px) on a track, then a frame where he stands 100 px tall on the same spot (he came
     closer, or opened up; not so much that the frame reads as a cut): every region around his track (at
     most 4x his old size, 96 px) cuts him. The first pass found nobody, as for a blurred rider."""
@@ -229,15 +238,6 @@ def rider_grown_past_his_track_regions() -> tuple[RiderSearch, np.ndarray, "Call
     small = frame_with_square(300, 150, 24)
     search.fill(first_pass(small), small)
     return search, frame_with_square(262, 112, 100), follower
-
-
-class CallCounter:
-    def __init__(self, inner) -> None:
-        self.inner, self.calls = inner, 0
-
-    def __call__(self, *args):
-        self.calls += 1
-        return self.inner(*args)
 
 
 def test_a_rider_a_track_region_cuts_is_looked_at_whole_by_the_pose_model_alone():

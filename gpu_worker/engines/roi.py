@@ -406,7 +406,7 @@ class RiderSearch:
                 return self.looked_closer(persons, rgb)[0]
             return self.searched_image(rgb)
         self.frame += 1
-        self.whole_looks = 0 if self.enabled else len(WHOLE_LOOK_GROWS)
+        self.whole_looks = 0
         if self.cuts.is_cut(rgb):
             self.new_shot()
         confirmed = True
