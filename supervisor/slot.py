@@ -45,6 +45,7 @@ class ProbeRun:
     rung_index: int
     superseded: bool = False     # a reload or drill came after it started: its verdict is stale
     clock: Optional[RunClock] = None
+    stages_from: Optional[float] = None  # its run time when its first stage was seen
 
 
 class WorkerSlot:
@@ -255,12 +256,27 @@ class WorkerSlot:
             run.proc.escalate(run.proc.kill_reason or "hang", grace) if run.proc.escalating \
                 else run.proc.kill_if_stuck(self.cfg.supervisor.stop_grace_s)
             return
-        report = read_json(run.out)
-        stage = report.get("stage") or "start"
-        limit = min(self.cfg.deadlines.probe_s, self.stage_deadline(stage) * max(1, len(report.get("stages", []))))
         ran = run.clock.mark(now).run_s if run.clock else now - run.proc.started
-        if ran > limit:
-            run.proc.escalate(f"hang: probe stage {stage} exceeded {limit:g}s of run time", grace)
+        overdue = self.probe_overdue(run, read_json(run.out), ran)
+        if overdue:
+            run.proc.escalate(f"hang: {overdue}", grace)
+
+    def probe_overdue(self, run: ProbeRun, report: dict, ran: float) -> Optional[str]:
+        """A probe's start-up (the interpreter, its imports, the engine built) is the work a worker does
+        before its hello, so it has deadlines.hello_s; its stages then have deadlines.probe_s from the
+        first one, each stage at most its own deadline. Counted from spawn, a cold import of torch on a
+        busy disk ate the stages' time and a sound probe was killed as hung."""
+        stages = report.get("stages") or []
+        if not stages:
+            limit = self.cfg.deadlines.hello_s
+            return f"probe start-up exceeded {limit:g}s of run time" if ran > limit else None
+        if run.stages_from is None:
+            run.stages_from = ran
+        stage = report.get("stage") or stages[-1].get("name")
+        limit = min(self.cfg.deadlines.probe_s, self.stage_deadline(stage) * len(stages))
+        if ran - run.stages_from > limit:
+            return f"probe stage {stage} exceeded {limit:g}s of run time"
+        return None
 
     # --- messages from the worker -----------------------------------------------------------------
     def on_message(self, kind: str, body: P.Body, now: float) -> None:

@@ -397,6 +397,47 @@ def test_a_probe_that_passed_for_the_old_configuration_is_not_trusted_after_a_dr
     assert 0 not in slot.probed_ok
 
 
+def probe_report(proc: FakeProc, stages: list[str]) -> None:
+    """What gpu_worker/probe.py writes as it goes: the stage it is in and those it began."""
+    with open(proc.out, "w") as fh:
+        json.dump({"stage": stages[-1] if stages else "start", "ok": False,
+                   "stages": [{"name": name, "result": "running"} for name in stages]}, fh)
+
+
+def killed_once_past(slot, probe: FakeProc, clock: list[float], limit_s: float) -> str:
+    """The probe lives a second short of `limit_s` more, and is killed a second past it: why."""
+    clock[0] += limit_s - 1
+    slot.transition(clock[0])
+    assert probe.kill_reason is None, probe.kill_reason
+    clock[0] += 2
+    slot.transition(clock[0])
+    assert probe.kill_reason
+    return probe.kill_reason
+
+
+def test_a_probe_starts_up_within_the_workers_hello_time_and_its_stages_are_timed_from_the_first(world):
+    """A cold import before the probe's first stage (torch on a busy disk) is a worker's start-up, not
+    a stage: it was timed against the stage's deadline from spawn, and a sound probe killed as hung."""
+    slot, spawner, _, clock = world
+    deadlines = slot.cfg.deadlines
+    deadlines.stages["runtime"] = runtime_s = 20.0  # shorter than the start-up allowed (hello_s, 60 s)
+    slot.transition(clock[0])
+    probe = spawner.alive("probe")[0]
+    slow_start = runtime_s + 1
+    clock[0] += slow_start
+    slot.transition(clock[0])
+    probe_report(probe, ["runtime"])
+    slot.transition(clock[0])
+    assert "probe stage runtime exceeded" in killed_once_past(slot, probe, clock, runtime_s)
+
+
+def test_a_probe_that_never_reaches_its_first_stage_is_killed_after_the_hello_time(world):
+    slot, spawner, _, clock = world
+    slot.transition(clock[0])
+    probe = spawner.alive("probe")[0]
+    assert "probe start-up exceeded" in killed_once_past(slot, probe, clock, slot.cfg.deadlines.hello_s)
+
+
 def test_a_failed_send_while_draining_is_not_an_illegal_move(world):
     slot, spawner, _, clock = world
     slot.transition(clock[0])
