@@ -6,7 +6,7 @@ on him (IoU >= 0.25 with the truth). False persons: persons returned on frames w
 persons returned away from the rider. Cost: the time spent in the second pass (`RiderSearch.fill`)
 over the engine's whole time (`push`), one run, same process: a ratio, so a loaded machine moves both.
 
-Usage: python -m bench.recall_bench [--size core|full] [--seed N] [--no-cost] [--repeat 5]
+Usage: python -m bench.recall_bench [--size core|full] [--seed N] [--noise K] [--no-cost] [--repeat 5]
 Prints a table and writes bench/results/recall.json."""
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from bench.recall_set import CORE, FULL, Box, Clip, Sample, Source, generated, is_the_rider  # noqa: E402
+from bench.recall_set import CORE, FULL, Box, Clip, Sample, Source, generated, is_the_rider, with_noise  # noqa: E402
 
 from support import CLIP, PHOTO  # noqa: E402
 
@@ -168,6 +168,15 @@ def median_share(engine: Any, frames: list[np.ndarray], rounds: int) -> dict[str
     return {**passes[len(passes) // 2], "rounds": len(passes), "shares": [out["second_pass_share"] for out in passes]}
 
 
+def noisy_recall(engine: Any, clips: list[Clip], stills: list[Sample], draws: int) -> dict[str, Any]:
+    """Recall and false persons on `draws` noisy copies of the set (recall_set.with_noise): how far the
+    measure moves when nothing but the last bit of the pixels does."""
+    tallies = [score(engine, *with_noise(clips, stills, seed=draw)) for draw in range(1, draws + 1)]
+    recalls = [tally.recall() for tally in tallies]
+    return {"recalls": [round(r, 4) for r in recalls], "mean": round(float(np.mean(recalls)), 4),
+            "false_persons": [tally.total("false_persons") for tally in tallies]}
+
+
 def repeated_clip_frames(times: int) -> list[np.ndarray]:
     """The shared clip repeated, encoded once as `make bench` does (x264), and decoded."""
     from bench.__main__ import repeat_clip
@@ -182,6 +191,8 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=5)
     parser.add_argument("--no-cost", action="store_true")
     parser.add_argument("--cost-rounds", type=int, default=3, help="passes over each clip; the median is kept")
+    parser.add_argument("--noise", type=int, default=0,
+                        help="score the set this many times more, each pixel moved by up to 2 grey levels (seeded)")
     parser.add_argument("--seed", type=int, default=None,
                         help="another draw of the set (the tests use the sizes' own seeds: core 30, full 31)")
     args = parser.parse_args()
@@ -198,6 +209,8 @@ def main() -> int:
     out: dict[str, Any] = {"size": args.size, "seed": size["seed"], "frames": sum(len(c.frames) for c in clips),
                            "stills": len(stills),
                            **tally.summary(), "seconds": round(time.perf_counter() - started, 1)}
+    if args.noise:
+        out["noise"] = noisy_recall(engine, clips, stills, args.noise)
     if not args.no_cost:
         repeated = repeated_clip_frames(args.repeat)
         out["cost"] = {f"shared_clip_{args.repeat}x": median_share(engine, repeated, args.cost_rounds),
@@ -216,6 +229,10 @@ def print_table(out: dict[str, Any]) -> None:
               f"false persons {row['false_persons']:3d} of {row['empty']} empty   missed {row['missed'][:6]}")
     print(f"{'all':24s} recall {out['recall']:.4f} ({out['found']} of {out['visible']}; {out['elsewhere']} "
           f"elsewhere), false persons {out['false_persons']} of {out['empty']} empty frames, {out['seconds']} s")
+    if "noise" in out:
+        noise = out["noise"]
+        print(f"{'noisy copies':24s} recall {noise['recalls']} (mean {noise['mean']:.4f}), "
+              f"false persons {noise['false_persons']}")
     for name, cost in out.get("cost", {}).items():
         print(f"{name:24s} second pass {cost['second_pass_share']:.1%} of {cost['engine_s']} s "
               f"(median of {cost['shares']}); "

@@ -302,6 +302,18 @@ def photo_sample(name: str, place: Callable[[float, tuple[int, int]], tuple[np.n
     return Sample(name, rgb, box)
 
 
+def with_noise(clips: list[Clip], stills: list[Sample], seed: int, levels: int = 2) -> tuple[list[Clip], list[Sample]]:
+    """The same set with every pixel moved by up to `levels` grey levels (seeded), the truth unchanged: a
+    library's rounding (OpenCV 5.1's warpAffine against 4.13's, one level on 1% of the pixels) moved the
+    full set's recall by 2.7 points, so a change to the search is judged over a few such draws, not one."""
+    rng = np.random.default_rng(seed)
+
+    def shaken(sample: Sample) -> Sample:
+        moved = sample.rgb.astype(np.int16) + rng.integers(-levels, levels + 1, sample.rgb.shape, dtype=np.int16)
+        return Sample(sample.name, np.clip(moved, 0, 255).astype(np.uint8), sample.truth, sample.scored)
+    return [Clip(clip.name, [shaken(s) for s in clip.frames]) for clip in clips], [shaken(s) for s in stills]
+
+
 # ---- sizes ---------------------------------------------------------------------------------------
 
 CORE = {"length": 16, "stills_per_clip": 1, "seed": 30}
