@@ -264,8 +264,8 @@ class WorkerSlot:
     def probe_overdue(self, run: ProbeRun, report: dict, ran: float) -> Optional[str]:
         """A probe's start-up (the interpreter, its imports, the engine built) is the work a worker does
         before its hello, so it has deadlines.hello_s; its stages then have deadlines.probe_s from the
-        first one, each stage at most its own deadline. Counted from spawn, a cold import of torch on a
-        busy disk ate the stages' time and a sound probe was killed as hung."""
+        first one, each stage at most its own deadline. Counted from spawn, a slow start-up (a cold
+        import of torch on a busy disk) ate the stages' time, and a sound probe could be killed as hung."""
         stages = report.get("stages") or []
         if not stages:
             limit = self.cfg.deadlines.hello_s

@@ -417,7 +417,7 @@ def killed_once_past(slot, probe: FakeProc, clock: list[float], limit_s: float) 
 
 def test_a_probe_starts_up_within_the_workers_hello_time_and_its_stages_are_timed_from_the_first(world):
     """A cold import before the probe's first stage (torch on a busy disk) is a worker's start-up, not
-    a stage: it was timed against the stage's deadline from spawn, and a sound probe killed as hung."""
+    a stage: it was timed against the stage's deadline from spawn, and a sound probe could be killed as hung."""
     slot, spawner, _, clock = world
     deadlines = slot.cfg.deadlines
     deadlines.stages["runtime"] = runtime_s = 20.0  # shorter than the start-up allowed (hello_s, 60 s)
