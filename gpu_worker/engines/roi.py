@@ -88,9 +88,9 @@ UNGUIDED_KINDS = ("tile", "centre")
 FAINT_MAX_WIDTH_PER_HEIGHT = 2.0
 # A track's regions of a small rider (SMALL_RIDER_SHARE) are tried with the fainter detector too, in a
 # video, once the second pass's own found nobody there: the blurred rider his track had lost for frames
-# (seed 31's blurred rider: 66 -> 86 of 115 frames). Such a find must be sized like the rider's last box, neither side
-# more than this many times larger or smaller: the faint finds that broke a blurred rider's track were
-# the smear beside him, 2.8 times his width (seed 33).
+# (seed 31's blurred rider: 66 -> 86 of 115 frames). Such a find must be sized like the rider's last box,
+# neither side more than this many times larger or smaller: the faint finds that broke a blurred rider's
+# track were the smear beside him, 2.8 times his width (seed 33).
 FAINT_TRACK_GROWTH = 2.0
 # A single image the stricter detector finds nobody in is searched again with the second pass's own; a
 # person that finds is kept only if it finds him again closer, in a square this many times his size, or
@@ -532,9 +532,9 @@ class RiderSearch:
         on_track = self.followed(rgb, accept=lambda person: box_iou(person["bbox_xyxy"], predicted) >= STRAY_IOU)
         if not on_track and lies_across(first):
             on_track = self.search(rgb, self.track_regions(predicted, rgb.shape[1], rgb.shape[0]))
-        if on_track or agreed or len(self.track.seen) < 2:
-            return on_track or persons, CONFIRMED if on_track or agreed else UNCONFIRMED
-        return persons, OFF_TRACK
+        if on_track or agreed:
+            return on_track or persons, CONFIRMED
+        return persons, UNCONFIRMED if len(self.track.seen) < 2 else OFF_TRACK
 
     def looked_closer(self, persons: list[Person], rgb: np.ndarray) -> tuple[list[Person], bool]:
         """(the closer look's persons if it puts the person elsewhere, else `persons`; whether it found
