@@ -18,6 +18,7 @@ import pytest
 
 from gpu_worker.engines import hmr2_assets
 from gpu_worker.engines import hmr2_phalp as hp
+from gpu_worker.engines.hmr2_phalp.detectors import person_the_search_kept
 from gpu_worker.errors import WeightsMissing
 from pose_common.phalp_pickle import write_phalp_pickle
 
@@ -488,6 +489,51 @@ def test_infer_image_builds_45_joint_persons_with_mesh():
     origin = np.asarray(person["keypoints_2d"])[44, :2]
     np.testing.assert_allclose(origin, [150 + 250 * 0.9 * 0.02 / 2, 175 + 250 * 0.9 * 0.1 / 2], atol=0.01)
     assert person["camera"]["focal_length"] == pytest.approx(12500.0)
+
+
+# ---------------------------------------------------------------------------------------------
+# the CPU rung's detector hands PHALP the person the second pass kept
+
+
+def landmarks_of(box: list[float], visibility: float, height: int = H, width: int = W):
+    """MediaPipe Pose's answer shape: 33 landmarks spread over box (normalised), no segmentation."""
+    x0, y0, x1, y1 = box
+    xs, ys = np.linspace(x0, x1, 33) / width, np.linspace(y0, y1, 33) / height
+    points = [SimpleNamespace(x=x, y=y, visibility=visibility) for x, y in zip(xs, ys)]
+    return SimpleNamespace(pose_landmarks=SimpleNamespace(landmark=points), segmentation_mask=None)
+
+
+class Answers:
+    def __init__(self, found):
+        self.found = found
+
+    def process(self, rgb):
+        return self.found
+
+
+def test_the_cpu_rungs_detector_drops_the_first_pass_person_the_second_pass_drops():
+    """A first-pass person the model barely believes (landmark visibility 0.2) is dropped by the second
+    pass; PHALP must not get his box. On a blank frame the search finds nobody else."""
+    pytest.importorskip("mediapipe")
+    detector = hp.MediaPipePersonDetector({})
+    blank = np.zeros((H, W, 3), dtype=np.uint8)
+    box, _, mask = detector.person_in(Answers(landmarks_of([200, 60, 260, 300], 0.2)), blank, follow=True)
+    assert box is None and not mask.any()
+    box, score, mask = detector.person_in(Answers(landmarks_of([200, 60, 260, 300], 0.9)), blank, follow=True)
+    assert box is not None and score == pytest.approx(0.9) and mask.any()
+
+
+def test_the_person_the_second_pass_kept_keeps_his_mask_another_gets_his_own_box():
+    first_mask = np.zeros((H, W), dtype=bool)
+    first_mask[60:300, 200:260] = True
+    first = [{"bbox_xyxy": [200.0, 60.0, 260.0, 300.0], "score": 0.9}]
+    kept = person_the_search_kept(first, first_mask, [{"bbox_xyxy": [202.0, 62.0, 258.0, 296.0], "score": 0.8}])
+    assert kept[0] == [202.0, 62.0, 258.0, 296.0] and kept[1] == 0.8 and kept[2] is first_mask
+    box, score, mask = person_the_search_kept(first, first_mask, [{"bbox_xyxy": [400.0, 100.0, 440.0, 200.0], "score": 0.7}])
+    assert box == [400.0, 100.0, 440.0, 200.0] and score == 0.7
+    assert mask[150, 420] and not mask[150, 230] and mask.sum() == 41 * 101
+    box, _, mask = person_the_search_kept(first, first_mask, [])
+    assert box is None and not mask.any()
 
 
 # ---------------------------------------------------------------------------------------------

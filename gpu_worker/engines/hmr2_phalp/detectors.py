@@ -11,7 +11,7 @@ from gpu_worker.engines.base import Person
 from gpu_worker.engines.hmr2_phalp.half import HalfWeights, cast_backbone, vitdet_backbone
 from gpu_worker.engines.hmr2_phalp.patches import instances_in_float32
 from gpu_worker.engines.hmr2_phalp.settings import Settings
-from gpu_worker.engines.roi import RiderSearch, min_detection_confidence
+from gpu_worker.engines.roi import RiderSearch, box_iou, min_detection_confidence
 
 # detectron2 pastes every detection's mask at the full frame on CUDA, in chunks it sizes by the output
 # alone (4 bytes a pixel against 1 GiB: all 100 masks of a 1080p frame in one chunk), while a chunk
@@ -19,6 +19,8 @@ from gpu_worker.engines.roi import RiderSearch, min_detection_confidence
 # 2.9 GB at 1080p, more than ViT-H's own peak. Chunks of this size keep it near 0.4 GB (the plan's
 # traced figure); the same kernels run, in a dozen launches instead of one.
 MASK_PASTE_CHUNK_BYTES = 64 * 2 ** 20
+
+SAME_PERSON_IOU = 0.5  # the second pass's box over the first pass's: the same person, his mask kept
 
 
 def paste_masks_in_small_chunks() -> None:
@@ -143,18 +145,21 @@ class MediaPipePersonDetector:
         box, score, _ = person_from_landmarks(self._region.process(rgb), height, width, self.BOX_MARGIN)
         return [] if box is None else [{"bbox_xyxy": box, "score": score}]
 
+    def person_in(self, pose: Any, bgr: np.ndarray, follow: bool
+                  ) -> tuple[Optional[list[float]], float, np.ndarray]:
+        """(box, score, mask) of the person the first pass found and the second pass kept, or found."""
+        height, width = bgr.shape[:2]
+        rgb = np.ascontiguousarray(bgr[:, :, ::-1])
+        box, score, mask = person_from_landmarks(pose.process(rgb), height, width, self.BOX_MARGIN)
+        first_pass = [] if box is None else [{"bbox_xyxy": box, "score": score}]
+        return person_the_search_kept(first_pass, mask, self.second_pass.fill(first_pass, rgb, follow=follow))
+
     def _instances(self, pose: Any, bgr: np.ndarray, follow: bool) -> dict:
         import torch
         from detectron2.structures import Boxes, Instances
 
         height, width = bgr.shape[:2]
-        rgb = np.ascontiguousarray(bgr[:, :, ::-1])
-        box, score, mask = person_from_landmarks(pose.process(rgb), height, width, self.BOX_MARGIN)
-        first_pass = [] if box is None else [{"bbox_xyxy": box, "score": score}]
-        found = self.second_pass.fill(first_pass, rgb, follow=follow)
-        if box is None and found:
-            box, score = found[0]["bbox_xyxy"], found[0]["score"]
-            mask = box_mask(box, height, width)
+        box, score, mask = self.person_in(pose, bgr, follow)
         instances = Instances((height, width))
         count = 0 if box is None else 1
         instances.pred_boxes = Boxes(torch.tensor([box] if count else np.zeros((0, 4)), dtype=torch.float32))
@@ -162,6 +167,20 @@ class MediaPipePersonDetector:
         instances.pred_classes = torch.zeros(count, dtype=torch.int64)
         instances.pred_masks = torch.from_numpy(mask[None] if count else np.zeros((0, height, width), dtype=bool))
         return {"instances": instances}
+
+
+def person_the_search_kept(first_pass: list[Person], first_mask: np.ndarray, found: list[Person]
+                           ) -> tuple[Optional[list[float]], float, np.ndarray]:
+    """The second pass's answer as one (box, score, mask): it may keep the first pass's person (his
+    segmentation stays, also under the box a closer look refined), replace him with another (a
+    box-shaped mask) or drop him (no box)."""
+    height, width = first_mask.shape
+    if not found:
+        return None, 0.0, np.zeros((height, width), dtype=bool)
+    box, score = list(found[0]["bbox_xyxy"]), float(found[0]["score"])
+    if first_pass and box_iou(box, list(first_pass[0]["bbox_xyxy"])) >= SAME_PERSON_IOU:
+        return box, score, first_mask
+    return box, score, box_mask(box, height, width)
 
 
 def box_mask(box: Sequence[float], height: int, width: int) -> np.ndarray:
