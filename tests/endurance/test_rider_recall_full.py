@@ -40,3 +40,31 @@ def test_the_full_generated_set_finds_the_rider_and_nobody_on_its_backgrounds():
     assert summary["false_persons"] <= MAX_FALSE_RATE * summary["empty"], \
         [row["false"] for row in summary["groups"].values()]
     assert tally.recall() >= MIN_RECALL, {name: (row["found"], row["visible"]) for name, row in summary["groups"].items()}
+
+
+# Three copies of the core set with every pixel moved by up to 2 grey levels (recall_set.with_noise): as
+# the set itself, nobody on the empty frames; the rider in 0.971 / 0.971 / 0.985 of the frames (bench/
+# RESULTS.md), against the set's own 0.993, held with room for a pixel's turn of a detector's answer.
+NOISY_COPIES, MIN_NOISY_RECALL = (1, 2, 3), 0.95
+
+
+@needs_shared_data()
+@pytest.mark.timeout(900)
+def test_noisy_copies_of_the_core_set_find_the_rider_and_nobody_on_its_backgrounds():
+    """A tile right after a cut to an empty shot took a body in the snow on copy 1 before a tile's find had
+    to be found again closer; the set's own draw did not show it."""
+    from bench.recall_bench import loaded_engine, score, shared_source
+    from bench.recall_set import CORE, with_noise
+
+    if not PHOTO.exists():
+        pytest.skip(f"{PHOTO.name} not found in the shared data")
+    engine = loaded_engine()
+    clips, stills = generated(shared_source(), CORE)
+    try:
+        for copy in NOISY_COPIES:
+            tally = score(engine, *with_noise(clips, stills, seed=copy))
+            summary = tally.summary()
+            assert summary["false_persons"] == 0, (copy, [row["false"] for row in summary["groups"].values()])
+            assert tally.recall() >= MIN_NOISY_RECALL, (copy, {name: row["missed"] for name, row in summary["groups"].items()})
+    finally:
+        engine.close()

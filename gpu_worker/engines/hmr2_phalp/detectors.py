@@ -106,9 +106,10 @@ class LazyConfigPredictor:
 class MediaPipePersonDetector:
     """A person detector that is practical on a CPU (the CPU rung): MediaPipe Pose's landmarks and
     segmentation give one person's box and mask per frame, as detectron2 Instances (class 0), so
-    PHALP reads them as it reads ViTDet's. One person at most: MediaPipe Pose tracks one. When it finds
-    nobody, the second pass (engines/roi.py) looks again where the rider was and in enlarged tiles;
-    a box found there gets a box-shaped mask."""
+    PHALP reads them as it reads ViTDet's. One person at most: MediaPipe Pose tracks one. The second pass
+    (engines/roi.py) may keep, drop or replace its person, and when it finds nobody looks again where
+    the rider was and in enlarged tiles; PHALP gets the person it kept (a box it found instead gets a
+    box-shaped mask)."""
 
     BOX_MARGIN = 0.1  # landmarks hug the body; grow the box by this share of its size on each side
 
