@@ -503,7 +503,9 @@ def landmarks_of(box: list[float], visibility: float, height: int = H, width: in
     return SimpleNamespace(pose_landmarks=SimpleNamespace(landmark=points), segmentation_mask=None)
 
 
-class Answers:
+class GraphGiving:
+    """MediaPipe Pose's graph as the detector calls it (`process`), giving a fixed answer."""
+
     def __init__(self, found):
         self.found = found
 
@@ -517,9 +519,9 @@ def test_the_cpu_rungs_detector_drops_the_first_pass_person_the_second_pass_drop
     pytest.importorskip("mediapipe")
     detector = hp.MediaPipePersonDetector({})
     blank = np.zeros((H, W, 3), dtype=np.uint8)
-    box, _, mask = detector.person_in(Answers(landmarks_of([200, 60, 260, 300], 0.2)), blank, follow=True)
+    box, _, mask = detector.person_in(GraphGiving(landmarks_of([200, 60, 260, 300], 0.2)), blank, follow=True)
     assert box is None and not mask.any()
-    box, score, mask = detector.person_in(Answers(landmarks_of([200, 60, 260, 300], 0.9)), blank, follow=True)
+    box, score, mask = detector.person_in(GraphGiving(landmarks_of([200, 60, 260, 300], 0.9)), blank, follow=True)
     assert box is not None and score == pytest.approx(0.9) and mask.any()
 
 

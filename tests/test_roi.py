@@ -286,7 +286,7 @@ def test_regions_no_track_placed_go_to_the_engines_stricter_detector():
     assert guided.calls >= 1 and unguided.calls == 0
     search.forget()  # a new video: no track
     guided_calls = guided.calls
-    found = search.fill([], frame_with_square(100, 60, 90))  # large in its tile: no closer look needed
+    found = search.fill([], frame_with_square(100, 60, 90))  # large in its tile: one closer look keeps him
     assert found and found[0]["found_by"] == "second_pass:tile"
     assert unguided.calls >= 1 and guided.calls == guided_calls + 1
     unguided_calls = unguided.calls
