@@ -17,6 +17,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -31,6 +32,10 @@ from pose_common.runtime import RuntimeDir
 
 OVERLAY_NICENESS = 10    # the overlay drawn beside the inference takes only the CPU the worker leaves
 TAKEN_OVER_PER_ROUND = 4  # jobs left rendering by a stopped host, taken over a few at a time
+# A follower draws a job's last frames within a few tenths of a second of the last one stored (0.04-0.06 s
+# in bench.user_wait); the loop watches for its end closely this long, no longer (each tick asks the
+# ledger for the next job while the worker is idle).
+FINISHING_WINDOW_S = 1.0
 
 
 @dataclass
@@ -39,6 +44,7 @@ class Render:
     lease: Optional[Lease]  # None while the frames are still being inferred (the job's own lease covers it)
     result_path: str
     handoff: Optional[socket.socket] = None  # a standby's channel: did it take the job before it ended?
+    stored_at: Optional[float] = None  # time.monotonic() when a follower's job had all its frames stored
 
 
 @dataclass
@@ -76,7 +82,8 @@ class Renders:
         if not self.cfg.jobs.render_overlay:
             self.ledger.finish(lease)
         elif job.job_id in self.running:
-            self.running[job.job_id].lease = lease
+            render = self.running[job.job_id]
+            render.lease, render.stored_at = lease, time.monotonic()
             self.replace_standby()  # before the next job is dispatched, so that it finds one
         else:
             self.spawn(job, lease)
@@ -185,9 +192,12 @@ class Renders:
         self.standby = Standby(proc, ours)
 
     def finishing(self) -> bool:
-        """A job's frames are all stored and its overlay process is drawing the last of them: the loop
-        looks for its end sooner than once a tick (the user waits for it)."""
-        return any(render.lease is not None for render in self.running.values())
+        """A follower's job had its frames all stored less than FINISHING_WINDOW_S ago, and it draws the
+        last of them: the loop looks for its end sooner than once a tick (the user waits for it). An
+        overlay drawn whole for a job taken over is not one: it takes as long as the video."""
+        now = time.monotonic()
+        return any(render.stored_at is not None and now - render.stored_at < FINISHING_WINDOW_S
+                   for render in self.running.values())
 
     def inferring(self) -> bool:
         """A job's overlay follows frames still being inferred."""

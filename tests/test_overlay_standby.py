@@ -17,7 +17,7 @@ from pose_common.ledger import Job, Ledger
 from pose_common.overlay import STANDBY_NAME, partial_path
 from pose_common.runtime import RuntimeDir
 from supervisor.arbiter import FINISHING_TICK_S, Supervisor
-from supervisor.renders import OVERLAY_NICENESS, Renders
+from supervisor.renders import FINISHING_WINDOW_S, OVERLAY_NICENESS, Renders
 
 from support import make_clip, pid_gone, process_name, wait_for
 
@@ -165,6 +165,26 @@ def test_the_loop_looks_for_the_overlays_end_sooner_while_it_draws_a_jobs_last_f
     assert room.renders.finishing() and tick_wait_s() == FINISHING_TICK_S
     assert_overlay_whole(room.done(job.job_id))
     assert not room.renders.finishing() and tick_wait_s() == room.cfg.supervisor.tick_s
+
+
+def test_the_loop_watches_an_overlays_end_closely_for_a_second_at_most(room):
+    """An overlay that lags far behind (or one drawn whole for a job taken over from a stopped host) is
+    not waited on at 100 ticks a second: each tick asks the ledger for the next job."""
+    room.warm_standby()
+    job = room.dispatched()
+    room.store_all(job)
+    room.renders.start(room.ledger.job(job.job_id), job.lease)
+    render = room.renders.running[job.job_id]
+    assert render.stored_at is not None and room.renders.finishing()
+    render.stored_at -= FINISHING_WINDOW_S
+    assert not room.renders.finishing()
+    assert_overlay_whole(room.done(job.job_id))
+    taken_over = room.dispatched()
+    room.store_all(taken_over)
+    room.renders.drop(taken_over.job_id)  # its follower gone: the job is drawn whole by a fresh process
+    room.renders.start(room.ledger.job(taken_over.job_id), taken_over.lease)
+    assert taken_over.job_id in room.renders and not room.renders.finishing()
+    assert_overlay_whole(room.done(taken_over.job_id))
 
 
 def test_a_dead_standby_leaves_the_job_to_an_overlay_process_of_its_own(room):
