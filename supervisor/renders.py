@@ -9,8 +9,9 @@ a supervisor that stopped is taken over (ledger.claim_render) and its overlay dr
 
 The overlay process is a warm standby where there is one (jobs.overlay_standby): started ahead of
 need at the same priority, past its imports, it is handed the job over a Unix socket with the video's
-open descriptor, and the next standby starts on the next tick. A standby that died, or ended before
-it said it took the job, leaves the job to an overlay process started for it, as without one."""
+open descriptor, and the next standby starts once that job's frames are all stored (not beside them).
+A standby that died, or ended before it said it took the job, leaves the job to an overlay process
+started for it, as without one."""
 from __future__ import annotations
 
 import os
@@ -200,7 +201,8 @@ class Renders:
                    for render in self.running.values())
 
     def inferring(self) -> bool:
-        """A job's overlay follows frames still being inferred."""
+        """A job's overlay follows frames not all stored yet: being inferred, or (a job requeued after a
+        worker's death) waiting to be; the next job then gets an overlay process of its own."""
         return any(render.lease is None for render in self.running.values())
 
     def hand_to_standby(self, job_id: str, video_fd: int, result_path: str,
