@@ -7,6 +7,13 @@ the job is `rendering`: the result file is written here, on the supervisor's loo
 overlay process has encoded the last frames and exited the job is `done`. A job left `rendering` by
 a supervisor that stopped is taken over (ledger.claim_render) and its overlay drawn whole.
 
+While its job's frames are inferred the overlay process is in the kernel's idle scheduling class as
+well as at nice OVERLAY_NICENESS, where it can be moved back (`idle_class_can_be_left`): a nice process
+still delays the worker's threads each time they wake for a frame, an idle-class one gives way at once
+(what the overlay cost a short job's frames fell from 5-7% to 2-4%, bench/RESULTS.md). Once the frames are all
+stored it is moved back to the normal class (`lift`), so that nothing else keeping every core busy can
+hold the job in `rendering`.
+
 The overlay process is a warm standby where there is one (jobs.overlay_standby): started ahead of
 need at the same priority, past its imports, it is handed the job over a Unix socket with the video's
 open descriptor, and the next standby starts once that job's frames are all stored (not beside them).
@@ -15,6 +22,7 @@ started for it, as without one."""
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import subprocess
 import sys
@@ -62,6 +70,7 @@ class Renders:
         self.standby_wanted = cfg.jobs.render_overlay and cfg.jobs.overlay_standby
         self.standby: Optional[Standby] = None
         self.standby_due = self.standby_wanted  # started at the next reap(), not in the middle of a dispatch
+        self.idle_class = idle_class_can_be_left()
 
     def __contains__(self, job_id: object) -> bool:
         return job_id in self.running
@@ -85,6 +94,7 @@ class Renders:
         elif job.job_id in self.running:
             render = self.running[job.job_id]
             render.lease, render.stored_at = lease, time.monotonic()
+            self.lift(render)
             self.replace_standby()  # before the next job is dispatched, so that it finds one
         else:
             self.spawn(job, lease)
@@ -161,13 +171,26 @@ class Renders:
                 self.ledger.finish(lease, warning=f"the overlay video could not be rendered: {exc}")
             return
         self.running[job.job_id] = render
+        if lease is not None:
+            self.lift(render)
+
+    def lift(self, render: Render) -> None:
+        """The job's frames are all stored: its overlay leaves the idle class (at nice OVERLAY_NICENESS still),
+        as only it now stands between the job and `done`."""
+        if not self.idle_class:
+            return
+        try:
+            os.sched_setscheduler(render.proc.pid, os.SCHED_OTHER, os.sched_param(0))
+        except OSError as exc:  # ESRCH: it has just ended (unreaped: the pid is still its)
+            if render.proc.poll() is None:
+                self.log.warning("overlay_left_in_idle_class", pid=render.proc.pid, error=str(exc))
 
     def start_overlay_process(self, args: list[str], fd: int) -> subprocess.Popen:
         """`python -m pose_common.overlay ARGS`, behind the worker, given the one descriptor `fd`."""
         with open(RuntimeDir(self.cfg.runtime_dir).overlay_stderr, "ab") as log:
             return subprocess.Popen([sys.executable, "-m", "pose_common.overlay", *args],
                                     stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=log,
-                                    pass_fds=(fd,), preexec_fn=behind_the_worker(os.getpid()))
+                                    pass_fds=(fd,), preexec_fn=behind_the_worker(os.getpid(), self.idle_class))
 
     def forget(self, job_id: str) -> None:
         render = self.running.pop(job_id)
@@ -265,11 +288,25 @@ def dismiss(standby: Standby) -> None:
     standby.channel.close()
 
 
-def behind_the_worker(parent_pid: int):
-    """A Popen preexec_fn for the overlay: dies with the supervisor, and yields the CPU to the worker."""
+def behind_the_worker(parent_pid: int, idle_class: bool):
+    """A Popen preexec_fn for the overlay: dies with the supervisor, and yields the CPU to the worker (at nice
+    OVERLAY_NICENESS, and in the idle class with `idle_class`)."""
     arm = parent_death_signal(parent_pid)
 
     def prepare() -> None:
         arm()
         os.nice(OVERLAY_NICENESS)
+        if idle_class:
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     return prepare
+
+
+def idle_class_can_be_left(euid: Optional[int] = None, nice_limit: Optional[int] = None) -> bool:
+    """Whether an overlay process (this one's child, of its user and limits) put in the idle class may be
+    moved back to the normal class at nice OVERLAY_NICENESS: Linux allows that to root, or where RLIMIT_NICE
+    lets a process lower its niceness to that value (20 - niceness <= the limit; the system units set
+    LimitNICE=+10). Without it the overlay is never put there: left in the idle class for good, it would wait
+    while anything else keeps every core busy, its job `rendering`."""
+    euid = os.geteuid() if euid is None else euid
+    nice_limit = resource.getrlimit(resource.RLIMIT_NICE)[0] if nice_limit is None else nice_limit
+    return euid == 0 or nice_limit == resource.RLIM_INFINITY or nice_limit >= 20 - OVERLAY_NICENESS

@@ -17,7 +17,7 @@ from pose_common.ledger import Job, Ledger
 from pose_common.overlay import STANDBY_NAME, partial_path
 from pose_common.runtime import RuntimeDir
 from supervisor.arbiter import FINISHING_TICK_S, Supervisor
-from supervisor.renders import FINISHING_WINDOW_S, OVERLAY_NICENESS, Renders
+from supervisor.renders import FINISHING_WINDOW_S, OVERLAY_NICENESS, Renders, idle_class_can_be_left
 
 from support import make_clip, pid_gone, process_name, wait_for
 
@@ -148,6 +148,56 @@ def test_the_standby_started_before_the_job_draws_it_and_a_fresh_one_waits_for_t
     room.store_all(second)
     assert_overlay_whole(room.finish(second))
     assert "overlay_standby_lost" not in room.log.events
+
+
+def scheduling(pid: int) -> tuple[str, int]:
+    """(the process's scheduling class, its niceness)."""
+    classes = {os.SCHED_IDLE: "idle", os.SCHED_OTHER: "normal", os.SCHED_BATCH: "batch"}
+    return classes.get(os.sched_getscheduler(pid), "other"), os.getpriority(os.PRIO_PROCESS, pid)
+
+
+def test_the_overlay_gives_way_to_the_worker_in_the_idle_class_until_the_jobs_frames_are_stored(room):
+    """A nice +10 overlay still delayed the worker's threads as they woke for each frame (5-7% of a short job's frames in
+    bench/RESULTS.md, 2-4% in the idle class); left in the idle class after the frames are stored, anything
+    keeping the cores busy would hold the job in `rendering`. Where Linux would refuse the way back (not
+    root, RLIMIT_NICE below 10) the overlay stays in the normal class throughout."""
+    waiting = "idle" if room.renders.idle_class else "normal"
+    standby = room.warm_standby()
+    assert scheduling(standby) == (waiting, OVERLAY_NICENESS)
+    job = room.dispatched()
+    assert room.overlay_pid(job.job_id) == standby
+    assert scheduling(standby) == (waiting, OVERLAY_NICENESS), "while the job's frames are inferred"
+    room.store_all(job)
+    room.renders.start(room.ledger.job(job.job_id), job.lease)
+    assert scheduling(standby) == ("normal", OVERLAY_NICENESS), "once they are all stored"
+    assert_overlay_whole(room.done(job.job_id))
+    assert "overlay_left_in_idle_class" not in room.log.events
+
+
+def test_an_overlay_started_for_a_job_whose_frames_are_all_stored_is_not_left_in_the_idle_class(tmp_path):
+    """A job taken over from a stopped host, or whose standby died: its overlay process starts with the
+    frames already stored, so nothing will lift it later."""
+    built = Room(tmp_path, "jobs.overlay_standby=false")
+    try:
+        job = built.dispatched()
+        built.renders.drop(job.job_id)  # no follower: as for a job another host left `rendering`
+        built.store_all(job)
+        built.renders.start(built.ledger.job(job.job_id), job.lease)
+        assert scheduling(built.overlay_pid(job.job_id)) == ("normal", OVERLAY_NICENESS)
+        assert_overlay_whole(built.done(job.job_id))
+    finally:
+        built.close()
+
+
+@pytest.mark.parametrize("euid, nice_limit, can", [
+    (0, 0, True),            # root
+    (1000, 0, False),        # a user's default limit: the idle class is never left, so never entered
+    (1000, 9, False),        # down to nice 11 only
+    (1000, 10, True),        # LimitNICE=+10, as the system units set it
+    (1000, 40, True),
+])
+def test_the_idle_class_is_used_only_where_the_overlay_can_be_moved_back(euid, nice_limit, can):
+    assert idle_class_can_be_left(euid, nice_limit) is can
 
 
 def test_the_loop_looks_for_the_overlays_end_sooner_while_it_draws_a_jobs_last_frames(room):
