@@ -180,10 +180,9 @@ class Renders:
         if not self.idle_class:
             return
         try:
-            os.sched_setscheduler(render.proc.pid, os.SCHED_OTHER, os.sched_param(0))
-        except OSError as exc:  # ESRCH: it has just ended (unreaped: the pid is still its)
-            if render.proc.poll() is None:
-                self.log.warning("overlay_left_in_idle_class", pid=render.proc.pid, error=str(exc))
+            to_the_normal_class(render.proc.pid)
+        except PermissionError as exc:
+            self.log.warning("overlay_left_in_idle_class", pid=render.proc.pid, error=str(exc))
 
     def start_overlay_process(self, args: list[str], fd: int) -> subprocess.Popen:
         """`python -m pose_common.overlay ARGS`, behind the worker, given the one descriptor `fd`."""
@@ -299,6 +298,27 @@ def behind_the_worker(parent_pid: int, idle_class: bool):
         if idle_class:
             os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     return prepare
+
+
+def to_the_normal_class(pid: int, rounds: int = 3) -> None:
+    """Every thread of process `pid` into the normal class, its niceness kept. The class is a thread's, not the
+    process's: a drawing overlay has a dozen threads (the decoder's, OpenCV's), each made in the idle class.
+    Looked at again for threads made meanwhile by one not yet moved; one that has ended is passed over
+    (as is a process that has: it is not reaped yet, so its pid is still its own)."""
+    moved: set[int] = set()
+    for _ in range(rounds):
+        try:
+            threads = {int(tid) for tid in os.listdir(f"/proc/{pid}/task")} - moved
+        except FileNotFoundError:
+            return
+        if not threads:
+            return
+        for tid in sorted(threads):
+            try:
+                os.sched_setscheduler(tid, os.SCHED_OTHER, os.sched_param(0))
+            except ProcessLookupError:
+                pass
+        moved |= threads
 
 
 def idle_class_can_be_left(euid: Optional[int] = None, nice_limit: Optional[int] = None) -> bool:
