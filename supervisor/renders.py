@@ -181,7 +181,7 @@ class Renders:
             return
         try:
             to_the_normal_class(render.proc.pid)
-        except PermissionError as exc:
+        except OSError as exc:  # refused (EPERM) despite idle_class_can_be_left: the loop goes on regardless
             self.log.warning("overlay_left_in_idle_class", pid=render.proc.pid, error=str(exc))
 
     def start_overlay_process(self, args: list[str], fd: int) -> subprocess.Popen:
@@ -302,7 +302,7 @@ def behind_the_worker(parent_pid: int, idle_class: bool):
 
 def to_the_normal_class(pid: int, rounds: int = 3) -> None:
     """Every thread of process `pid` into the normal class, its niceness kept. The class is a thread's, not the
-    process's: a drawing overlay has a dozen threads (the decoder's, OpenCV's), each made in the idle class.
+    process's: a drawing overlay has nine threads (the decoder's, OpenCV's), each made in the idle class.
     Looked at again for threads made meanwhile by one not yet moved; one that has ended is passed over
     (as is a process that has: it is not reaped yet, so its pid is still its own)."""
     moved: set[int] = set()
