@@ -71,11 +71,15 @@ class Room:
         self.renders.follow(job)
         return job
 
-    def store_all(self, job: Job) -> None:
+    def store_frames(self, job: Job) -> None:
+        """Every frame stored, as the worker stores them; the job not yet marked `rendering`."""
         assert job.lease is not None
         for index in range(FRAMES):
             assert self.ledger.add_frame(job.lease, index, index / 30, [])
-        assert self.ledger.mark_rendering(job.lease, FRAMES, None, None, {})
+
+    def store_all(self, job: Job) -> None:
+        self.store_frames(job)
+        assert job.lease is not None and self.ledger.mark_rendering(job.lease, FRAMES, None, None, {})
 
     def finish(self, job: Job) -> Job:
         """The runner's end of a job (Renders.start), then the loop's reap() until it is done."""
@@ -177,12 +181,10 @@ def test_the_overlay_gives_way_to_the_worker_in_the_idle_class_until_the_jobs_fr
     assert scheduling(standby) == waiting
     job = room.dispatched()
     assert room.overlay_pid(job.job_id) == standby
-    assert job.lease is not None
-    for index in range(FRAMES):
-        assert room.ledger.add_frame(job.lease, index, index / 30, [])
+    room.store_frames(job)
     wait_for(lambda: thread_count(standby) > 1, 30, interval=0.05, what="the overlay drawing, with its threads")
     assert scheduling(standby) == waiting, "while the job's frames are inferred, every thread"
-    assert room.ledger.mark_rendering(job.lease, FRAMES, None, None, {})
+    assert job.lease is not None and room.ledger.mark_rendering(job.lease, FRAMES, None, None, {})
     room.renders.start(room.ledger.job(job.job_id), job.lease)
     assert scheduling(standby) == {("normal", OVERLAY_NICENESS)}, "once they are all stored, every thread"
     assert_overlay_whole(room.done(job.job_id))
