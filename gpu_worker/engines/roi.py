@@ -29,6 +29,11 @@ keep it while the rider goes on beside it. A doubted person is looked at closer;
 the pose model on the track, puts the person elsewhere, that answer is taken; if no look agrees with him,
 he is returned but the rider's track stays where it was.
 
+Where the engine has a detector made for persons (person_detection.py: `detect_persons`), a video frame
+all of that finds nobody in is searched once more, on its boxes in the track's regions and the coarsest
+tiles, each given to the pose model alone (a blurred rider the pose detector misses); and a person the
+second look would keep whom it does not see is searched past (the video graph's body over drawn pines).
+
 A single image (no video around it) gets every region, centre crops too, within a time budget: first
 with the engine's stricter detector for regions no track placed, then with the second pass's own, whose
 persons must be found again in a square cut closer around them.
@@ -51,6 +56,9 @@ Detect = Callable[[np.ndarray], list[Person]]
 # The pose model alone on a square `grow` times a box's longer side, centred on it: the person it finds
 # there, if its own presence flag says one is (pose_landmarks.LandmarkModel.person_at).
 Follow = Callable[[np.ndarray, list[float], float], list[Person]]
+# A detector made for persons (person_detection.py): (score, box in the image's pixels) of each person at
+# the given minimum score or more, surest first.
+DetectPersons = Callable[[np.ndarray, float], list[tuple[float, list[float]]]]
 
 # Around the rider's last box: a square this many times the box's longer side, enlarged by the given
 # factor (None: enough for the landmark model), in this order; which list by his size in the frame.
@@ -168,6 +176,28 @@ FOLLOW_GROWS, FOLLOW_FRAMES = (1.5, 1.8, 2.1), 3
 # recall 0.868/0.888/0.912 -> 0.876/0.904/0.949, no false person. A second look found 10 riders of 23 on
 # seed 33 (7 at 1.8), none of 8 on the clip 5x; 1.5 alone lost two blurred frames of the core set.
 WHOLE_LOOK_GROWS: tuple[tuple[float, ...], ...] = ((1.8, 1.5), (1.8,))
+# The person detector (`detect_persons`, where the engine has one) on a video frame everything else found
+# nobody in (`searched_frame`), and on a single image after the stricter detector: in a track's region, or
+# a tile of the coarsest grid (at least BOX_TILE_SHARE of the frame tall; a finer grid's tiles would cost a
+# call each for a rider the coarse ones hold). Its surest PERSON_BOXES_TRIED boxes at PERSON_BOX_MIN_SCORE
+# or more, each given to the pose model alone (FOLLOW_GROWS), whose person must lie on the box (IoU
+# PERSON_BOX_AGREES). At 0.3 it took the scenery's pines (median 0.15, 0.3 at the 90th percentile); the
+# blurred rider, in a region about four times his size, scored 0.45-0.63 on every frame the second pass
+# had missed. Run after the rest rather than in each region as the pose detector misses it: on the shared
+# clip 5x the regions before the one that found the rider cost it 31 calls for 2 finds (15.6% -> about
+# 19%), on the full set's blurred rider (seeds 31-33) 114/111/113 of 115 against 107/109/114 now.
+PERSON_BOX_MIN_SCORE, PERSON_BOXES_TRIED, PERSON_BOX_AGREES = 0.4, 2, 0.3
+BOX_TILE_SHARE = 0.6
+# A person the second look would keep (or put elsewhere) must be one the person detector sees: a box at
+# SEEN_MIN_SCORE or more on him (IoU SEEN_IOU) in a square SEEN_GROW times his size. On seed 31 it saw
+# 83-100% of the riders the video graph found (per clip; the shared clip's 93%) and 8% of its bodies over
+# drawn pines. One it does not see is searched past (`searched_frame`), and a person it sees found there is
+# taken instead; else he stands, but moves the track only when sized like the rider's last box
+# (FAINT_TRACK_GROWTH): a body five times the rider starts no track. Always moving it (a blurred rider the
+# detector missed for a frame keeps his track so) lost the pines clip of seed 31 (92 -> 48 of 115); never
+# moving it lost the blurred rider of seed 32 for 7 frames after such a frame.
+SEEN_GROW, SEEN_MIN_SCORE, SEEN_IOU = 1.5, 0.3, 0.3
+BY_PERSON_DETECTOR = "_person_detector"  # ends the `found_by` of a person found on its box
 
 
 def min_detection_confidence(options: dict[str, Any]) -> float:
@@ -389,13 +419,16 @@ class RiderSearch:
     true); for single images, second_pass_image_closer (centre crops too, default true) and
     second_pass_image_budget_s (the most a single image's search may take, default 4 s). The engine
     gives the detectors; MediaPipe's read second_pass_min_detection_confidence (0.3) and
-    second_pass_faint_detection_confidence (0.2, a video's tiles once the stricter one found nobody)."""
+    second_pass_faint_detection_confidence (0.2, a video's tiles once the stricter one found nobody), and
+    give a person detector (`detect_persons`) where one is installed."""
 
     def __init__(self, detect: Detect, options: dict[str, Any], follow: Optional[Follow] = None,
-                 detect_unguided: Optional[Detect] = None, detect_faint: Optional[Detect] = None):
+                 detect_unguided: Optional[Detect] = None, detect_faint: Optional[Detect] = None,
+                 detect_persons: Optional[DetectPersons] = None):
         self.detect = detect
         self.detect_unguided = detect_unguided or detect
         self.detect_faint = detect_faint
+        self.detect_persons = detect_persons
         self.follow = follow if bool(options.get("second_pass_follow", True)) else None
         self.enabled = bool(options.get("second_pass", True))
         self.memory_frames = int(options.get("second_pass_memory_frames", 30))
@@ -436,8 +469,7 @@ class RiderSearch:
         if persons and self.enabled and self.doubts(persons[0]):
             persons, standing = self.second_look(persons, rgb)
         elif not persons and self.enabled:
-            persons = (self.search(rgb, self.regions_for(rgb.shape[1], rgb.shape[0]), faint=True)
-                       or self.followed(rgb))
+            persons = self.searched_frame(rgb)
         self.remember(persons, standing)
         return persons
 
@@ -447,14 +479,22 @@ class RiderSearch:
         (MIN_PERSON_SCORE, as for the second pass's)."""
         return not too_narrow(person["bbox_xyxy"]) and float(person.get("score", 1.0)) >= MIN_PERSON_SCORE
 
+    def searched_frame(self, rgb: np.ndarray) -> list[Person]:
+        """A video frame with nobody in it yet: the track's regions and the wide search when due, the pose
+        model alone on the track, and only then the person detector's boxes in those regions (the frames
+        the rest finds cost it nothing)."""
+        regions = self.regions_for(rgb.shape[1], rgb.shape[0])
+        return self.search(rgb, regions, faint=True) or self.followed(rgb) or self.search(rgb, regions, boxes=True)
+
     def searched_image(self, rgb: np.ndarray) -> list[Person]:
-        """A single image: every region with the stricter detector; then, if it found nobody and there is
-        time, every region with the second pass's own, a person it finds kept only when it finds him again
-        in a square cut closer around him. A single image has no track to say where the rider is, and the
-        weaker detector alone found bodies in scenery that a closer look does not find again."""
+        """A single image: every region with the stricter detector, then the person detector's boxes in the
+        coarse tiles; then, if they found nobody and there is time, every region with the second pass's
+        own, a person it finds kept only when it finds him again in a square cut closer around him. A single
+        image has no track to say where the rider is, and the weaker detector alone found bodies in scenery
+        that a closer look does not find again."""
         deadline = time.monotonic() + self.image_budget_s
         regions = wide(rgb.shape[1], rgb.shape[0]) + (closer(rgb.shape[1], rgb.shape[0]) if self.image_closer else [])
-        found = self.search(rgb, regions, deadline)
+        found = self.search(rgb, regions, deadline) or self.search(rgb, regions, deadline, boxes=True)
         if found or self.detect_unguided is self.detect:
             return found
         height, width = rgb.shape[:2]
@@ -518,6 +558,21 @@ class RiderSearch:
         return box_iou(person["bbox_xyxy"], predicted) < STRAY_IOU
 
     def second_look(self, persons: list[Person], rgb: np.ndarray) -> tuple[list[Person], str]:
+        """`looked_again`, then, where the engine has a person detector, the person it would keep looked at
+        with it (SEEN_GROW): one it does not see is searched past, and one it sees found there is taken
+        instead; else he stands, moving the track only when sized like the rider."""
+        looked, standing = self.looked_again(persons, rgb)
+        if self.detect_persons is None or self.person_detector_sees(looked[0], rgb):
+            return looked, standing
+        if looked is persons:
+            instead = self.searched_frame(rgb)
+            if instead and self.person_detector_sees(instead[0], rgb):
+                return instead, CONFIRMED
+        if self.track.seen and self.sized_like_the_rider(looked[0]["bbox_xyxy"]):
+            return looked, standing
+        return looked, OFF_TRACK
+
+    def looked_again(self, persons: list[Person], rgb: np.ndarray) -> tuple[list[Person], str]:
         """The model's answer closer in, around the first pass's person: if it is the same person, his
         track is confirmed; if it puts the person elsewhere, that answer (the closer look sees the rider
         larger; a stretched body does not survive it). Then, for a person away from a recent track, the
@@ -600,27 +655,74 @@ class RiderSearch:
             self.track = Track()
 
     def search(self, rgb: np.ndarray, regions: list[Region], deadline: Optional[float] = None,
-               faint: bool = False) -> list[Person]:
+               faint: bool = False, boxes: bool = False) -> list[Person]:
         """The first region that holds a whole, believable person, tried until `deadline`
         (time.monotonic()) if given; with `faint`, a region no track placed, or a track's region while
         the rider is small, is tried once more with the fainter detector. A person a region no track
         placed finds is kept only when the model finds him again closer (the one small in his region,
-        in a region cut around him; else `found_again_closer`)."""
+        in a region cut around him; else `found_again_closer`). With `boxes`, the person detector's boxes in
+        the regions it looks in (`person_box_in`) instead of the pose detector (the pose model alone has already
+        looked at such a person closer, on his box)."""
         height, width = rgb.shape[:2]
         small = self.rider_is_small(height)
         for region in regions:
             if deadline is not None and time.monotonic() > deadline:
                 break
-            found = self.whole_person_in(region, rgb, width, height)
+            if boxes:
+                if not self.boxes_looked_for_in(region, height):
+                    continue
+                found = self.person_box_in(region, rgb, width, height)
+            else:
+                found = self.whole_person_in(region, rgb, width, height)
             if not found and faint and (region.kind in UNGUIDED_KINDS or (region.kind == "track" and small)):
                 found = self.faint_person_in(region, rgb, width, height)
-            if found and region.is_small_in(found[0]["bbox_xyxy"]):
+            if found and not boxes and region.is_small_in(found[0]["bbox_xyxy"]):
                 found = self.confirmed_closer(found, rgb, width, height)
             elif found and region.kind in UNGUIDED_KINDS and not self.found_again_closer(found[0]["bbox_xyxy"], rgb):
                 found = []
             if found:
                 return found
         return []
+
+    def boxes_looked_for_in(self, region: Region, height: int) -> bool:
+        if self.detect_persons is None:
+            return False
+        return region.kind == "track" or (region.kind == "tile" and region.y1 - region.y0 >= BOX_TILE_SHARE * height)
+
+    def person_box_in(self, region: Region, rgb: np.ndarray, width: int, height: int) -> list[Person]:
+        """The pose model alone on the person detector's surest boxes in the region (PERSON_BOXES_TRIED, at
+        PERSON_BOX_MIN_SCORE): the first person it finds lying on his box (PERSON_BOX_AGREES), believable,
+        and in a region no track placed, clear of the frame's edge."""
+        assert self.detect_persons is not None
+        self.tried += 1
+        crop = np.ascontiguousarray(rgb[region.y0:region.y1, region.x0:region.x1])
+        for _, (x0, y0, x1, y1) in self.detect_persons(crop, PERSON_BOX_MIN_SCORE)[:PERSON_BOXES_TRIED]:
+            box = [x0 + region.x0, y0 + region.y0, x1 + region.x0, y1 + region.y0]
+            if not is_body_shaped(box):
+                continue
+            found = self.model_alone_on(rgb, box)
+            if not found or box_iou(found[0]["bbox_xyxy"], box) < PERSON_BOX_AGREES:
+                continue
+            if float(found[0].get("score", 1.0)) < MIN_PERSON_SCORE:
+                continue
+            if region.kind in UNGUIDED_KINDS and touches_frame_edge(found[0]["bbox_xyxy"], width, height):
+                continue
+            return [{**person, "found_by": f"second_pass:{region.kind}{BY_PERSON_DETECTOR}"} for person in found]
+        return []
+
+    def person_detector_sees(self, person: Person, rgb: np.ndarray) -> bool:
+        """The person detector puts a person on him (SEEN_IOU) in a square SEEN_GROW times his size (true
+        for a person it found, and where the square is too small to look at)."""
+        if self.detect_persons is None or str(person.get("found_by", "")).endswith(BY_PERSON_DETECTOR):
+            return True
+        box = person["bbox_xyxy"]
+        region = around(box, SEEN_GROW, 1, rgb.shape[1], rgb.shape[0], kind="seen")
+        if region is None:
+            return True
+        self.tried += 1
+        crop = np.ascontiguousarray(rgb[region.y0:region.y1, region.x0:region.x1])
+        return any(box_iou([x0 + region.x0, y0 + region.y0, x1 + region.x0, y1 + region.y0], box) >= SEEN_IOU
+                   for _, (x0, y0, x1, y1) in self.detect_persons(crop, SEEN_MIN_SCORE))
 
     def whole_person_in(self, region: Region, rgb: np.ndarray, width: int, height: int,
                         detect: Optional[Detect] = None) -> list[Person]:
