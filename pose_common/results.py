@@ -55,7 +55,7 @@ def video_facts(job: Job) -> dict[str, Any]:
 
 # what ran the job: name, version and device always; the others where the engine has them (hmr2_phalp)
 ENGINE_FACTS = ("name", "version", "device")
-ENGINE_EXTRAS = ("detector", "precision", "tf32", "appearance", "hmr2_runtime")
+ENGINE_EXTRAS = ("detector", "precision", "tf32", "appearance", "hmr2_runtime", "person_detector")
 
 
 def engine_facts(engine: dict[str, Any]) -> dict[str, Any]:

@@ -8,6 +8,8 @@ import signal
 import pytest
 import zmq
 
+from gpu_worker.engines.person_detection import installed
+
 from support import CLIP, SHARED_DATA, Stack, http, make_clip, needs_shared_data, wait_for
 
 
@@ -50,6 +52,9 @@ def test_shared_clip_over_http_yields_every_frame_with_poses(stack):
     assert result["video"]["frame_count"] == 122 and result["video"]["width"] == 640
     assert abs(result["video"]["fps"] - 29.97) < 0.01
     assert result["engine"]["name"] == "mediapipe" and result["engine"]["device"] == "cpu"
+    # the worker runs the venv's Python: the person detector `make install` put there is the one it loads, and
+    # the result says whether its search ran with it
+    assert result["engine"]["person_detector"].startswith("on" if installed() else "absent")
     assert len(result["joint_names"]) == 33
     pts = [f["pts_s"] for f in frames]
     assert pts == sorted(pts) and abs(pts[-1] - 121 / 29.97) < 0.05
