@@ -5,9 +5,9 @@ LiteRT, its person class only.
 Why a second detector: MediaPipe's pose detector finds a person by his face and upper body, and on the
 generated set (bench/recall_set.py) it misses a rider blurred by his speed (the landmark model alone,
 once placed on him, is sure of him) and lets the video graph draw a body five times the rider's size
-over drawn pines. This one looks at the whole body's outline: in a region about four times the blurred
+over drawn pines. This one was trained on whole persons' boxes: in a region about four times the blurred
 rider's size it scored him 0.45-0.63 on every frame the second pass had missed, and on a square 1.5
-times the first pass's person it put a person on him (IoU >= 0.3) for 92-100% of the riders the graph
+times the first pass's person it put a person on him (IoU >= 0.3) for 83-100% of the riders the graph
 found and for 8% of the bodies over the pines.
 
 The weights ship inside a registry package: `@mediapipe/objectron` on npm (Apache-2.0) packs them in
