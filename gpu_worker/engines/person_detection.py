@@ -40,6 +40,8 @@ from typing import Optional
 
 import numpy as np
 
+from gpu_worker.engines.roi import box_iou
+
 NPM_PACKAGE = "@mediapipe/objectron@0.4.1675468480"
 PACKED_DATA = "package/objectron_solution_packed_assets.data"
 PACKED_TABLE = "package/objectron_solution_packed_assets_loader.js"
@@ -149,13 +151,6 @@ def suppressed(found: list[PersonBox]) -> list[PersonBox]:
         if all(box_iou(candidate.box, other.box) <= NMS_IOU for other in kept):
             kept.append(candidate)
     return kept
-
-
-def box_iou(a: list[float], b: list[float]) -> float:
-    ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
-    iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - ix * iy
-    return ix * iy / union if union > 0 else 0.0
 
 
 def person_class(labels: Path) -> int:

@@ -693,11 +693,7 @@ class RiderSearch:
         """The pose model alone on the person detector's surest boxes in the region (PERSON_BOXES_TRIED, at
         PERSON_BOX_MIN_SCORE): the first person it finds lying on his box (PERSON_BOX_AGREES), believable,
         and in a region no track placed, clear of the frame's edge."""
-        assert self.detect_persons is not None
-        self.tried += 1
-        crop = np.ascontiguousarray(rgb[region.y0:region.y1, region.x0:region.x1])
-        for _, (x0, y0, x1, y1) in self.detect_persons(crop, PERSON_BOX_MIN_SCORE)[:PERSON_BOXES_TRIED]:
-            box = [x0 + region.x0, y0 + region.y0, x1 + region.x0, y1 + region.y0]
+        for box in self.person_boxes_in(region, rgb, PERSON_BOX_MIN_SCORE)[:PERSON_BOXES_TRIED]:
             if not is_body_shaped(box):
                 continue
             found = self.model_alone_on(rgb, box)
@@ -719,10 +715,16 @@ class RiderSearch:
         region = around(box, SEEN_GROW, 1, rgb.shape[1], rgb.shape[0], kind="seen")
         if region is None:
             return True
+        return any(box_iou(seen, box) >= SEEN_IOU for seen in self.person_boxes_in(region, rgb, SEEN_MIN_SCORE))
+
+    def person_boxes_in(self, region: Region, rgb: np.ndarray, min_score: float) -> list[list[float]]:
+        """The person detector's boxes in the region's own pixels (never enlarged: the detector scales its
+        input itself), surest first, in frame coordinates."""
+        assert self.detect_persons is not None
         self.tried += 1
         crop = np.ascontiguousarray(rgb[region.y0:region.y1, region.x0:region.x1])
-        return any(box_iou([x0 + region.x0, y0 + region.y0, x1 + region.x0, y1 + region.y0], box) >= SEEN_IOU
-                   for _, (x0, y0, x1, y1) in self.detect_persons(crop, SEEN_MIN_SCORE))
+        return [[x0 + region.x0, y0 + region.y0, x1 + region.x0, y1 + region.y0]
+                for _, (x0, y0, x1, y1) in self.detect_persons(crop, min_score)]
 
     def whole_person_in(self, region: Region, rgb: np.ndarray, width: int, height: int,
                         detect: Optional[Detect] = None) -> list[Person]:
