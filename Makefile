@@ -84,6 +84,8 @@ $(USTAMP): requirements-upstream.txt pyproject.toml Makefile $(UPSTREAM_TARS)
 	MAX_JOBS=2 $(UPY) -m pip install -q --no-build-isolation $(UBUILD)/detectron2-*
 	$(UPY) -m pip install -q -e '.[test]'
 	$(UPY) -m pip install -q --no-deps mediapipe==0.10.21
+	# the CPU rung searches for the rider as the mediapipe engine does: the same person detector
+	$(UPY) -m gpu_worker.engines.person_detection install
 	touch $(USTAMP)
 
 install-upstream:

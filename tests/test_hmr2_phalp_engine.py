@@ -22,6 +22,8 @@ from gpu_worker.engines.hmr2_phalp.detectors import person_the_search_kept
 from gpu_worker.errors import WeightsMissing
 from pose_common.phalp_pickle import write_phalp_pickle
 
+from support import needs_shared_data
+
 H, W = 360, 640
 N_INIT = 5
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -496,11 +498,14 @@ def test_infer_image_builds_45_joint_persons_with_mesh():
 
 
 def landmarks_of(box: list[float], visibility: float, height: int = H, width: int = W):
-    """MediaPipe Pose's answer shape: 33 landmarks spread over box (normalised), no segmentation."""
+    """MediaPipe Pose's answer shape: 33 landmarks spread over box (normalised) and their world
+    coordinates, no segmentation."""
     x0, y0, x1, y1 = box
     xs, ys = np.linspace(x0, x1, 33) / width, np.linspace(y0, y1, 33) / height
     points = [SimpleNamespace(x=x, y=y, visibility=visibility) for x, y in zip(xs, ys)]
-    return SimpleNamespace(pose_landmarks=SimpleNamespace(landmark=points), segmentation_mask=None)
+    world = [SimpleNamespace(x=x - 0.5, y=y - 0.5, z=0.0) for x, y in zip(xs, ys)]
+    return SimpleNamespace(pose_landmarks=SimpleNamespace(landmark=points),
+                           pose_world_landmarks=SimpleNamespace(landmark=world), segmentation_mask=None)
 
 
 class GraphGiving:
@@ -523,6 +528,68 @@ def test_the_cpu_rungs_detector_drops_the_first_pass_person_the_second_pass_drop
     assert box is None and not mask.any()
     box, score, mask = detector.person_in(GraphGiving(landmarks_of([200, 60, 260, 300], 0.9)), blank, follow=True)
     assert box is not None and score == pytest.approx(0.9) and mask.any()
+
+
+def loaded_mediapipe_engine():
+    from gpu_worker.engines.mediapipe_engine import MediaPipeEngine
+
+    engine = MediaPipeEngine("cpu", {})
+    for stage in engine.stages():
+        stage.run()
+    return engine
+
+
+def test_the_cpu_rung_finds_in_a_still_the_person_the_mediapipe_engine_finds():
+    """One search for both engines (rider_models.py): on the photo, the CPU rung's box is the box over the
+    landmarks the mediapipe engine's person shows, grown by the rung's margin."""
+    pytest.importorskip("mediapipe")
+    from skimage.data import astronaut
+
+    rgb = np.ascontiguousarray(astronaut())
+    engine = loaded_mediapipe_engine()
+    try:
+        expected = engine.infer_image(rgb)
+    finally:
+        engine.close()
+    assert expected, "the mediapipe engine finds nobody in the photo: nothing to compare with"
+    detector = hp.MediaPipePersonDetector({})
+    box, score, mask = detector.person_in(detector._make(video=False), rgb[:, :, ::-1], follow=False)
+    height, width = rgb.shape[:2]
+    assert box == pytest.approx(hp.seen_box(expected[0], width, height, detector.BOX_MARGIN), abs=1.0)
+    assert score == pytest.approx(expected[0]["score"], abs=0.02) and mask.shape == (height, width) and mask.any()
+
+
+@needs_shared_data()
+def test_the_cpu_rung_finds_the_rider_in_every_frame_the_mediapipe_engine_does():
+    """Over the shared clip's lost stretch (frames 96-121: the first pass misses the small rider in 7),
+    the CPU rung hands PHALP a box in the same frames as the mediapipe engine finds him, over the same
+    person: both run the same second pass with the same models, the person detector included."""
+    import av
+
+    from support import CLIP
+
+    with av.open(str(CLIP)) as container:
+        rgb = [frame.to_ndarray(format="rgb24") for index, frame in enumerate(container.decode(video=0))
+               if index >= 96]
+    height, width = rgb[0].shape[:2]
+    engine = loaded_mediapipe_engine()
+    try:
+        engine.begin_video(width, height, 30.0)
+        expected = [engine.push(index, index / 30.0, frame)[0].persons for index, frame in enumerate(rgb)]
+        engine_describes = engine.describe()["person_detector"]
+    finally:
+        engine.close()
+    detector = hp.MediaPipePersonDetector({})
+    assert detector.rider_models.describe_person_detector() == engine_describes
+    detector.begin_video()
+    found_by_search = 0
+    for frame, persons in zip(rgb, expected):
+        box, _, _ = detector.person_in(detector._video, frame[:, :, ::-1], follow=True)
+        assert (box is None) == (not persons)
+        if persons:
+            assert box == pytest.approx(hp.seen_box(persons[0], width, height, detector.BOX_MARGIN), abs=1.0)
+            found_by_search += str(persons[0].get("found_by", "")).startswith("second_pass")
+    assert sum(bool(persons) for persons in expected) == len(rgb) and found_by_search >= 7
 
 
 def test_the_person_the_second_pass_kept_keeps_his_mask_another_gets_his_own_box():

@@ -55,23 +55,23 @@ def test_the_two_models_alone_find_the_graphs_person_in_a_photo(engine, astronau
     person as the graph's, in the same place."""
     graph = engine._find_in_image(astronaut)
     assert graph, "MediaPipe's graph finds nobody in the photo: nothing to compare with"
-    agrees(engine._find_in_region(astronaut)[0], graph[0])
+    agrees(engine.rider_models.find_in_region(astronaut)[0], graph[0])
     wide = np.zeros((400, 900, 3), dtype=np.uint8)  # letterboxed the other way: wider than tall
     wide[:, 300:700] = astronaut[56:456, 56:456]
     graph_wide = engine._find_in_image(wide)
     assert graph_wide
-    agrees(engine._find_in_region(wide)[0], graph_wide[0])
+    agrees(engine.rider_models.find_in_region(wide)[0], graph_wide[0])
 
 
 def test_a_sure_detection_is_the_first_pass_confidence_and_nobody_is_found_on_plain_pictures(engine, astronaut):
     """The stricter detector of the wide search (the first pass's confidence) still finds a plain
     person; on plain, noisy or dark pictures neither finds anyone."""
-    assert engine._find_unguided(astronaut)
+    assert engine.rider_models.find_unguided(astronaut)
     rng = np.random.default_rng(3)
     for picture in (np.full((360, 640, 3), 235, np.uint8), rng.integers(0, 255, (360, 640, 3), dtype=np.uint8),
                     np.zeros((256, 256, 3), np.uint8)):
-        assert engine._find_in_region(picture) == []
-        assert engine._find_unguided(picture) == []
+        assert engine.rider_models.find_in_region(picture) == []
+        assert engine.rider_models.find_unguided(picture) == []
 
 
 def test_the_faint_detector_takes_its_own_confidence_and_finds_nobody_on_plain_pictures(engine, astronaut,
@@ -80,16 +80,16 @@ def test_the_faint_detector_takes_its_own_confidence_and_finds_nobody_on_plain_p
     engine.options.second_pass_faint_detection_confidence (0.2 unless set); plain, noisy or dark pictures
     still hold nobody for it."""
     asked = []
-    best = engine._detector.best
-    monkeypatch.setattr(engine._detector, "best", lambda rgb, min_score=None: asked.append(min_score) or best(rgb, min_score))
-    assert engine._find_faint(astronaut)
+    best = engine.rider_models.detector.best
+    monkeypatch.setattr(engine.rider_models.detector, "best", lambda rgb, min_score=None: asked.append(min_score) or best(rgb, min_score))
+    assert engine.rider_models.find_faint(astronaut)
     monkeypatch.setitem(engine.options, "second_pass_faint_detection_confidence", 0.25)
-    engine._find_faint(astronaut)
+    engine.rider_models.find_faint(astronaut)
     assert asked == [0.2, 0.25]
     rng = np.random.default_rng(5)
     for picture in (np.full((360, 640, 3), 235, np.uint8), rng.integers(0, 255, (360, 640, 3), dtype=np.uint8),
                     np.zeros((256, 256, 3), np.uint8)):
-        assert engine._find_faint(picture) == []
+        assert engine.rider_models.find_faint(picture) == []
 
 
 @pytest.mark.parametrize("quarter_turns", [1, 2, 3])
@@ -112,13 +112,13 @@ def test_a_turned_square_gives_the_person_back_where_he_is_in_the_frame(engine, 
     centre = rotate((x0 + x1) / 2, (y0 + y1) / 2)
     side = max(x1 - x0, y1 - y0) * 1.5
     turn = quarter_turns * math.pi / 2  # the cut turns clockwise (image coordinates, y down) to undo it
-    found = engine._landmarks.person_in(turned, centre, side, turn)
+    found = engine.rider_models.landmarks.person_in(turned, centre, side, turn)
     assert found, "the model finds nobody in the square turned back upright"
     expected = np.array([rotate(x, y) for x, y, _ in upright["keypoints_2d"]])
     ours = np.array(found[0]["keypoints_2d"])[:, :2]
     seen = np.array(upright["keypoints_2d"])[:, 2] > 0.5
     assert np.median(np.hypot(*(ours[seen] - expected[seen]).T)) < 0.08 * side
-    same_square = engine._landmarks.person_in(astronaut, ((x0 + x1) / 2, (y0 + y1) / 2), side, 0.0)[0]
+    same_square = engine.rider_models.landmarks.person_in(astronaut, ((x0 + x1) / 2, (y0 + y1) / 2), side, 0.0)[0]
     world, expected_world = np.array(found[0]["keypoints_3d"])[:, :2], np.array(same_square["keypoints_3d"])[:, :2]
     for _ in range(quarter_turns):  # in the camera's axes, as the graph gives them: turned with the picture
         expected_world = np.stack([expected_world[:, 1], -expected_world[:, 0]], axis=1)
@@ -138,7 +138,7 @@ def test_on_the_shared_clip_the_two_models_agree_with_the_graph(engine):
     ours = theirs = 0
     scores = []
     for rgb in [rgb for _, _, _, rgb in frames(str(CLIP))][:100:10]:
-        detection = engine._detector.best(rgb, 0.05)
+        detection = engine.rider_models.detector.best(rgb, 0.05)
         scores.append(detection.score if detection else 0.0)
         graph = engine._find_in_image(rgb)
         if not graph:
@@ -147,7 +147,7 @@ def test_on_the_shared_clip_the_two_models_agree_with_the_graph(engine):
             region = around(graph[0]["bbox_xyxy"], grow, None, rgb.shape[1], rgb.shape[0])
             assert region is not None
             cut = region.cut(rgb)
-            alone, again = engine._find_in_region(cut), engine._find_in_image(cut)
+            alone, again = engine.rider_models.find_in_region(cut), engine._find_in_image(cut)
             ours, theirs = ours + bool(alone), theirs + bool(again)
             if alone and again:
                 agrees(alone[0], again[0], within=0.1)
@@ -170,22 +170,22 @@ class RejectingFirst:
 def test_a_sure_detection_the_landmark_model_turns_down_gets_one_larger_square(engine, astronaut):
     """The photo's detection is sure (above RETRY_MIN_DETECTION): when the model turns its square down,
     the same square RETRY_GROW times larger is looked at once, and that answer stands."""
-    from gpu_worker.engines.mediapipe_engine import RETRY_GROW, RETRY_MIN_DETECTION
+    from gpu_worker.engines.rider_models import RETRY_GROW, RETRY_MIN_DETECTION
 
-    assert engine._detector.best(astronaut).score >= RETRY_MIN_DETECTION
-    model, recorder = engine._landmarks, RejectingFirst(engine._landmarks)
-    engine._landmarks = recorder
+    assert engine.rider_models.detector.best(astronaut).score >= RETRY_MIN_DETECTION
+    model, recorder = engine.rider_models.landmarks, RejectingFirst(engine.rider_models.landmarks)
+    engine.rider_models.landmarks = recorder
     try:
-        found = engine._find_in_region(astronaut)
+        found = engine.rider_models.find_in_region(astronaut)
     finally:
-        engine._landmarks = model
+        engine.rider_models.landmarks = model
     assert found and len(recorder.sides) == 2
     assert recorder.sides[1] == pytest.approx(recorder.sides[0] * RETRY_GROW)
     accepting = RejectingFirst(model)
     accepting.sides.append(0.0)  # its first call already spent: it accepts
-    engine._landmarks = accepting
+    engine.rider_models.landmarks = accepting
     try:
-        assert engine._find_in_region(astronaut)
+        assert engine.rider_models.find_in_region(astronaut)
     finally:
-        engine._landmarks = model
+        engine.rider_models.landmarks = model
     assert len(accepting.sides) == 2  # one square only: no retry when the model accepts

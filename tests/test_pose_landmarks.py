@@ -23,7 +23,7 @@ def rider_frames():
 
 def model_alone(engine, rgb: np.ndarray, box: list[float]) -> list[dict]:
     for grow in (1.5, 1.8, 2.1):
-        found = engine._follow(rgb, box, grow)
+        found = engine.rider_models.follow(rgb, box, grow)
         if found:
             return found
     return []

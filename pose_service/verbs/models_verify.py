@@ -41,7 +41,8 @@ def hmr2_phalp_assets(cfg: Config, detector: Optional[str]) -> list[dict]:
 def mediapipe_assets() -> list[dict]:
     from importlib.util import find_spec
 
-    from gpu_worker.engines.mediapipe_engine import BUNDLED_MODELS, MIN_MODEL_BYTES
+    from gpu_worker.engines.mediapipe_engine import MIN_MODEL_BYTES
+    from gpu_worker.engines.rider_models import BUNDLED_MODELS
     spec = find_spec("mediapipe")
     base = os.path.dirname(spec.origin) if spec and spec.origin else ""
     rows = []

@@ -6,10 +6,13 @@ import cv2
 import numpy as np
 from conftest import run_on_frames
 
+from gpu_worker.engines.person_detection import installed
+
 
 def test_cpu_rung_tracks_the_rider_with_the_mediapipe_person_box(cache, frames_dir):
     out, engine = run_on_frames(cache.options(detector="mediapipe", detector_overrides=[]), frames_dir, 12)
     assert engine.describe()["appearance"] == "hmar" and engine.describe()["device"] == "cpu"
+    assert engine.describe()["person_detector"].startswith("on" if installed() else "absent")
     assert [f.index for f in out] == list(range(12))
     first = cv2.imread(str(sorted(frames_dir.glob("*.jpg"))[0]))
     with_rider = [f for f in out if f.persons]

@@ -32,7 +32,9 @@ from gpu_worker.engines.hmr2_phalp.detectors import (
     box_mask,
     build_detector,
     detector_config,
-    person_from_landmarks,
+    person_the_search_kept,
+    seen_box,
+    segmentation,
 )
 from gpu_worker.engines.hmr2_phalp.devices import cuda_index, make_current, resolve_cuda_device
 from gpu_worker.engines.hmr2_phalp.engine import HMR2PhalpEngine
@@ -91,7 +93,8 @@ __all__ = [
     "LazyConfigPredictor", "LoadStage", "make_current", "make_person", "MediaPipePersonDetector",
     "neural_renderer_problem", "neural_renderer_row", "texture_sampler_problem", "known_triangle_depth",
     "depth_verdict", "OPENPOSE_BODY25", "padded_square", "PendingFrames",
-    "Person", "person_boxes", "person_from_detection", "person_from_landmarks", "pixels_to_joints_2d",
+    "Person", "person_boxes", "person_from_detection", "person_the_search_kept", "seen_box", "segmentation",
+    "pixels_to_joints_2d",
     "project_to_image", "prune_tracker_history", "record_tracks", "resolve_cuda_device", "resolve_precision",
     "rgb_to_bgr", "Settings", "SMPL_FACES", "smpl_to_lists", "SPIN_EXTRA_19", "track_step", "TrackView",
     "trusted_torch_load", "view_track", "VIT_SIZE_KEYS", "with_origin_joint", "xywh_to_xyxy", "xyxy_to_xywh",

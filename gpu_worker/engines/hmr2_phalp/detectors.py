@@ -3,6 +3,7 @@ box for the CPU rung."""
 from __future__ import annotations
 
 import contextlib
+import os
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -11,7 +12,9 @@ from gpu_worker.engines.base import Person
 from gpu_worker.engines.hmr2_phalp.half import HalfWeights, cast_backbone, vitdet_backbone
 from gpu_worker.engines.hmr2_phalp.patches import instances_in_float32
 from gpu_worker.engines.hmr2_phalp.settings import Settings
-from gpu_worker.engines.roi import RiderSearch, box_iou, min_detection_confidence
+from gpu_worker.engines.mediapipe_engine import persons_in
+from gpu_worker.engines.rider_models import RiderModels, first_pass_confidence
+from gpu_worker.engines.roi import box_iou
 
 # detectron2 pastes every detection's mask at the full frame on CUDA, in chunks it sizes by the output
 # alone (4 bytes a pixel against 1 GiB: all 100 masks of a 1080p frame in one chunk), while a chunk
@@ -104,27 +107,29 @@ class LazyConfigPredictor:
 
 
 class MediaPipePersonDetector:
-    """A person detector that is practical on a CPU (the CPU rung): MediaPipe Pose's landmarks and
-    segmentation give one person's box and mask per frame, as detectron2 Instances (class 0), so
-    PHALP reads them as it reads ViTDet's. One person at most: MediaPipe Pose tracks one. The second pass
-    (engines/roi.py) may keep, drop or replace its person, and when it finds nobody looks again where
-    the rider was and in enlarged tiles; PHALP gets the person it kept (a box it found instead gets a
-    box-shaped mask)."""
+    """A person detector that is practical on a CPU (the CPU rung): MediaPipe Pose's video graph finds the
+    rider, and the second pass searches for him where it found nobody (or someone it doubts) exactly as
+    the mediapipe engine's does, with the same models (rider_models.py: the pose model on regions and
+    on his track, the person detector where `make install` put it). PHALP gets the person the search kept
+    as detectron2 Instances (class 0), as it reads ViTDet's: a box over the landmarks the model sees,
+    grown by BOX_MARGIN, and the graph's segmentation where the kept person is the graph's own (else a
+    box-shaped mask). One person at most: MediaPipe Pose tracks one."""
 
     BOX_MARGIN = 0.1  # landmarks hug the body; grow the box by this share of its size on each side
 
     def __init__(self, options: Optional[Mapping[str, Any]] = None):
         import mediapipe as mp
 
-        options = dict(options or {})
+        self._options = dict(options or {})
         self._pose_class = mp.solutions.pose.Pose
         self._video = self._make(video=True)
-        self._region = self._pose_class(static_image_mode=True, model_complexity=1,
-                                        min_detection_confidence=min_detection_confidence(options))
-        self.second_pass = RiderSearch(self._find_in_region, options)
+        self.rider_models = RiderModels(self._options)
+        self.rider_models.build(os.path.dirname(mp.__file__))
+        self.second_pass = self.rider_models.search
 
     def _make(self, video: bool) -> Any:
-        return self._pose_class(static_image_mode=not video, model_complexity=1, enable_segmentation=True)
+        return self._pose_class(static_image_mode=not video, model_complexity=1, enable_segmentation=True,
+                                min_detection_confidence=first_pass_confidence(self._options))
 
     def begin_video(self) -> None:
         self._video.close()
@@ -141,19 +146,15 @@ class MediaPipePersonDetector:
         finally:
             still.close()
 
-    def _find_in_region(self, rgb: np.ndarray) -> list[Person]:
-        height, width = rgb.shape[:2]
-        box, score, _ = person_from_landmarks(self._region.process(rgb), height, width, self.BOX_MARGIN)
-        return [] if box is None else [{"bbox_xyxy": box, "score": score}]
-
     def person_in(self, pose: Any, bgr: np.ndarray, follow: bool
                   ) -> tuple[Optional[list[float]], float, np.ndarray]:
         """(box, score, mask) of the person the first pass found and the second pass kept, or found."""
         height, width = bgr.shape[:2]
         rgb = np.ascontiguousarray(bgr[:, :, ::-1])
-        box, score, mask = person_from_landmarks(pose.process(rgb), height, width, self.BOX_MARGIN)
-        first_pass = [] if box is None else [{"bbox_xyxy": box, "score": score}]
-        return person_the_search_kept(first_pass, mask, self.second_pass.fill(first_pass, rgb, follow=follow))
+        result = pose.process(rgb)
+        first_pass = persons_in(result, width, height)
+        kept = self.second_pass.fill(first_pass, rgb, follow=follow)
+        return person_the_search_kept(first_pass, segmentation(result), kept, self.BOX_MARGIN, (height, width))
 
     def _instances(self, pose: Any, bgr: np.ndarray, follow: bool) -> dict:
         import torch
@@ -170,40 +171,45 @@ class MediaPipePersonDetector:
         return {"instances": instances}
 
 
-def person_the_search_kept(first_pass: list[Person], first_mask: np.ndarray, found: list[Person]
+def segmentation(result: Any) -> Optional[np.ndarray]:
+    """MediaPipe Pose's segmentation of its person as a boolean mask, or None where it gave none."""
+    mask = getattr(result, "segmentation_mask", None)
+    return None if mask is None else np.asarray(mask) > 0.5
+
+
+def person_the_search_kept(first_pass: list[Person], first_mask: Optional[np.ndarray], found: list[Person],
+                           margin: float = 0.0, shape: Optional[tuple[int, int]] = None
                            ) -> tuple[Optional[list[float]], float, np.ndarray]:
     """The second pass's answer as one (box, score, mask): it may keep the first pass's person (his
     segmentation stays, also under the box a closer look refined), replace him with another (a
-    box-shaped mask) or drop him (no box)."""
-    height, width = first_mask.shape
+    box-shaped mask) or drop him (no box). The box lies over the landmarks the model sees, grown by
+    `margin` (`seen_box`); a person without landmarks keeps his own box."""
+    height, width = shape or (first_mask.shape if first_mask is not None else (0, 0))
     if not found:
         return None, 0.0, np.zeros((height, width), dtype=bool)
-    box, score = list(found[0]["bbox_xyxy"]), float(found[0]["score"])
-    if first_pass and box_iou(box, list(first_pass[0]["bbox_xyxy"])) >= SAME_PERSON_IOU:
+    person = found[0]
+    box, score = seen_box(person, width, height, margin), float(person["score"])
+    same = bool(first_pass) and box_iou(list(person["bbox_xyxy"]), list(first_pass[0]["bbox_xyxy"])) >= SAME_PERSON_IOU
+    if same and first_mask is not None:
         return box, score, first_mask
     return box, score, box_mask(box, height, width)
+
+
+def seen_box(person: Person, width: int, height: int, margin: float) -> list[float]:
+    """The box over the person's landmarks the model sees (visibility over 0.5; all of them where fewer
+    than two are), grown by `margin` of its size on each side, within the frame; his own box where he has
+    no landmarks."""
+    if not person.get("keypoints_2d"):
+        return [float(v) for v in person["bbox_xyxy"]]
+    points = np.asarray(person["keypoints_2d"], dtype=float)
+    seen = points[points[:, 2] > 0.5] if (points[:, 2] > 0.5).sum() >= 2 else points
+    x0, y0 = seen[:, :2].min(axis=0)
+    x1, y1 = seen[:, :2].max(axis=0)
+    grow_x, grow_y = (x1 - x0) * margin, (y1 - y0) * margin
+    return [max(0.0, x0 - grow_x), max(0.0, y0 - grow_y), min(width - 1.0, x1 + grow_x), min(height - 1.0, y1 + grow_y)]
 
 
 def box_mask(box: Sequence[float], height: int, width: int) -> np.ndarray:
     mask = np.zeros((height, width), dtype=bool)
     mask[int(box[1]):int(box[3]) + 1, int(box[0]):int(box[2]) + 1] = True
     return mask
-
-
-def person_from_landmarks(found: Any, height: int, width: int, margin: float
-                          ) -> tuple[Optional[list[float]], float, np.ndarray]:
-    """MediaPipe Pose's result -> (xyxy box over the visible landmarks grown by margin, mean
-    visibility as the score, a boolean mask: its segmentation, else the box)."""
-    if found is None or found.pose_landmarks is None:
-        return None, 0.0, np.zeros((height, width), dtype=bool)
-    points = np.array([[lm.x * width, lm.y * height, lm.visibility] for lm in found.pose_landmarks.landmark])
-    seen = points[points[:, 2] > 0.5] if (points[:, 2] > 0.5).sum() >= 2 else points
-    x0, y0 = seen[:, :2].min(axis=0)
-    x1, y1 = seen[:, :2].max(axis=0)
-    grow_x, grow_y = (x1 - x0) * margin, (y1 - y0) * margin
-    box = [max(0.0, x0 - grow_x), max(0.0, y0 - grow_y), min(width - 1.0, x1 + grow_x), min(height - 1.0, y1 + grow_y)]
-    if getattr(found, "segmentation_mask", None) is not None:
-        mask = np.asarray(found.segmentation_mask) > 0.5
-    else:
-        mask = box_mask(box, height, width)
-    return box, float(points[:, 2].mean()), mask

@@ -368,7 +368,14 @@ class HMR2PhalpEngine(Engine):
         return {**super().describe(), "detector": self.settings.detector, "n_init": self.settings.n_init,
                 "appearance": self.appearance, "precision": self.precision, "tf32": self.tf32,
                 "hmr2_runtime": self.hmr2_runtime.runtime, **self.appearance_note(), **self.runtime_note(),
-                **self.half_weights_note()}
+                **self.half_weights_note(), **self.person_detector_note()}
+
+    def person_detector_note(self) -> dict[str, str]:
+        """The CPU rung's second pass: whether it searches with the person detector (as the mediapipe engine
+        says it)."""
+        if not isinstance(self._detector, MediaPipePersonDetector):
+            return {}
+        return {"person_detector": self._detector.rider_models.describe_person_detector()}
 
     def appearance_note(self) -> dict[str, str]:
         note = self.appearance_choice().note
