@@ -708,3 +708,39 @@ def test_a_body_the_person_detector_does_not_see_is_returned_but_starts_no_track
         young.detect_persons = blind_boxes
         assert young.fill([person], nobody) == [person]
         assert (young.track.seen[-1][1] == person["bbox_xyxy"]) is moves_the_track
+
+
+def frame_with_body(box: list[int], width: int = 640, height: int = 360) -> np.ndarray:
+    rgb = np.zeros((height, width, 3), dtype=np.uint8)
+    rgb[box[1]:box[3], box[0]:box[2]] = 255
+    return rgb
+
+
+def test_a_tracks_region_passes_over_a_body_not_sized_like_the_rider_unless_the_person_detector_sees_him():
+    """Issue 30: beside a small rider the pose model drew a body into the pines, four times his height,
+    and a track's region took it (seed 32: the video graph then followed it for 7 frames). A person a
+    track's region finds, not sized like the rider, is kept only when the person detector sees him; without
+    a person detector, as before."""
+    body = [315, 130, 339, 190]  # 2.5 times the 24-px rider's height, where his track puts him
+    for boxes, kept in ((square_boxes(0.1), False), (square_boxes(), True), (None, True)):
+        search = RiderSearch(bright_square_detector, {}, detect_persons=square_boxes())
+        rider_on_a_track(search)
+        search.detect_persons = boxes
+        persons = search.fill([], frame_with_body(body))
+        assert bool(persons) is kept
+        if kept:
+            assert persons[0]["bbox_xyxy"] == pytest.approx(body, abs=1) and persons[0]["found_by"] == "second_pass:track"
+
+
+def test_a_first_pass_body_not_sized_like_the_rider_is_doubted_where_the_person_detector_can_say():
+    """Issue 30: the video graph's body on the rider's track but twice his height is looked at again when
+    the engine has a person detector: unseen by it and with nobody else found, he is returned but does not
+    move the track. Without a person detector he moves it, as before."""
+    body = [315.0, 140.0, 339.0, 190.0]  # over where the track puts the 24-px rider (IoU 0.48), 50 px tall
+    person = {"track_id": 1, "score": 0.7, "bbox_xyxy": body, "keypoints_2d": []}
+    for boxes, moves_the_track in ((square_boxes(0.1), False), (None, True)):
+        search = RiderSearch(bright_square_detector, {}, detect_persons=square_boxes())
+        rider_on_a_track(search)
+        search.detect_persons = boxes
+        assert search.fill([person], frame_with_body([315, 140, 339, 190])) == [person]
+        assert (search.track.seen[-1][1] == body) is moves_the_track
