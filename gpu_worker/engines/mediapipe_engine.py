@@ -13,7 +13,13 @@ from typing import Any, Optional, Protocol
 import numpy as np
 
 from gpu_worker.engines.base import Engine, FrameOut, LoadStage, Person
-from gpu_worker.engines.rider_models import RiderModels, bundled_models, first_pass_confidence
+from gpu_worker.engines.rider_models import (
+    MIN_MODEL_BYTES,
+    RiderModels,
+    bundled_models,
+    first_pass_confidence,
+    tracking_confidence,
+)
 from gpu_worker.errors import WeightsMissing
 
 LANDMARK_NAMES = [
@@ -24,7 +30,6 @@ LANDMARK_NAMES = [
     "left_knee", "right_knee", "left_ankle", "right_ankle", "left_heel", "right_heel",
     "left_foot_index", "right_foot_index",
 ]
-MIN_MODEL_BYTES = 1_000_000
 
 
 class PoseGraph(Protocol):
@@ -76,7 +81,7 @@ class MediaPipeEngine(Engine):
         return self._mp.solutions.pose.Pose(
             static_image_mode=static, model_complexity=1, smooth_landmarks=True,
             min_detection_confidence=first_pass_confidence(self.options),
-            min_tracking_confidence=float(self.options.get("min_tracking_confidence", 0.5)))
+            min_tracking_confidence=tracking_confidence(self.options))
 
     def _build(self) -> None:
         self._image_pose = self._new_pose(static=True)

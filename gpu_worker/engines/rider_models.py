@@ -25,6 +25,7 @@ from gpu_worker.engines.roi import MIN_PERSON_SCORE, RiderSearch, faint_detectio
 # The pose models inside the mediapipe package, relative to its directory.
 BUNDLED_MODELS = ("modules/pose_detection/pose_detection.tflite",
                   "modules/pose_landmark/pose_landmark_full.tflite")
+MIN_MODEL_BYTES = 1_000_000  # either file smaller than this is truncated
 # The landmark model's presence flag turns on the square's size (on a frame of the shared clip the second
 # pass missed, a square 1.2x the detector's took a sure detection's flag from 0.36 to 0.95). A detection
 # this sure whose square the model turns down is looked at once more in the larger square. Measured on
@@ -36,6 +37,10 @@ RETRY_MIN_DETECTION, RETRY_GROW = 0.7, 1.2
 
 def first_pass_confidence(options: dict[str, Any]) -> float:
     return float(options.get("min_detection_confidence", 0.5))
+
+
+def tracking_confidence(options: dict[str, Any]) -> float:
+    return float(options.get("min_tracking_confidence", 0.5))
 
 
 def bundled_models(mediapipe_dir: str) -> list[str]:
@@ -57,7 +62,7 @@ class RiderModels:
     def build(self, mediapipe_dir: str) -> None:
         detector_file, landmark_file = bundled_models(mediapipe_dir)
         self.detector = PoseDetector(detector_file, min_score=min_detection_confidence(self.options))
-        self.landmarks = LandmarkModel(landmark_file, min_flag=float(self.options.get("min_tracking_confidence", 0.5)),
+        self.landmarks = LandmarkModel(landmark_file, min_flag=tracking_confidence(self.options),
                                        min_score=MIN_PERSON_SCORE)
         directory = self.person_detector_dir()
         if directory is not None:

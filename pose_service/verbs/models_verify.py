@@ -41,15 +41,13 @@ def hmr2_phalp_assets(cfg: Config, detector: Optional[str]) -> list[dict]:
 def mediapipe_assets() -> list[dict]:
     from importlib.util import find_spec
 
-    from gpu_worker.engines.mediapipe_engine import MIN_MODEL_BYTES
-    from gpu_worker.engines.rider_models import BUNDLED_MODELS
+    from gpu_worker.engines.rider_models import MIN_MODEL_BYTES, bundled_models
     spec = find_spec("mediapipe")
     base = os.path.dirname(spec.origin) if spec and spec.origin else ""
     rows = []
-    for rel in BUNDLED_MODELS:
-        path = os.path.join(base, rel)
+    for path in bundled_models(base):
         size = os.path.getsize(path) if os.path.isfile(path) else None
         status = "missing" if size is None else ("truncated" if size < MIN_MODEL_BYTES else "present")
-        rows.append({"name": os.path.basename(rel), "path": path, "status": status, "size": size,
+        rows.append({"name": os.path.basename(path), "path": path, "status": status, "size": size,
                      "min_size": MIN_MODEL_BYTES, "source": "pip install --no-deps mediapipe==0.10.21 (bundled)"})
     return rows

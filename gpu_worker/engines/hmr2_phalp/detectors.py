@@ -184,7 +184,10 @@ def person_the_search_kept(first_pass: list[Person], first_mask: Optional[np.nda
     segmentation stays, also under the box a closer look refined), replace him with another (a
     box-shaped mask) or drop him (no box). The box lies over the landmarks the model sees, grown by
     `margin` (`seen_box`); a person without landmarks keeps his own box."""
-    height, width = shape or (first_mask.shape if first_mask is not None else (0, 0))
+    if shape is None:
+        assert first_mask is not None, "the frame's shape comes from `shape` or the first pass's mask"
+        shape = first_mask.shape
+    height, width = shape
     if not found:
         return None, 0.0, np.zeros((height, width), dtype=bool)
     person = found[0]
