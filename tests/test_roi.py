@@ -744,3 +744,31 @@ def test_a_first_pass_body_not_sized_like_the_rider_is_doubted_where_the_person_
         search.detect_persons = boxes
         assert search.fill([person], frame_with_body([315, 140, 339, 190])) == [person]
         assert (search.track.seen[-1][1] == body) is moves_the_track
+
+
+def test_a_first_pass_smear_the_looks_leave_unsettled_gives_way_to_the_pose_model_on_the_person_detectors_box():
+    """Issue 30: a blurred rider turned back while his track's motion went on the other way, and the video
+    graph stretched a pose over him (seed 31: five frames reported beside him, then a frame with nobody).
+    A first-pass person the looks leave unsettled (off the track, unseen by the person detector, or lying
+    across the picture) gives way to the pose model alone on the person detector's box in the square
+    around him, and the rider it finds there leads the track. Without the detector the smear stands, as
+    before."""
+    def smear(box: list[float]) -> dict:
+        return {"track_id": 1, "score": 0.7, "bbox_xyxy": box, "keypoints_2d": []}
+
+    cases = {  # (the track's frames, the smear, where the rider is)
+        "off the track, seen": (3, smear([238.0, 146.0, 288.0, 176.0]), 240),
+        "unseen, on a young track": (1, smear([200.0, 100.0, 300.0, 200.0]), 240),
+        "lying across, on the track, seen": (3, smear([290.0, 150.0, 360.0, 176.0]), 300),
+    }
+    for case, (frames, person, x) in cases.items():
+        rider = frame_with_square(x, 150, 24)
+        search = RiderSearch(CountingDetector(blind=True), {}, follow=SquareFollower(), detect_persons=square_boxes())
+        rider_on_a_track(search, frames)
+        persons = search.fill([person], rider)
+        assert persons[0]["bbox_xyxy"] == pytest.approx([x, 150, x + 24, 174], abs=1), case
+        assert persons[0]["found_by"] == "second_pass:seen_person_detector", case
+        assert search.track.seen[-1][1] == persons[0]["bbox_xyxy"], case
+        plain = RiderSearch(CountingDetector(blind=True), {}, follow=SquareFollower())
+        rider_on_a_track(plain, frames)
+        assert plain.fill([person], rider) == [person], case

@@ -58,7 +58,8 @@ Detect = Callable[[np.ndarray], list[Person]]
 Follow = Callable[[np.ndarray, list[float], float], list[Person]]
 # A detector made for persons (person_detection.py): (score, box in the image's pixels) of each person at
 # the given minimum score or more, surest first.
-DetectPersons = Callable[[np.ndarray, float], list[tuple[float, list[float]]]]
+ScoredBoxes = list[tuple[float, list[float]]]
+DetectPersons = Callable[[np.ndarray, float], ScoredBoxes]
 
 # Around the rider's last box: a square this many times the box's longer side, enlarged by the given
 # factor (None: enough for the landmark model), in this order; which list by his size in the frame.
@@ -202,6 +203,11 @@ BOX_TILE_SHARE = 0.6
 # full set 917 / 909 / 939 -> 918 / 924 / 939, the shared clip 5x's searches unchanged). Without the
 # detector's say (size alone), the mound's rider, whose box grows when the model draws his hidden legs and
 # shrinks when it does not, was passed over (seed 32's mound 112 -> 108).
+# A person the second look leaves unsettled (off the track, unseen, or lying across the picture) gives way
+# to the pose model alone on the detector's surest boxes in that square (PERSON_BOX_MIN_SCORE, as for a
+# region's): a blurred rider turned back while his track went on the other way, and the graph smeared a
+# pose over him for five frames that the looks, placed by the track, could not replace. Seeds 31-33
+# 918 / 924 / 939 -> 925 / 929 / 941; the shared clip 5x takes the same searches.
 SEEN_GROW, SEEN_MIN_SCORE, SEEN_IOU = 1.5, 0.3, 0.3
 BY_PERSON_DETECTOR = "_person_detector"  # ends the `found_by` of a person found on its box
 
@@ -401,6 +407,11 @@ def touches_frame_edge(box: list[float], width: int, height: int) -> bool:
     return box[0] <= EDGE_PX or box[1] <= EDGE_PX or box[2] >= width - EDGE_PX or box[3] >= height - EDGE_PX
 
 
+def sees(scored: ScoredBoxes, box: list[float]) -> bool:
+    """One of the person detector's boxes lies on `box` (SEEN_IOU)."""
+    return any(box_iou(seen, box) >= SEEN_IOU for _, seen in scored)
+
+
 def box_iou(a: list[float], b: list[float]) -> float:
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -568,10 +579,21 @@ class RiderSearch:
 
     def second_look(self, persons: list[Person], rgb: np.ndarray) -> tuple[list[Person], str]:
         """`looked_again`, then, where the engine has a person detector, the person it would keep looked at
-        with it (SEEN_GROW): one it does not see is searched past, and one it sees found there is taken
-        instead; else he stands, moving the track only when sized like the rider."""
+        with it (SEEN_GROW). One the looks left unsettled (off the track, lying across the picture, or not
+        seen by it) gives way to the pose model alone on its boxes there (`person_on_boxes`), which then
+        leads the track. Else one it sees stands; one it does not see is searched past, and a person it sees
+        found there is taken instead; else he stands, moving the track only when sized like the rider."""
         looked, standing = self.looked_again(persons, rgb)
-        if self.detect_persons is None or self.person_detector_sees(looked[0], rgb):
+        if self.detect_persons is None:
+            return looked, standing
+        near = self.person_boxes_near(looked[0], rgb)
+        seen = near is None or sees(near[1], looked[0]["bbox_xyxy"])
+        if near is not None and (standing == OFF_TRACK or not seen or lies_across(looked[0]["bbox_xyxy"])):
+            region, scored = near
+            on_box = self.person_on_boxes(region, scored, rgb)
+            if on_box:
+                return on_box, CONFIRMED
+        if seen:
             return looked, standing
         if looked is persons:
             instead = self.searched_frame(rgb)
@@ -680,7 +702,7 @@ class RiderSearch:
             if boxes:
                 if not self.boxes_looked_for_in(region, height):
                     continue
-                found = self.person_box_in(region, rgb, width, height)
+                found = self.person_box_in(region, rgb)
             else:
                 found = self.whole_person_in(region, rgb, width, height)
             if not found and faint and (region.kind in UNGUIDED_KINDS or (region.kind == "track" and small)):
@@ -708,11 +730,17 @@ class RiderSearch:
             return False
         return region.kind == "track" or (region.kind == "tile" and region.y1 - region.y0 >= BOX_TILE_SHARE * height)
 
-    def person_box_in(self, region: Region, rgb: np.ndarray, width: int, height: int) -> list[Person]:
-        """The pose model alone on the person detector's surest boxes in the region (PERSON_BOXES_TRIED, at
-        PERSON_BOX_MIN_SCORE): the first person it finds lying on his box (PERSON_BOX_AGREES), believable,
-        and in a region no track placed, clear of the frame's edge."""
-        for box in self.person_boxes_in(region, rgb, PERSON_BOX_MIN_SCORE)[:PERSON_BOXES_TRIED]:
+    def person_box_in(self, region: Region, rgb: np.ndarray) -> list[Person]:
+        """The pose model alone on the person detector's surest boxes in the region (PERSON_BOX_MIN_SCORE or
+        more, `person_on_boxes`)."""
+        return self.person_on_boxes(region, self.person_boxes_in(region, rgb, PERSON_BOX_MIN_SCORE), rgb)
+
+    def person_on_boxes(self, region: Region, scored: ScoredBoxes, rgb: np.ndarray) -> list[Person]:
+        """The pose model alone on the person detector's first PERSON_BOXES_TRIED boxes in the region at
+        PERSON_BOX_MIN_SCORE or more: the first person it finds lying on his box (PERSON_BOX_AGREES),
+        believable, and in a region no track placed, clear of the frame's edge."""
+        height, width = rgb.shape[:2]
+        for box in [box for score, box in scored if score >= PERSON_BOX_MIN_SCORE][:PERSON_BOXES_TRIED]:
             if not is_body_shaped(box):
                 continue
             found = self.model_alone_on(rgb, box)
@@ -728,22 +756,28 @@ class RiderSearch:
     def person_detector_sees(self, person: Person, rgb: np.ndarray) -> bool:
         """The person detector puts a person on him (SEEN_IOU) in a square SEEN_GROW times his size (true
         for a person it found, and where the square is too small to look at)."""
-        if self.detect_persons is None or str(person.get("found_by", "")).endswith(BY_PERSON_DETECTOR):
-            return True
-        box = person["bbox_xyxy"]
-        region = around(box, SEEN_GROW, 1, rgb.shape[1], rgb.shape[0], kind="seen")
-        if region is None:
-            return True
-        return any(box_iou(seen, box) >= SEEN_IOU for seen in self.person_boxes_in(region, rgb, SEEN_MIN_SCORE))
+        near = self.person_boxes_near(person, rgb)
+        return near is None or sees(near[1], person["bbox_xyxy"])
 
-    def person_boxes_in(self, region: Region, rgb: np.ndarray, min_score: float) -> list[list[float]]:
-        """The person detector's boxes in the region's own pixels (never enlarged: the detector scales its
-        input itself), surest first, in frame coordinates."""
+    def person_boxes_near(self, person: Person, rgb: np.ndarray) -> Optional[tuple[Region, ScoredBoxes]]:
+        """The square SEEN_GROW times the person's size and the person detector's boxes in it at
+        SEEN_MIN_SCORE or more, surest first; None where it is not asked (no detector, a person it found, a
+        square too small to look at)."""
+        if self.detect_persons is None or str(person.get("found_by", "")).endswith(BY_PERSON_DETECTOR):
+            return None
+        region = around(person["bbox_xyxy"], SEEN_GROW, 1, rgb.shape[1], rgb.shape[0], kind="seen")
+        if region is None:
+            return None
+        return region, self.person_boxes_in(region, rgb, SEEN_MIN_SCORE)
+
+    def person_boxes_in(self, region: Region, rgb: np.ndarray, min_score: float) -> ScoredBoxes:
+        """The person detector's (score, box) in the region's own pixels (never enlarged: the detector scales
+        its input itself), surest first, in frame coordinates."""
         assert self.detect_persons is not None
         self.tried += 1
         crop = np.ascontiguousarray(rgb[region.y0:region.y1, region.x0:region.x1])
-        return [[x0 + region.x0, y0 + region.y0, x1 + region.x0, y1 + region.y0]
-                for _, (x0, y0, x1, y1) in self.detect_persons(crop, min_score)]
+        return [(score, [x0 + region.x0, y0 + region.y0, x1 + region.x0, y1 + region.y0])
+                for score, (x0, y0, x1, y1) in self.detect_persons(crop, min_score)]
 
     def whole_person_in(self, region: Region, rgb: np.ndarray, width: int, height: int,
                         detect: Optional[Detect] = None) -> list[Person]:
