@@ -207,7 +207,10 @@ BOX_TILE_SHARE = 0.6
 # to the pose model alone on the detector's surest boxes in that square (PERSON_BOX_MIN_SCORE, as for a
 # region's): a blurred rider turned back while his track went on the other way, and the graph smeared a
 # pose over him for five frames that the looks, placed by the track, could not replace. Seeds 31-33
-# 918 / 924 / 939 -> 925 / 929 / 941; the shared clip 5x takes the same searches.
+# 918 / 924 / 939 -> 925 / 929 / 941; the shared clip 5x takes the same searches. A person a look put in
+# the first pass's place that it does not see gives way to the first pass's if it sees him (the pose model
+# alone had put a scrap where the turned rider's track went on), and a person too small for the square is
+# looked at in one the rider's last box's size (an 8-px scrap on him was believed unseen): 925 / 931 / 940.
 SEEN_GROW, SEEN_MIN_SCORE, SEEN_IOU = 1.5, 0.3, 0.3
 BY_PERSON_DETECTOR = "_person_detector"  # ends the `found_by` of a person found on its box
 
@@ -582,7 +585,8 @@ class RiderSearch:
         with it (SEEN_GROW). One the looks left unsettled (off the track, lying across the picture, or not
         seen by it) gives way to the pose model alone on its boxes there (`person_on_boxes`), which then
         leads the track. Else one it sees stands; one it does not see is searched past, and a person it sees
-        found there is taken instead; else he stands, moving the track only when sized like the rider."""
+        found there is taken instead; a person a look put in his place that it does not see gives way to the
+        first pass's if it sees him; else he stands, moving the track only when sized like the rider."""
         looked, standing = self.looked_again(persons, rgb)
         if self.detect_persons is None:
             return looked, standing
@@ -599,6 +603,8 @@ class RiderSearch:
             instead = self.searched_frame(rgb)
             if instead and self.person_detector_sees(instead[0], rgb):
                 return instead, CONFIRMED
+        elif self.person_detector_sees(persons[0], rgb):
+            return persons, CONFIRMED
         if self.track.seen and self.sized_like_the_rider(looked[0]["bbox_xyxy"]):
             return looked, standing
         return looked, OFF_TRACK
@@ -762,10 +768,14 @@ class RiderSearch:
     def person_boxes_near(self, person: Person, rgb: np.ndarray) -> Optional[tuple[Region, ScoredBoxes]]:
         """The square SEEN_GROW times the person's size and the person detector's boxes in it at
         SEEN_MIN_SCORE or more, surest first; None where it is not asked (no detector, a person it found, a
-        square too small to look at)."""
+        square too small to look at). A person too small for such a square is looked at in one the rider's
+        size, where the track knows it: a scrap the model found beside him is not believed unseen."""
         if self.detect_persons is None or str(person.get("found_by", "")).endswith(BY_PERSON_DETECTOR):
             return None
-        region = around(person["bbox_xyxy"], SEEN_GROW, 1, rgb.shape[1], rgb.shape[0], kind="seen")
+        width, height, box = rgb.shape[1], rgb.shape[0], person["bbox_xyxy"]
+        region = around(box, SEEN_GROW, 1, width, height, kind="seen")
+        if region is None and self.track.seen:
+            region = around(self.at_least_the_riders_size(box), SEEN_GROW, 1, width, height, kind="seen")
         if region is None:
             return None
         return region, self.person_boxes_in(region, rgb, SEEN_MIN_SCORE)
@@ -819,6 +829,13 @@ class RiderSearch:
         if region.kind == "track" and not self.sized_like_the_rider(found[0]["bbox_xyxy"]):
             return []
         return found
+
+    def at_least_the_riders_size(self, box: list[float]) -> list[float]:
+        """`box` grown about its centre to at least the rider's last box in each direction."""
+        last = self.track.seen[-1][1]
+        cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+        half_w, half_h = max(box[2] - box[0], last[2] - last[0]) / 2, max(box[3] - box[1], last[3] - last[1]) / 2
+        return [cx - half_w, cy - half_h, cx + half_w, cy + half_h]
 
     def sized_like_the_rider(self, box: list[float]) -> bool:
         """Neither side of `box` more than FAINT_TRACK_GROWTH times larger or smaller than his last box's."""
