@@ -140,6 +140,40 @@ def test_after_a_cut_the_old_track_is_no_guide_and_the_new_shot_is_searched_at_o
     assert search.wide_searches == 2
 
 
+def test_a_cut_that_leaves_the_rider_where_he_was_is_searched_around_his_last_box_first():
+    """Issue 30: the light changes at once (the backlit clip: a frame the cut detector reads as a new shot)
+    but the rider stands where he was; the wide search's tiles miss him (seed 32, frame 114) and the
+    regions around his last box, tried first on the cut's frame, find him. A cut to another shot still
+    gets its wide search."""
+    search = RiderSearch(bright_square_detector, {})
+    rider_on_a_track(search)
+    flash = frame_with_square(312, 150, 24)
+    flash[:, :, 1] = 220  # every pixel brighter but the rider's
+    calls_before = search.tried
+    persons = search.fill([], flash)
+    assert persons and persons[0]["found_by"] == "second_pass:cut"
+    assert persons[0]["bbox_xyxy"] == pytest.approx([312, 150, 336, 174], abs=1)
+    assert search.tried - calls_before <= 3  # a region around his last box, and closer looks at him
+    elsewhere = frame_with_square(500, 40, 24)
+    elsewhere[:, :, 1] = 20
+    persons = search.fill([], elsewhere)
+    assert persons and persons[0]["bbox_xyxy"] == pytest.approx([500, 40, 524, 64], abs=1)
+    assert persons[0]["found_by"] == "second_pass:tile"
+
+
+def test_a_body_of_snow_where_the_rider_stood_before_a_cut_is_held_to_the_tiles_rules():
+    """Issue 30: a cut to an empty shot, with a body in the snow where the rider had stood (a noisy copy of
+    the core set: a false person). The squares around his box before the cut are no track's: their find
+    is kept only when a closer look finds it again, as a tile's, and a body seen only from afar is not."""
+    search = RiderSearch(seen_only_from_afar, {})
+    for t in range(3):
+        rider = frame_with_square(280 + 5 * t, 100, 80)
+        search.fill(first_pass(rider), rider)
+    snow_body = frame_with_square(290, 100, 80)
+    snow_body[:, :, 1] = 220
+    assert search.fill([], snow_body) == []
+
+
 def test_a_single_image_is_searched_closer_too_and_a_video_frame_never_pays_for_the_centre_crops():
     """Issue 22 item 3: a rider too small for the whole frame (a 5 px square) is found in an enlarged
     tile or centre crop; a video's frame gets the tiles but never the centre crops."""

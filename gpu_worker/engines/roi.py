@@ -84,16 +84,20 @@ EDGE_PX = 2
 # The second pass looks where a rider is likely, so it accepts a weaker detection than the first pass.
 DEFAULT_MIN_DETECTION_CONFIDENCE = 0.3
 DEFAULT_FAINT_DETECTION_CONFIDENCE = 0.2
-# Regions no track placed (the wide search's tiles, a single image's centre crops): the engine may give a
-# stricter detector for them (`detect_unguided`: MediaPipe's takes the first pass's confidence, 0.5). On
-# the generated set's empty frames the weaker one found bodies in the scenery at 0.37-0.40, and a track
-# started on one followed it for frames.
+# Regions no track placed (the wide search's tiles, a single image's centre crops, and on a cut's own frame
+# the squares around the rider's box before it): the engine may give a stricter detector for them
+# (`detect_unguided`: MediaPipe's takes the first pass's confidence, 0.5). On the generated set's empty
+# frames the weaker one found bodies in the scenery at 0.37-0.40, and a track started on one followed it
+# for frames.
 # A person such a region finds is kept only when the model finds him again closer: on copies of the
 # core set with every pixel moved by up to 2 grey levels, a tile right after a cut to an empty shot took
 # a body in the snow (0.72, nearly twice as wide as tall) that no closer look found again, and a track
 # followed it into the next frame (2 false persons on 2 of 6 copies; none with the check, recall the same
-# there and on the full set, seeds 31-33).
-UNGUIDED_KINDS = ("tile", "centre")
+# there and on the full set, seeds 31-33). The squares around the rider before a cut, held to the track's
+# rules instead, took a body in the snow of an empty shot the same way (1 on the three copies); held to
+# these, none, and the backlit rider whose light changed at once is found where he stood (seed 32, frame
+# 114; seeds 31-33 925 / 931 / 940 -> 926 / 932 / 940).
+UNGUIDED_KINDS = ("tile", "centre", "cut")
 # In a video, a tile the stricter detector finds nobody in is tried once more with one that takes fainter
 # detections (`detect_faint`: MediaPipe's at 0.2). The blurred rider at half size scored 0.1-0.5 with the
 # detector there while the landmark model, on a square around him, was sure of him (0.8-1.0). Such a faint
@@ -233,7 +237,7 @@ class Region:
     x1: int
     y1: int
     scale: int
-    kind: str  # "track", "tile" or "centre"
+    kind: str  # "track", "tile", "centre" or "cut" (around the rider's box before a cut)
 
     def cut(self, rgb: np.ndarray) -> np.ndarray:
         import cv2
@@ -423,6 +427,24 @@ def box_iou(a: list[float], b: list[float]) -> float:
     return inter / union if union > 0 else 0.0
 
 
+def is_small_rider(box: list[float], height: int) -> bool:
+    """The box's longer side is under SMALL_RIDER_SHARE of the frame's height."""
+    return max(box[2] - box[0], box[3] - box[1]) < SMALL_RIDER_SHARE * height
+
+
+def regions_around_rider(box: list[float], width: int, height: int, kind: str = "track") -> list[Optional[Region]]:
+    """The squares around the rider's box, by his size (SMALL_RIDER_REGIONS or LARGE_RIDER_REGIONS); None
+    for one too small to cut."""
+    return [around(box, grow, scale, width, height, kind)
+            for grow, scale in (SMALL_RIDER_REGIONS if is_small_rider(box, height) else LARGE_RIDER_REGIONS)]
+
+
+def once(regions: list[Optional[Region]]) -> list[Region]:
+    """Each region once, in order (two entries can give the same region: a large rider's 3x square needs
+    no enlargement), without the ones too small to cut."""
+    return list(dict.fromkeys(region for region in regions if region is not None))
+
+
 def moved(last: list[float], predicted: list[float]) -> bool:
     size = max(last[2] - last[0], last[3] - last[1])
     shift = max(abs(a - b) for a, b in zip(last, predicted))
@@ -464,6 +486,7 @@ class RiderSearch:
         self.track = Track()
         self.cuts = CutDetector()
         self.frame = -1
+        self.before_cut: Optional[tuple[int, list[float]]] = None
         self.lost_run = 0  # consecutive frames with nobody found, by either pass
         self.whole_looks = len(WHOLE_LOOK_GROWS)  # cut-off persons looked at whole in this frame (none to come)
         self.wide_in = 0  # empty frames before the next wide search may run
@@ -645,16 +668,23 @@ class RiderSearch:
         return persons, bool(closer_look)
 
     def new_shot(self) -> None:
-        """After a cut the rider may be anywhere: the old track is no guide, a wide search is due."""
+        """After a cut the rider may be anywhere: the old track is no guide, a wide search is due (after
+        a look where the rider was, if the track saw him a moment ago)."""
+        recent = bool(self.track.seen) and self.frame - self.track.seen[-1][0] <= RECENT_FRAMES
+        self.before_cut = (self.frame, self.track.seen[-1][1]) if recent else None
         self.track = Track()
         self.wide_in, self.wide_gap = 0, self.retry_frames
 
     def regions_for(self, width: int, height: int) -> list[Region]:
         """The track's regions; then, if due, the wide search: when there is no track (a new video, a
         cut) or it is older than second_pass_retry_frames (a rider seen a moment ago is near his track:
-        searching the whole frame for him again and again was most of the cost)."""
+        searching the whole frame for him again and again was most of the cost). On a cut's own frame, the
+        regions around the rider's box before it come first, their finds held to the tiles' rules (the
+        light changed at once but he stood where he was)."""
         predicted = self.track.predicted(self.frame)
         chosen = [] if predicted is None else self.track_regions(predicted, width, height)
+        if predicted is None and self.before_cut is not None and self.before_cut[0] == self.frame:
+            chosen = once(regions_around_rider(self.before_cut[1], width, height, kind="cut"))
         if (predicted is not None and self.frame - self.track.seen[-1][0] <= self.retry_frames) or self.wide_in > 0:
             self.wide_in = max(0, self.wide_in - 1)
             return chosen
@@ -666,21 +696,15 @@ class RiderSearch:
         """Around the last box, then around where the track's motion puts him now (a fast rider has
         left the last box; a rider slowed in the air has not)."""
         last = self.track.seen[-1][1]
-        small = self.rider_is_small(height)
-        regions = [around(last, grow, scale, width, height)
-                   for grow, scale in (SMALL_RIDER_REGIONS if small else LARGE_RIDER_REGIONS)]
+        regions = regions_around_rider(last, width, height)
         if moved(last, predicted):
+            small = is_small_rider(last, height)
             regions += [around(predicted, grow, scale, width, height)
                         for grow, scale in (SMALL_RIDER_REGIONS[:2] if small else MOTION_REGIONS)]
-        # once: two entries can give the same region (a large rider's 3x square needs no enlargement)
-        return list(dict.fromkeys(region for region in regions if region is not None))
+        return once(regions)
 
     def rider_is_small(self, height: int) -> bool:
-        """His last box's longer side is under SMALL_RIDER_SHARE of the frame's height."""
-        if not self.track.seen:
-            return False
-        last = self.track.seen[-1][1]
-        return max(last[2] - last[0], last[3] - last[1]) < SMALL_RIDER_SHARE * height
+        return bool(self.track.seen) and is_small_rider(self.track.seen[-1][1], height)
 
     def remember(self, persons: list[Person], standing: str = CONFIRMED) -> None:
         if persons and standing != OFF_TRACK:
