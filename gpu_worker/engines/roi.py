@@ -607,21 +607,25 @@ class RiderSearch:
         """`looked_again`, then, where the engine has a person detector, the person it would keep looked at
         with it (SEEN_GROW). One the looks left unsettled (off the track, lying across the picture, or not
         seen by it) gives way to the pose model alone on its boxes there (`person_on_boxes`), which then
-        leads the track. Else one it sees stands; one it does not see is searched past, and a person it sees
-        found there is taken instead; a person a look put in his place that it does not see gives way to the
-        first pass's if it sees him; else he stands, moving the track only when sized like the rider."""
+        leads the track. Else one it sees stands, and one it does not see is `unseen_looked_past`."""
         looked, standing = self.looked_again(persons, rgb)
         if self.detect_persons is None:
             return looked, standing
         near = self.person_boxes_near(looked[0], rgb)
         seen = near is None or sees(near[1], looked[0]["bbox_xyxy"])
-        if near is not None and (standing == OFF_TRACK or not seen or lies_across(looked[0]["bbox_xyxy"])):
-            region, scored = near
-            on_box = self.person_on_boxes(region, scored, rgb)
-            if on_box:
-                return on_box, CONFIRMED
+        unsettled = standing == OFF_TRACK or not seen or lies_across(looked[0]["bbox_xyxy"])
+        on_box = self.person_on_boxes(*near, rgb) if near is not None and unsettled else []
+        if on_box:
+            return on_box, CONFIRMED
         if seen:
             return looked, standing
+        return self.unseen_looked_past(persons, looked, standing, rgb)
+
+    def unseen_looked_past(self, persons: list[Person], looked: list[Person], standing: str,
+                           rgb: np.ndarray) -> tuple[list[Person], str]:
+        """The person the second look would keep, which the person detector does not see: the first pass's
+        person searched past (a person it sees found there instead), or a look's person given up for the
+        first pass's if it sees him; else he stands, moving the track only when sized like the rider."""
         if looked is persons:
             instead = self.searched_frame(rgb)
             if instead and self.person_detector_sees(instead[0], rgb):
