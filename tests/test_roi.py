@@ -684,11 +684,12 @@ def test_a_single_image_of_a_small_rider_is_searched_too(clip_frames):
     assert engine.infer_image(np.full_like(missed[0], 128)) == []
 
 
-def square_boxes(score: float = 0.6):
-    """A person detector (roi.DetectPersons) that sees the bright square at `score`, any size: the box
-    the pose model alone is then placed on."""
+def square_boxes(score: float = 0.6, min_px: int = 1):
+    """A person detector (roi.DetectPersons) that sees the bright square at `score`, when at least `min_px`
+    tall (any size by default; a scrap of a body the pose model found is not a person to it): the box the
+    pose model alone is then placed on."""
     def detect(rgb: np.ndarray, min_score: float) -> list[tuple[float, list[float]]]:
-        found = bright_square_detector(rgb, min_px=1)
+        found = bright_square_detector(rgb, min_px=min_px)
         return [(score, found[0]["bbox_xyxy"])] if found and score >= min_score else []
     return detect
 
@@ -808,15 +809,6 @@ def test_a_first_pass_smear_the_looks_leave_unsettled_gives_way_to_the_pose_mode
         assert plain.fill([person], rider) == [person], case
 
 
-def boxes_of_squares_taller_than(px: int):
-    """A person detector that sees a bright blob only when at least `px` tall (a scrap of a body the pose
-    model found is not a person to it)."""
-    def detect(rgb: np.ndarray, min_score: float) -> list[tuple[float, list[float]]]:
-        found = bright_square_detector(rgb, min_px=px)
-        return [(0.6, found[0]["bbox_xyxy"])] if found and 0.6 >= min_score else []
-    return detect
-
-
 def test_a_scrap_a_look_put_in_the_riders_place_gives_way_to_the_first_pass_rider_the_person_detector_sees():
     """Issue 30: the blurred rider turned back; where his track's motion went on, the pose model alone found
     a flat scrap of a body and the second look put it in place of the rider the first pass had found (seed
@@ -826,7 +818,7 @@ def test_a_scrap_a_look_put_in_the_riders_place_gives_way_to_the_first_pass_ride
     frame[158:168, 318:340] = 255  # a 22 x 10 scrap where the track puts the rider, away from the rider
     first = {"track_id": 1, "score": 0.7, "bbox_xyxy": [240.0, 150.0, 264.0, 174.0], "keypoints_2d": []}
     search = RiderSearch(CountingDetector(blind=True), {}, follow=SquareFollower(),
-                         detect_persons=boxes_of_squares_taller_than(16))
+                         detect_persons=square_boxes(min_px=16))
     rider_on_a_track(search)
     assert search.fill([first], frame) == [first]
     assert search.track.seen[-1][1] == first["bbox_xyxy"]

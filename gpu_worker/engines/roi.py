@@ -687,7 +687,7 @@ class RiderSearch:
         light changed at once but he stood where he was)."""
         predicted = self.track.predicted(self.frame)
         chosen = [] if predicted is None else self.track_regions(predicted, width, height)
-        if predicted is None and self.before_cut is not None and self.before_cut[0] == self.frame:
+        if self.before_cut is not None and self.before_cut[0] == self.frame:  # the track was just forgotten
             chosen = once(regions_around_rider(self.before_cut[1], width, height, kind="cut"))
         if (predicted is not None and self.frame - self.track.seen[-1][0] <= self.retry_frames) or self.wide_in > 0:
             self.wide_in = max(0, self.wide_in - 1)
