@@ -92,6 +92,30 @@ def test_the_faint_detector_takes_its_own_confidence_and_finds_nobody_on_plain_p
         assert engine.rider_models.find_faint(picture) == []
 
 
+def test_the_same_pixels_twice_in_a_row_run_the_detector_once(engine, astronaut, monkeypatch):
+    """Issue 30 (cost): the second pass tries a region again at a fainter minimum score; the detector's
+    outputs for the same pixels are read again, not computed again, and give what a fresh run gives. Other
+    pixels, or the same array changed in place, run it again."""
+    detector = engine.rider_models.detector
+    runs = []
+    invoke = detector.interpreter.invoke
+    monkeypatch.setattr(detector.interpreter, "invoke", lambda: runs.append(1) or invoke())
+    sure = detector.best(astronaut, 0.5)
+    faint = detector.best(astronaut.copy(), 0.2)
+    assert len(runs) == 1 and sure is not None and faint is not None
+    detector.last = None
+    fresh = detector.best(astronaut, 0.2)
+    assert len(runs) == 2 and fresh is not None
+    assert faint.score == fresh.score and np.array_equal(faint.keypoints, fresh.keypoints)
+    changed = astronaut.copy()
+    detector.last = None
+    detector.best(changed)
+    changed[200:260, 200:260] = 0  # in place: the detector kept its own copy of what it saw
+    detector.best(changed)
+    detector.best(np.ascontiguousarray(astronaut[:400]))
+    assert len(runs) == 5
+
+
 @pytest.mark.parametrize("quarter_turns", [1, 2, 3])
 def test_a_turned_square_gives_the_person_back_where_he_is_in_the_frame(engine, astronaut, quarter_turns):
     """The photo turned by 90, 180 or 270 degrees: the landmark model on a square turned back by the same

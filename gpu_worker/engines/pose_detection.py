@@ -30,6 +30,10 @@ HIPS, ABOVE_HEAD = 0, 1  # the detection's keypoints the person's square is plac
 THREADS = 2
 
 
+# The model's raw boxes (anchors x 12) and scores (anchors), the letterbox's scale and padding (letterboxed).
+Outputs = tuple[np.ndarray, np.ndarray, float, tuple[float, float]]
+
+
 @dataclass(frozen=True)
 class Detection:
     score: float
@@ -66,16 +70,12 @@ class PoseDetector:
         outputs = {o["name"]: o["index"] for o in self.interpreter.get_output_details()}
         self.boxes, self.scores = outputs["Identity"], outputs["Identity_1"]
         self.min_score = min_score
+        self.last: tuple[np.ndarray, Outputs] | None = None
 
     def best(self, rgb: np.ndarray, min_score: float | None = None) -> Detection | None:
         """The most confident person in the image (merged with the detections that overlap him), or
         None when no anchor reaches the minimum score (`min_score`, else the detector's)."""
-        tensor, scale, pad = letterboxed(rgb)
-        self.interpreter.set_tensor(self.input, tensor[None])
-        self.interpreter.invoke()
-        raw = self.interpreter.get_tensor(self.boxes)[0]
-        logits = self.interpreter.get_tensor(self.scores)[0, :, 0].astype(np.float64)
-        scores = 1 / (1 + np.exp(-np.clip(logits, -RAW_SCORE_CLIP, RAW_SCORE_CLIP)))
+        raw, scores, scale, pad = self.outputs_for(rgb)
         keep = scores >= (self.min_score if min_score is None else min_score)
         if not keep.any():
             return None
@@ -83,6 +83,22 @@ class PoseDetector:
         points, score = weighted_best(boxes, keypoints, scores[keep])
         in_image = (points * INPUT_PX - np.asarray(pad, dtype=np.float32)) / scale
         return Detection(score, in_image)
+
+    def outputs_for(self, rgb: np.ndarray) -> Outputs:
+        """The model's raw boxes and scores for the image, with the letterbox's scale and padding; the
+        last image's again when it is given the same pixels (the second pass tries a region once more at a
+        lower minimum score)."""
+        if self.last is not None and self.last[0].shape == rgb.shape and np.array_equal(self.last[0], rgb):
+            return self.last[1]
+        tensor, scale, pad = letterboxed(rgb)
+        self.interpreter.set_tensor(self.input, tensor[None])
+        self.interpreter.invoke()
+        raw = self.interpreter.get_tensor(self.boxes)[0]
+        logits = self.interpreter.get_tensor(self.scores)[0, :, 0].astype(np.float64)
+        scores = 1 / (1 + np.exp(-np.clip(logits, -RAW_SCORE_CLIP, RAW_SCORE_CLIP)))
+        outputs = (raw, scores, scale, pad)
+        self.last = (rgb.copy(), outputs)
+        return outputs
 
 
 def letterboxed(rgb: np.ndarray) -> tuple[np.ndarray, float, tuple[float, float]]:
