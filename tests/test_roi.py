@@ -571,21 +571,6 @@ def test_a_small_riders_track_regions_the_detector_misses_are_tried_with_the_fai
     assert large.fill([], frame_with_square(305, 100, 96)) == [] and faint.calls == calls
 
 
-def test_a_region_that_cuts_the_rider_by_its_edge_is_not_tried_again_with_the_fainter_detector():
-    """Issue 30 (cost): the fainter detector's surest detection is the stricter one's, so a region whose
-    person the stricter one showed cut by the region's edge would show him cut again. A small rider who
-    grew past every region around his track is not asked of the fainter detector in any of them; where the
-    stricter one found nobody, it is."""
-    grown = frame_with_square(262, 112, 100)
-    faint = CountingDetector()
-    search = RiderSearch(bright_square_detector, {}, detect_faint=faint)
-    rider_on_a_track(search, frames=1)
-    assert search.fill([], grown) == [] and faint.calls == 0
-    blind = RiderSearch(CountingDetector(blind=True), {}, detect_faint=faint)
-    rider_on_a_track(blind, frames=1)
-    assert blind.fill([], grown) == [] and faint.calls == len(blind.track_regions(blind.track.predicted(1), 640, 360))
-
-
 def test_a_new_track_is_looked_at_closer_and_a_stretched_body_gives_way_to_the_person_it_hides():
     """A first-pass person that starts a track is looked at again in a region around him: a wide body
     across the scenery is replaced by the person the closer look finds; a person the closer look agrees

@@ -16,8 +16,7 @@ the track is unknown (a new video, a cut, a stretch lost for long), not on every
 often the longer the frame stays empty; a rider a track's region cuts by its edge is looked at whole by
 the pose model alone, not searched for again region by region. In a video, a tile the stricter detector
 finds nobody in is tried once more with a fainter one (a blurred rider with no track yet), and so is a
-small rider's track region the second pass's own detector finds nobody in (not one where it found the
-rider cut by the region's edge: the fainter one's surest detection is the same). What keeps it
+small rider's track region the second pass's own detector finds nobody in. What keeps it
 honest: a person found in a large region who is small in it must be found again in a region cut around
 him (the model, closer, agrees); a person whose landmarks the model itself barely believes (mean
 visibility below MIN_PERSON_SCORE), who lies across the picture (a body stretched over scenery), or whom
@@ -420,21 +419,6 @@ def sees(scored: ScoredBoxes, box: list[float]) -> bool:
     return any(box_iou(seen, box) >= SEEN_IOU for _, seen in scored)
 
 
-def is_believable(found: list[Person]) -> bool:
-    """The first person found is body-shaped and the model believes his landmarks (MIN_PERSON_SCORE)."""
-    if not found:
-        return False
-    return is_body_shaped(found[0]["bbox_xyxy"]) and float(found[0].get("score", 1.0)) >= MIN_PERSON_SCORE
-
-
-def cut_off_in(region: Region, found: list[Person], width: int, height: int) -> bool:
-    """The region's believable person is cut by its edge inside the frame. The fainter detector would show
-    him cut the same way (its surest detection is the stricter one's): on the full set (seeds 31-33) such
-    retries found a whole person in 3 of 92 and no frame more, and on the shared clip 5x they were 6 of its
-    9 (one detector and one model call each)."""
-    return is_believable(found) and not region.holds_whole(found[0]["bbox_xyxy"], width, height)
-
-
 def box_iou(a: list[float], b: list[float]) -> float:
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -739,8 +723,7 @@ class RiderSearch:
                faint: bool = False, boxes: bool = False) -> list[Person]:
         """The first region that holds a whole, believable person, tried until `deadline`
         (time.monotonic()) if given; with `faint`, a region no track placed, or a track's region while
-        the rider is small, is tried once more with the fainter detector (not where the stricter one
-        showed its person cut by the region's edge: `cut_off_in`). A person a region no track
+        the rider is small, is tried once more with the fainter detector. A person a region no track
         placed finds is kept only when the model finds him again closer (the one small in his region,
         in a region cut around him; else `found_again_closer`). With `boxes`, the person detector's boxes in
         the regions it looks in (`person_box_in`) instead of the pose detector (the pose model alone has already
@@ -750,16 +733,13 @@ class RiderSearch:
         for region in regions:
             if deadline is not None and time.monotonic() > deadline:
                 break
-            seen: list[Person] = []
             if boxes:
                 if not self.boxes_looked_for_in(region, height):
                     continue
                 found = self.person_box_in(region, rgb)
             else:
-                seen = self.persons_in(region, rgb)
-                found = self.taken_whole(region, seen, rgb, width, height)
-            if (not found and faint and (region.kind in UNGUIDED_KINDS or (region.kind == "track" and small))
-                    and not cut_off_in(region, seen, width, height)):
+                found = self.whole_person_in(region, rgb, width, height)
+            if not found and faint and (region.kind in UNGUIDED_KINDS or (region.kind == "track" and small)):
                 found = self.faint_person_in(region, rgb, width, height)
             if found and not boxes and region.is_small_in(found[0]["bbox_xyxy"]):
                 found = self.confirmed_closer(found, rgb, width, height)
@@ -843,22 +823,12 @@ class RiderSearch:
         kind), if the first is whole in it and believable. One cut by the region's edge inside the frame
         is not taken from it: measured on the shared clip, such cut-offs were mostly a false, flattened
         pose at a tile's corner; one a track's region cut is looked at whole (`looked_at_whole`)."""
-        return self.taken_whole(region, self.persons_in(region, rgb, detect), rgb, width, height)
-
-    def persons_in(self, region: Region, rgb: np.ndarray, detect: Optional[Detect] = None) -> list[Person]:
-        """What the model finds in the region (with `detect`, else the detector for the region's kind), in
-        frame coordinates."""
         self.tried += 1
         detect = detect or (self.detect_unguided if region.kind in UNGUIDED_KINDS else self.detect)
-        return [region.to_frame(person) for person in detect(region.cut(rgb))]
-
-    def taken_whole(self, region: Region, found: list[Person], rgb: np.ndarray, width: int,
-                    height: int) -> list[Person]:
-        """`found` (the region's persons), if the first is a believable person whole in the region (see
-        `whole_person_in`)."""
-        if not is_believable(found):
+        found = [region.to_frame(person) for person in detect(region.cut(rgb))]
+        box = found[0]["bbox_xyxy"] if found else None
+        if box is None or not is_body_shaped(box) or float(found[0].get("score", 1.0)) < MIN_PERSON_SCORE:
             return []
-        box = found[0]["bbox_xyxy"]
         if not region.holds_whole(box, width, height):
             return self.looked_at_whole(found[0], rgb) if region.kind == "track" else []
         if region.kind in UNGUIDED_KINDS and touches_frame_edge(box, width, height):
