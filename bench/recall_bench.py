@@ -57,7 +57,32 @@ def shared_source(clip: Path = CLIP, photo: Path = PHOTO) -> Source:
     engine.close()
     if photo_box is None:
         raise RuntimeError(f"the engine finds nobody in {photo}: no truth for the photo")
-    return Source(frames, boxes, picture, photo_box)
+    return Source(frames, boxes, picture, photo_box, outlines(frames, boxes))
+
+
+def outlines(frames: list[np.ndarray], boxes: list[Optional[Box]]) -> list[Optional[Box]]:
+    """The box of the rider's outline in each frame whose box is known: the part of MediaPipe's person
+    segmentation (the pose graph's own mask, on the unmodified frames in order) that overlaps his box most;
+    None where none does. The generator keeps drawn scenery off it (recall_set.Rider)."""
+    import cv2
+    import mediapipe as mp
+
+    found: list[Optional[Box]] = []
+    with mp.solutions.pose.Pose(static_image_mode=False, model_complexity=1, enable_segmentation=True) as graph:
+        for rgb, box in zip(frames, boxes):
+            mask = graph.process(rgb).segmentation_mask
+            if box is None or mask is None:
+                found.append(None)
+                continue
+            count, labels, stats, _ = cv2.connectedComponentsWithStats((mask > 0.5).astype(np.uint8))
+            x0, y0, x1, y1 = (int(v) for v in box)
+            inside = np.bincount(labels[max(0, y0):y1, max(0, x0):x1].ravel(), minlength=count)[1:]
+            if not inside.any():
+                found.append(None)
+                continue
+            left, top, width, height = stats[1 + int(np.argmax(inside)), :4]
+            found.append((float(left), float(top), float(left + width), float(top + height)))
+    return found
 
 
 def person_box(persons: list[dict]) -> Optional[Box]:

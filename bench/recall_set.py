@@ -2,7 +2,7 @@
 
 The rider is made small (the frame scaled to 1/2 or 1/3 and placed in a larger frame of snow and
 trees), partly hidden (his lower body behind a white mound, as behind a jump's lip), backlit, put
-against a busy background (pine trees drawn up to him), cut between shots of background only, and
+against a busy background (pine trees drawn up to his outline), cut between shots of background only, and
 moved fast (with motion blur). The ground truth comes from the generation: where the rider is in the
 source (the engine's own detection on the unmodified frame; a frame whose source box is unknown is left
 out of the score), moved by the same transform as the pixels. Background-only images (crops of the
@@ -21,8 +21,26 @@ from gpu_worker.engines.roi import box_iou
 
 Box = tuple[float, float, float, float]
 WIDTH, HEIGHT = 640, 360
-# A transform of one frame: (rgb, rider's box or None, position in the clip) -> the same, changed.
-Transform = Callable[[np.ndarray, Optional[Box], int], tuple[np.ndarray, Optional[Box]]]
+
+
+@dataclass(frozen=True)
+class Rider:
+    """Where the rider is in an image: `box`, the truth (the engine's box on the unmodified frame), and
+    `clear`, what drawn scenery must leave uncovered: his outline's box (`Source.outlines`), at least `box`.
+    The landmarks' box is tighter than the rider: on the shared clip his outline (MediaPipe's segmentation)
+    reaches beyond it by up to 0.39 / 0.43 / 0.24 / 0.38 of its longer side (left / top / right / bottom),
+    his head and an arm, so pines drawn up to the box stood in front of his head."""
+    box: Box
+    clear: Box
+
+    def moved(self, factor: float, x: float, y: float) -> Rider:
+        def move(b: Box) -> Box:
+            return (b[0] * factor + x, b[1] * factor + y, b[2] * factor + x, b[3] * factor + y)
+        return Rider(move(self.box), move(self.clear))
+
+
+# A transform of one frame: (rgb, the rider or None, position in the clip) -> the same, changed.
+Transform = Callable[[np.ndarray, Optional[Rider], int], tuple[np.ndarray, Optional[Rider]]]
 
 
 @dataclass(frozen=True)
@@ -43,11 +61,24 @@ class Clip:
 
 @dataclass(frozen=True)
 class Source:
-    """The shared clip's frames with the rider's box in each (None: unknown), and the photo with its box."""
+    """The shared clip's frames with the rider's box in each (None: unknown), and the photo with its box;
+    optionally, per frame, the box of the rider's outline (None, or none given: his box)."""
     frames: Sequence[np.ndarray]
     boxes: Sequence[Optional[Box]]
     photo: np.ndarray
     photo_box: Box
+    outlines: Sequence[Optional[Box]] = ()
+
+    def rider(self, index: int) -> Optional[Rider]:
+        box = self.boxes[index]
+        if box is None:
+            return None
+        outline = self.outlines[index] if index < len(self.outlines) else None
+        return Rider(box, box if outline is None else union(box, outline))
+
+
+def union(a: Box, b: Box) -> Box:
+    return (min(a[0], b[0]), min(a[1], b[1]), max(a[2], b[2]), max(a[3], b[3]))
 
 
 def is_the_rider(found: Sequence[float], truth: Box) -> bool:
@@ -104,7 +135,7 @@ def into_plate(background: np.ndarray, factor: float, start: tuple[int, int], st
     (bouncing off the edges), optionally smeared sideways by `blur_px` (a fast pan)."""
     import cv2
 
-    def apply(rgb: np.ndarray, box: Optional[Box], t: int) -> tuple[np.ndarray, Optional[Box]]:
+    def apply(rgb: np.ndarray, rider: Optional[Rider], t: int) -> tuple[np.ndarray, Optional[Rider]]:
         small = cv2.resize(rgb, None, fx=factor, fy=factor, interpolation=cv2.INTER_AREA)
         h, w = small.shape[:2]
         x, y = bounce(start[0] + step[0] * t, WIDTH - w), bounce(start[1] + step[1] * t, HEIGHT - h)
@@ -112,9 +143,7 @@ def into_plate(background: np.ndarray, factor: float, start: tuple[int, int], st
         out[y:y + h, x:x + w] = small
         if blur_px > 1:
             out = cv2.filter2D(out, -1, np.full((1, blur_px), 1.0 / blur_px))
-        if box is None:
-            return out, None
-        return out, (box[0] * factor + x, box[1] * factor + y, box[2] * factor + x, box[3] * factor + y)
+        return out, None if rider is None else rider.moved(factor, x, y)
     return apply
 
 
@@ -127,22 +156,22 @@ def bounce(position: int, span: int) -> int:
 
 
 def trees(rng: np.random.Generator, count: int = 28) -> Transform:
-    """Dark pines drawn over the background up to the rider's box, never over it."""
+    """Dark pines drawn over the background up to the rider's outline's box (`Rider.clear`), never over it."""
     import cv2
     shapes = [(int(rng.integers(0, WIDTH)), int(rng.integers(HEIGHT // 4, HEIGHT)),
                int(rng.integers(30, 110)), int(rng.integers(14, 34)), int(rng.integers(20, 60)))
               for _ in range(count)]
 
-    def apply(rgb: np.ndarray, box: Optional[Box], t: int) -> tuple[np.ndarray, Optional[Box]]:
+    def apply(rgb: np.ndarray, rider: Optional[Rider], t: int) -> tuple[np.ndarray, Optional[Rider]]:
         layer = rgb.copy()
         for x, base, tall, half_w, shade in shapes:
             pts = np.array([[x, base - tall], [x - half_w, base], [x + half_w, base]], dtype=np.int32)
             cv2.fillPoly(layer, [pts], (shade // 2, shade + 20, shade // 2))
             cv2.line(layer, (x, base), (x, base + tall // 6), (40, 30, 20), 3)
-        if box is not None:  # the rider stays in front of the trees
-            x0, y0, x1, y1 = (int(v) for v in box)
+        if rider is not None:  # the rider stays in front of the trees
+            x0, y0, x1, y1 = (int(v) for v in rider.clear)
             layer[max(0, y0):y1, max(0, x0):x1] = rgb[max(0, y0):y1, max(0, x0):x1]
-        return layer, box
+        return layer, rider
     return apply
 
 
@@ -152,10 +181,10 @@ def mound(rng: np.random.Generator, hidden: float = 0.45) -> Transform:
     import cv2
     wide, shift = float(rng.uniform(1.2, 1.8)), float(rng.uniform(-0.2, 0.2))
 
-    def apply(rgb: np.ndarray, box: Optional[Box], t: int) -> tuple[np.ndarray, Optional[Box]]:
-        if box is None:
-            return rgb, box
-        x0, y0, x1, y1 = box
+    def apply(rgb: np.ndarray, rider: Optional[Rider], t: int) -> tuple[np.ndarray, Optional[Rider]]:
+        if rider is None:
+            return rgb, rider
+        x0, y0, x1, y1 = rider.box
         w, h = x1 - x0, y1 - y0
         ys, xs = np.mgrid[0:rgb.shape[0], 0:rgb.shape[1]]
         dome_top = (y1 - hidden * h) + h * ((xs - (x0 + x1) / 2 - shift * w) / (wide * w)) ** 2
@@ -163,7 +192,7 @@ def mound(rng: np.random.Generator, hidden: float = 0.45) -> Transform:
         alpha = cv2.GaussianBlur(mask, (5, 5), 0)[..., None]
         shade = np.linspace(250, 228, rgb.shape[0])[:, None, None]
         snow = shade + np.array([-6.0, -2.0, 0.0])
-        return (rgb * (1 - alpha) + snow * alpha).astype(np.uint8), box
+        return (rgb * (1 - alpha) + snow * alpha).astype(np.uint8), rider
     return apply
 
 
@@ -171,22 +200,23 @@ def backlit(rng: np.random.Generator) -> Transform:
     """Against the light: the scene darkened and a low sun glowing behind the rider, above his head."""
     sun_shift, strength = float(rng.uniform(-1.0, 1.0)), float(rng.uniform(0.35, 0.45))
 
-    def apply(rgb: np.ndarray, box: Optional[Box], t: int) -> tuple[np.ndarray, Optional[Box]]:
+    def apply(rgb: np.ndarray, rider: Optional[Rider], t: int) -> tuple[np.ndarray, Optional[Rider]]:
+        box = None if rider is None else rider.box
         h, w = rgb.shape[:2]
         cx = (box[0] + box[2]) / 2 + sun_shift * (box[2] - box[0]) if box else w / 2
         cy = box[1] - (box[3] - box[1]) / 2 if box else h / 4
         ys, xs = np.mgrid[0:h, 0:w]
         glow = 210 * np.exp(-((xs - cx) ** 2 + (ys - cy) ** 2) / (2 * (0.35 * h) ** 2))
         out = rgb.astype(np.float32) * strength + glow[..., None] * np.array([1.0, 0.93, 0.8])
-        return np.clip(out, 0, 255).astype(np.uint8), box
+        return np.clip(out, 0, 255).astype(np.uint8), rider
     return apply
 
 
 def chain(*transforms: Transform) -> Transform:
-    def apply(rgb: np.ndarray, box: Optional[Box], t: int) -> tuple[np.ndarray, Optional[Box]]:
+    def apply(rgb: np.ndarray, rider: Optional[Rider], t: int) -> tuple[np.ndarray, Optional[Rider]]:
         for transform in transforms:
-            rgb, box = transform(rgb, box, t)
-        return rgb, box
+            rgb, rider = transform(rgb, rider, t)
+        return rgb, rider
     return apply
 
 
@@ -196,9 +226,9 @@ def transformed_clip(name: str, source: Source, start: int, length: int, transfo
     clip = Clip(name)
     for t in range(length):
         index = (start + t) % len(source.frames)
-        box = source.boxes[index]
-        rgb, truth = transform(source.frames[index], box, t)
-        clip.frames.append(Sample(f"{name}/{index:03d}", rgb, truth, scored=box is not None))
+        rgb, rider = transform(source.frames[index], source.rider(index), t)
+        clip.frames.append(Sample(f"{name}/{index:03d}", rgb, None if rider is None else rider.box,
+                                  scored=source.boxes[index] is not None))
     return clip
 
 
@@ -210,7 +240,7 @@ def cut_clip(name: str, source: Source, start: int, shot: int, rng: np.random.Ge
     """Shots in turn: the rider whole, background only, the rider at 1/2 elsewhere, background only,
     the rider at 1/3 (each shot `shot` frames, the empty ones 2/3 as long)."""
     clip = Clip(name)
-    rider_shots = [lambda rgb, box, t: (rgb, box),
+    rider_shots = [lambda rgb, rider, t: (rgb, rider),
                    into_plate(some_plate(source, rng), 1 / 2, (int(rng.integers(0, 320)), 20), (2, 1)),
                    into_plate(some_plate(source, rng), 1 / 3, (int(rng.integers(0, 420)), 150), (-2, 0))]
     for number, transform in enumerate(rider_shots):
@@ -270,8 +300,8 @@ def stills(source: Source, per_clip: int, seed: int = 0) -> list[Sample]:
     ]
     half_rgb, half_box = photo(1 / 2, (int(rng.integers(0, 400)), 100))
     for name, transform in (("photo_half_mound", mound(rng)), ("photo_half_backlit", backlit(rng))):
-        rgb, box = transform(half_rgb, half_box, 0)
-        out.append(Sample(name, rgb, box))
+        rgb, rider = transform(half_rgb, Rider(half_box, half_box), 0)
+        out.append(Sample(name, rgb, None if rider is None else rider.box))
     for clip in clips(source, length=per_clip * 4, seed=seed + 2):
         chosen = rng.choice(len(clip.frames), size=min(per_clip, len(clip.frames)), replace=False)
         out += [clip.frames[int(i)] for i in sorted(chosen)]

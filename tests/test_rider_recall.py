@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from bench.recall_set import CORE, Source, clips, generated, is_the_rider, plate
+from bench.recall_set import CORE, Rider, Source, clips, generated, is_the_rider, plate, trees
 from gpu_worker.engines.person_detection import installed
 
 from support import PHOTO, needs_shared_data
@@ -61,6 +61,24 @@ def test_the_generator_is_deterministic_and_its_truth_follows_the_pixels():
     unknown = [s for clip in first[0] for s in clip.frames if s.name.endswith("/002")]
     assert unknown and not any(s.scored for s in unknown)  # a frame whose source box is unknown is not scored
     assert any(s.truth is None for s in clips["cuts"].frames) and any(s.truth for s in clips["cuts"].frames)
+
+
+def test_drawn_pines_keep_off_the_riders_outline_not_only_his_box():
+    """The landmarks' box is tighter than the rider (his head, an arm): pines stand behind his outline's
+    box, which follows the frame's placement as his box does; a frame with no outline keeps off his box."""
+    box, outline = (300.0, 120.0, 340.0, 220.0), (285.0, 95.0, 352.0, 228.0)
+    source = Source([np.zeros((360, 640, 3), np.uint8)] * 2, [box, box], np.zeros((10, 10, 3), np.uint8), box,
+                    [outline, None])
+    assert source.rider(0) == Rider(box, outline) and source.rider(1) == Rider(box, box)
+    white = np.full((360, 640, 3), 255, np.uint8)
+    drawn, rider = trees(np.random.default_rng(0), count=400)(white, source.rider(0), 0)
+    assert rider == source.rider(0)
+    assert (drawn[95:228, 285:352] == 255).all()  # nothing over his outline
+    only_box, _ = trees(np.random.default_rng(0), count=400)(white, source.rider(1), 0)
+    assert (only_box[95:120, 285:352] < 255).any()  # the same pines over his head when only the box is kept
+    assert (drawn[:95] < 255).any()  # and up to the outline elsewhere
+    placed = Rider(box, outline).moved(0.5, 10, 20)
+    assert placed.box == (160.0, 80.0, 180.0, 130.0) and placed.clear == (152.5, 67.5, 186.0, 134.0)
 
 
 def test_a_plate_has_no_rider_in_it_and_the_match_rule_needs_the_rider():
