@@ -76,3 +76,24 @@ def test_the_model_alone_finds_nobody_where_nobody_is(engine, rider_frames):
     for plain in (np.full((360, 640, 3), 128, np.uint8), np.zeros((360, 640, 3), np.uint8)):
         assert model_alone(engine, plain, [300.0, 150.0, 340.0, 230.0]) == []
     assert empty >= 5
+
+
+def graph_answer(points: list[tuple[float, float]]):
+    """MediaPipe Pose's result as the solution API gives it: normalised landmarks, world landmarks."""
+    from types import SimpleNamespace
+
+    landmarks = [SimpleNamespace(x=x, y=y, z=0.0, visibility=0.9) for x, y in points]
+    return SimpleNamespace(pose_landmarks=SimpleNamespace(landmark=landmarks),
+                           pose_world_landmarks=SimpleNamespace(landmark=landmarks))
+
+
+def test_a_graph_pose_wholly_beyond_the_frames_edge_is_nobody():
+    """After a cut to an empty shot the graph kept a pose above the picture; its box, clipped to the frame,
+    has no height, and no person is returned. One partly out of the frame (a rider entering it) is."""
+    from gpu_worker.engines.mediapipe_engine import persons_in
+
+    above = [(0.5 + 0.01 * i, -0.4 + 0.005 * i) for i in range(33)]
+    assert persons_in(graph_answer(above), 640, 360) == []
+    entering = [(-0.05 + 0.004 * i, 0.3 + 0.01 * i) for i in range(33)]
+    person = persons_in(graph_answer(entering), 640, 360)
+    assert person and person[0]["bbox_xyxy"][0] == 0.0 and person[0]["bbox_xyxy"][2] > 0

@@ -125,7 +125,9 @@ class MediaPipeEngine(Engine):
 
 def persons_in(result: Any, width: int, height: int) -> list[Person]:
     """MediaPipe Pose's answer as the engine's persons: none, or one with his 33 landmarks (the box over
-    them all, the score their mean visibility)."""
+    them all, clipped to the frame; the score their mean visibility). None either when every landmark lies
+    beyond one edge of the frame: after a cut to an empty shot the graph kept a pose 70-220 px above the
+    picture for frames (generated set, seed 35), a box with no height in it."""
     if result.pose_landmarks is None:
         return []
     image = [(lm.x * width, lm.y * height, lm.visibility) for lm in result.pose_landmarks.landmark]
@@ -133,6 +135,8 @@ def persons_in(result: Any, width: int, height: int) -> list[Person]:
     xs = [p[0] for p in image]
     ys = [p[1] for p in image]
     bbox = [max(0.0, min(xs)), max(0.0, min(ys)), min(float(width), max(xs)), min(float(height), max(ys))]
+    if bbox[2] <= bbox[0] or bbox[3] <= bbox[1]:
+        return []
     return [{
         "track_id": 1,
         "score": round(float(np.mean([p[2] for p in image])), 4),
