@@ -9,15 +9,14 @@ from bench.recall_set import FULL, generated
 
 from support import PHOTO, needs_shared_data
 
-# Measured 0.971 on this set with the person detector (bench/RESULTS.md, part eleven; 0.961 in part nine,
-# 0.890 without it, 0.859 before a small rider's track regions tried the fainter detector; under another
-# OpenCV the rounding alone moved this set by 2.7 points), held so it gets no worse; the goal is 0.98 (what
-# is missing: the rider at 1/2 among drawn pines behind a mound, 92 of 115, whose hidden legs the model
-# draws into the trees, and a few frames of the blurred rider).
-MIN_RECALL = 0.93
+# Measured 0.988 on this set (bench/RESULTS.md, part thirteen: 0.971 while the set's pines were drawn over
+# the rider's head; 0.961 in part nine, 0.890 without the person detector; under another OpenCV the
+# rounding alone moved this set by 2.7 points), held so it gets no worse with that much room; the goal is 0.98.
+MIN_RECALL = 0.96
 # The goal is none, as measured now on 179 empty frames and on two other draws of the set (seeds 32
 # and 33: 1 and 4 before a tile's find had to stand inside the frame, cuts between two snowy shots were
-# told, and no body as narrow as a pole was taken). One is allowed for a CPU whose kernels round differently.
+# told, and no body as narrow as a pole was taken; draws 34 and 35 still get 8 and 9, RESULTS part
+# thirteen). One is allowed for a CPU whose kernels round differently.
 MAX_FALSE_RATE = 0.01
 
 
