@@ -34,9 +34,12 @@ class Rider:
     clear: Box
 
     def moved(self, factor: float, x: float, y: float) -> Rider:
-        def move(b: Box) -> Box:
-            return (b[0] * factor + x, b[1] * factor + y, b[2] * factor + x, b[3] * factor + y)
-        return Rider(move(self.box), move(self.clear))
+        return Rider(scaled(self.box, factor, x, y), scaled(self.clear, factor, x, y))
+
+
+def scaled(box: Box, factor: float, x: float, y: float) -> Box:
+    """`box` in an image scaled by `factor` and pasted at (x, y)."""
+    return (box[0] * factor + x, box[1] * factor + y, box[2] * factor + x, box[3] * factor + y)
 
 
 # A transform of one frame: (rgb, the rider or None, position in the clip) -> the same, changed.
@@ -321,8 +324,7 @@ def photo_in_frame(source: Source, background: np.ndarray) -> Callable[[float, t
         x, y = min(at[0], WIDTH - w), min(at[1], HEIGHT - h)
         out = background.copy()
         out[y:y + h, x:x + w] = small
-        b = source.photo_box
-        return out, (b[0] * scale + x, b[1] * scale + y, b[2] * scale + x, b[3] * scale + y)
+        return out, scaled(source.photo_box, scale, x, y)
     return place
 
 

@@ -88,7 +88,7 @@ class PoseDetector:
         """The model's raw boxes and scores for the image, with the letterbox's scale and padding; the
         last image's again when it is given the same pixels (the second pass tries a region once more at a
         lower minimum score)."""
-        if self.last is not None and self.last[0].shape == rgb.shape and np.array_equal(self.last[0], rgb):
+        if self.last is not None and np.array_equal(self.last[0], rgb):
             return self.last[1]
         tensor, scale, pad = letterboxed(rgb)
         self.interpreter.set_tensor(self.input, tensor[None])
