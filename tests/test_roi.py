@@ -814,6 +814,22 @@ def test_a_tracks_region_passes_over_a_body_not_sized_like_the_rider_unless_the_
             assert persons[0]["bbox_xyxy"] == pytest.approx(body, abs=1) and persons[0]["found_by"] == "second_pass:track"
 
 
+def test_the_riders_size_is_his_last_boxes_median_so_one_box_on_a_part_of_him_does_not_shrink_it():
+    """Issue 30: the pose model alone found a 24-px-wide part of a 41-px blurred rider, and in the next frame
+    his track's first region found him whole (53 px wide) but took him for a body not sized like the rider,
+    beside the part's last box; the next region's scrap was taken, and the track followed scraps for nine
+    frames (seed 35). Sized against the median of the track's last boxes, the rider is kept."""
+    search = RiderSearch(bright_square_detector, {}, detect_persons=square_boxes())
+    rider_on_a_track(search)
+    search.detect_persons = square_boxes(0.1)  # from now on it sees nobody
+    search.frame += 1
+    search.track.add(search.frame, [315.0, 150.0, 325.0, 174.0])  # a 10-px-wide part of the 24-px rider
+    assert search.track.size() == (24.0, 24.0)
+    persons = search.fill([], frame_with_square(320, 150, 24))
+    assert persons and persons[0]["bbox_xyxy"] == pytest.approx([320, 150, 344, 174], abs=1)
+    assert persons[0]["found_by"] == "second_pass:track"
+
+
 def test_a_first_pass_body_not_sized_like_the_rider_is_doubted_where_the_person_detector_can_say():
     """Issue 30: the video graph's body on the rider's track but twice his height is looked at again when
     the engine has a person detector: unseen by it and with nobody else found, he is returned but does not
