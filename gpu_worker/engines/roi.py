@@ -444,6 +444,11 @@ def sees(scored: ScoredBoxes, box: list[float], min_score: float = 0.0) -> bool:
     return any(score >= min_score and box_iou(seen, box) >= SEEN_IOU for score, seen in scored)
 
 
+def seen_square(box: list[float], width: int, height: int) -> Optional[Region]:
+    """The square the person detector is asked about a person in: SEEN_GROW times his box, not enlarged."""
+    return around(box, SEEN_GROW, 1, width, height, kind="seen")
+
+
 def box_iou(a: list[float], b: list[float]) -> float:
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
@@ -620,7 +625,7 @@ class RiderSearch:
         or once it has lost him, can settle on a body drawn into the scenery (a stretched pose across
         trees) and keep it while the rider goes on beside it."""
         predicted = self.track.predicted(self.frame)
-        if predicted is None or self.frame - self.track.seen[-1][0] > RECENT_FRAMES or lies_across(person["bbox_xyxy"]):
+        if predicted is None or not self.recently_seen() or lies_across(person["bbox_xyxy"]):
             return True
         if self.track.unconfirmed and self.track.tries < CONFIRM_TRIES:
             return True
@@ -653,8 +658,12 @@ class RiderSearch:
 
     def unproven(self, person: Person, near: ScoredBoxes) -> bool:
         """No confirmed track is near and the person detector does not see him surely (PROVEN_MIN_SCORE)."""
-        recent = bool(self.track.seen) and self.frame - self.track.seen[-1][0] <= RECENT_FRAMES
-        return not (recent and not self.track.unconfirmed) and not sees(near, person["bbox_xyxy"], PROVEN_MIN_SCORE)
+        confirmed_track = self.recently_seen() and not self.track.unconfirmed
+        return not confirmed_track and not sees(near, person["bbox_xyxy"], PROVEN_MIN_SCORE)
+
+    def recently_seen(self) -> bool:
+        """The track saw the rider within RECENT_FRAMES."""
+        return bool(self.track.seen) and self.frame - self.track.seen[-1][0] <= RECENT_FRAMES
 
     def searched_past(self, rgb: np.ndarray) -> list[Person]:
         """The frame searched as if the first pass had found nobody; a person found there only if the person
@@ -686,7 +695,7 @@ class RiderSearch:
         with him and the track knows the rider's motion. -> (the persons, what they do to the track)."""
         first = persons[0]["bbox_xyxy"]
         predicted = self.track.predicted(self.frame)
-        recent = predicted is not None and self.frame - self.track.seen[-1][0] <= RECENT_FRAMES
+        recent = predicted is not None and self.recently_seen()
         if recent and self.track.unconfirmed:
             self.track.tries += 1
         looked, agreed = self.looked_closer(persons, rgb)
@@ -715,7 +724,7 @@ class RiderSearch:
     def new_shot(self) -> None:
         """After a cut the rider may be anywhere: the old track is no guide, a wide search is due (after
         a look where the rider was, if the track saw him a moment ago)."""
-        recent = bool(self.track.seen) and self.frame - self.track.seen[-1][0] <= RECENT_FRAMES
+        recent = self.recently_seen()
         self.before_cut = (self.frame, self.track.seen[-1][1]) if recent else None
         self.track = Track()
         self.wide_in, self.wide_gap = 0, self.retry_frames
@@ -840,7 +849,7 @@ class RiderSearch:
     def seen_surely_around(self, person: Person, rgb: np.ndarray) -> bool:
         """The person detector, asked again in a square SEEN_GROW times the person's size, puts a box at
         PROVEN_MIN_SCORE or more on him (true where the square is too small to look at)."""
-        region = around(person["bbox_xyxy"], SEEN_GROW, 1, rgb.shape[1], rgb.shape[0], kind="seen")
+        region = seen_square(person["bbox_xyxy"], rgb.shape[1], rgb.shape[0])
         return region is None or sees(self.person_boxes_in(region, rgb, PROVEN_MIN_SCORE), person["bbox_xyxy"])
 
     def person_boxes_near(self, person: Person, rgb: np.ndarray) -> Optional[tuple[Region, ScoredBoxes]]:
@@ -851,9 +860,9 @@ class RiderSearch:
         if self.detect_persons is None or str(person.get("found_by", "")).endswith(BY_PERSON_DETECTOR):
             return None
         width, height, box = rgb.shape[1], rgb.shape[0], person["bbox_xyxy"]
-        region = around(box, SEEN_GROW, 1, width, height, kind="seen")
+        region = seen_square(box, width, height)
         if region is None and self.track.seen:
-            region = around(self.at_least_the_riders_size(box), SEEN_GROW, 1, width, height, kind="seen")
+            region = seen_square(self.at_least_the_riders_size(box), width, height)
         if region is None:
             return None
         return region, self.person_boxes_in(region, rgb, SEEN_MIN_SCORE)
