@@ -9,15 +9,14 @@ from bench.recall_set import FULL, generated
 
 from support import PHOTO, needs_shared_data
 
-# Measured 0.988 on this set (bench/RESULTS.md, part thirteen: 0.971 while the set's pines were drawn over
-# the rider's head; 0.961 in part nine, 0.890 without the person detector; under another OpenCV the
-# rounding alone moved this set by 2.7 points), held so it gets no worse with that much room; the goal is 0.98.
-MIN_RECALL = 0.96
-# The goal is none, as measured now on 179 empty frames and on two other draws of the set (seeds 32
-# and 33: 1 and 4 before a tile's find had to stand inside the frame, cuts between two snowy shots were
-# told, and no body as narrow as a pole was taken; draws 34 and 35 got 8 and 9 until part fourteen of
-# RESULTS, 1 and 0 since). One is allowed for a CPU whose kernels round differently.
-MAX_FALSE_RATE = 0.01
+# The goal, measured 0.988 on this set (bench/RESULTS.md, parts thirteen to fifteen: 0.971 while the
+# set's pines were drawn over the rider's head; 0.961 in part nine, 0.890 without the person detector). The
+# pinned OpenCV and LiteRT give the same figure run after run; under another OpenCV the rounding alone moved
+# this set by 2.7 points, so a library upgrade must be measured again (bench.recall_bench --noise).
+MIN_RECALL = 0.98
+# The goal: nobody on the 179 empty frames, as measured now (and on draws 32, 33 and 35; draw 34 gets
+# one, RESULTS part fifteen).
+MAX_FALSE_PERSONS = 0
 
 
 @needs_shared_data()
@@ -35,7 +34,7 @@ def test_the_full_generated_set_finds_the_rider_and_nobody_on_its_backgrounds():
     summary = tally.summary()
     print(f"recall {tally.recall():.3f} of {summary['visible']}, false persons {summary['false_persons']} "
           f"on {summary['empty']} empty frames")
-    assert summary["false_persons"] <= MAX_FALSE_RATE * summary["empty"], \
+    assert summary["false_persons"] <= MAX_FALSE_PERSONS, \
         [row["false"] for row in summary["groups"].values()]
     assert tally.recall() >= MIN_RECALL, {name: (row["found"], row["visible"]) for name, row in summary["groups"].items()}
 
